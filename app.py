@@ -1,0 +1,215 @@
+"""The HTTP layer: routes, request and response models, errors. The model lives in model.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+import torch
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartParser
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import model
+from labels import LABELS
+from settings import settings
+
+logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log = logging.getLogger("app")
+
+# Starlette spools file parts above 1 MB to a temporary file on disk. Uploads must stay in memory,
+# and BodySizeLimit caps them at max_upload_bytes, so the spool never needs to roll over.
+MultiPartParser.spool_max_size = settings.max_upload_bytes
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="ImageNet class name", examples=["tabby"])
+    index: int = Field(ge=0, lt=len(LABELS), description="Class index in the model's output", examples=[281])
+    score: float = Field(ge=0, le=1, description="Softmax probability", examples=[0.4213])
+
+
+class TopK(BaseModel):
+    predictions: list[Prediction] = Field(description="The k most likely classes, best first")
+
+
+class Error(BaseModel):
+    detail: str = Field(examples=["the file is not an image this service can read"])
+
+
+class Status(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Preprocessing(BaseModel):
+    resize: int = Field(description="Shorter side is resized to this many pixels", examples=[256])
+    interpolation: str = Field(examples=["bilinear, antialiased"])
+    crop: int = Field(description="Then a centre crop of this size", examples=[224])
+    mean: list[float]
+    std: list[float]
+
+
+class ModelInfo(BaseModel):
+    architecture: Literal["resnet18"] = "resnet18"
+    weights: str = Field(description="Where the weights came from", examples=["torchvision:ResNet18_Weights.IMAGENET1K_V1"])
+    num_classes: int = Field(examples=[1000])
+    preprocessing: Preprocessing
+    threads: int = Field(description="Threads of the forward pass", examples=[2])
+
+
+def _errors(*codes: int) -> dict[int | str, dict]:
+    return {code: {"model": Error} for code in codes}
+
+
+PREDICT_ERRORS = _errors(400, 413, 415, 422, 503)
+IMAGE_ERROR_STATUS: dict[type[model.ImageError], int] = {
+    model.NotAnImage: 400,
+    model.ImageTooLarge: 413,
+    model.UnsupportedImage: 415,
+}
+UploadedImage = Annotated[UploadFile, File(description="The photo: JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF")]
+
+
+class BodySizeLimit:
+    """413 for request bodies over max_bytes, without ever holding more than max_bytes of one."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.detail = f"the request body is larger than {max_bytes:,} bytes (MAX_UPLOAD_BYTES)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse({"detail": self.detail}, 413)(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # FastAPI re-raises an HTTPException met while reading the body; our handler answers it.
+                raise HTTPException(413, self.detail)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# One thread owns the forward pass, so two requests never run it side by side on the same cores.
+inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference", initializer=torch.set_num_threads,
+                               initargs=(settings.threads,))
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await asyncio.get_running_loop().run_in_executor(inference, model.predict, torch.zeros(1, 3, model.CROP_SIZE, model.CROP_SIZE))
+    app.state.ready = True
+    yield
+    app.state.ready = False
+    inference.shutdown(wait=True)
+
+
+app = FastAPI(
+    title="ResNet18 image classifier",
+    version="1.0.0",
+    summary="Upload a photo, get ImageNet labels with softmax scores.",
+    lifespan=lifespan,
+)
+app.state.ready = False
+app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+app.add_middleware(
+    CORSMiddleware,
+    allow_origins=settings.cors_origins,
+    allow_methods=["GET", "POST"],
+    allow_headers=["Authorization", "Content-Type"],
+)
+
+
+@app.exception_handler(HTTPException)
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    return JSONResponse({"detail": str(error.detail)}, error.status_code, headers=error.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        problems.append(f"{where}: {problem['msg']}")
+    hint = " (send the image as multipart/form-data field 'file')" if "body" in str(error.errors()) else ""
+    return JSONResponse({"detail": "; ".join(problems) + hint}, 422)
+
+
+@app.exception_handler(model.ImageError)
+async def image_error(request: Request, error: model.ImageError) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, IMAGE_ERROR_STATUS[type(error)])
+
+
+@app.exception_handler(Exception)
+async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal error; it has been logged"}, 500)
+
+
+async def classify(upload: UploadFile) -> torch.Tensor:
+    """An uploaded file -> softmax probabilities [1000]."""
+    data = await upload.read()
+    image = await run_in_threadpool(model.prepare, data)
+    probabilities = await asyncio.get_running_loop().run_in_executor(inference, model.predict, image.unsqueeze(0))
+    return probabilities[0]
+
+
+@app.post("/predict", response_model=Prediction, responses=PREDICT_ERRORS, summary="The most likely label")
+async def predict(file: UploadedImage) -> Prediction:
+    best = model.top_k(await classify(file), 1)[0]
+    return Prediction(label=best.label, index=best.index, score=best.score)
+
+
+@app.post("/predict/topk", response_model=TopK, responses=PREDICT_ERRORS, summary="The k most likely labels")
+async def predict_topk(
+    file: UploadedImage,
+    k: Annotated[int, Query(ge=1, le=len(LABELS), description="How many labels")] = 5,
+) -> TopK:
+    predictions = model.top_k(await classify(file), k)
+    return TopK(predictions=[Prediction(label=p.label, index=p.index, score=p.score) for p in predictions])
+
+
+@app.get("/health", response_model=Status, summary="Liveness: the process answers")
+async def health() -> Status:
+    return Status()
+
+
+@app.get("/ready", response_model=Status, responses=_errors(503), summary="Readiness: the model is loaded and warm")
+async def ready(request: Request) -> Status:
+    if not request.app.state.ready:
+        raise HTTPException(503, "the model is not ready")
+    return Status()
+
+
+@app.get("/model", response_model=ModelInfo, summary="What is being served")
+async def model_info() -> ModelInfo:
+    return ModelInfo(
+        weights=model.weights_source,
+        num_classes=len(LABELS),
+        preprocessing=Preprocessing(
+            resize=model.RESIZE_SIZE,
+            interpolation=f"{model.preprocess.interpolation.value}, antialiased",
+            crop=model.CROP_SIZE,
+            mean=model.preprocess.mean,
+            std=model.preprocess.std,
+        ),
+        threads=settings.threads,
+    )

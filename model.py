@@ -1,0 +1,203 @@
+"""ResNet18: load the weights, turn uploaded bytes into its input, classify. No HTTP here.
+
+The model is loaded once, when this module is first imported, and warmed up with one forward pass.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.models import ResNet18_Weights, resnet18
+
+from labels import LABELS
+from settings import settings
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = ResNet18_Weights.DEFAULT
+
+# What the weights were trained with: shorter side to 256 (bilinear, antialiased), centre crop 224,
+# ImageNet mean and std. Using torchvision's own object keeps us bit-identical to its reference.
+preprocess = WEIGHTS.transforms()
+RESIZE_SIZE: int = preprocess.resize_size[0]
+CROP_SIZE: int = preprocess.crop_size[0]
+
+# Pillow may only parse these. Everything else (EPS, which runs Ghostscript, and dozens of exotic
+# plugins) is refused before any of its code sees the bytes.
+# (Multi-picture JPEGs from phones open through the JPEG plugin.)
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
+
+# Recognisable files we deliberately do not decode, so the client hears "unsupported", not "garbage".
+_UNSUPPORTED_SIGNATURES = (
+    (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript/EPS"),
+    (b"8BPS", "Photoshop (PSD)"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+)
+_ISO_MEDIA_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF"}
+
+_WHITE = (255, 255, 255, 255)
+
+
+class ImageError(ValueError):
+    """An upload that cannot be classified. The message is safe to show to the client."""
+
+
+class NotAnImage(ImageError):
+    """Empty, corrupt or truncated data, or bytes that are no image at all."""
+
+
+class UnsupportedImage(ImageError):
+    """A recognisable image format that this service does not decode (SVG, PDF, HEIC...)."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than MAX_IMAGE_PIXELS, decided from the header before decoding."""
+
+
+class ModelLoadError(RuntimeError):
+    """The weights could not be loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+def _sniff_unsupported(data: bytes) -> str | None:
+    head = data[:512]
+    for signature, name in _UNSUPPORTED_SIGNATURES:
+        if head.startswith(signature):
+            return name
+    if head[4:8] == b"ftyp" and head[8:12] in _ISO_MEDIA_BRANDS:
+        return _ISO_MEDIA_BRANDS[head[8:12]]
+    text = head.lstrip().lower()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        return "SVG"
+    return None
+
+
+def _check_size(width: int, height: int) -> None:
+    if width * height > settings.max_image_pixels:
+        raise ImageTooLarge(
+            f"the image is {width}x{height} = {width * height:,} pixels; "
+            f"at most {settings.max_image_pixels:,} are accepted (MAX_IMAGE_PIXELS)"
+        )
+    # The shorter side is scaled to RESIZE_SIZE before cropping, so a 1x20000 strip would become a
+    # 256x5,120,000 image: refuse shapes whose resized size would exceed the pixel limit.
+    short, long = sorted((width, height))
+    if RESIZE_SIZE * RESIZE_SIZE * long > settings.max_image_pixels * short:
+        raise NotAnImage(
+            f"the image is {width}x{height}: too elongated to classify "
+            f"(at most {settings.max_image_pixels // (RESIZE_SIZE * RESIZE_SIZE)}:1)"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB. Transparent pixels are composited over white, as a viewer shows them."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit greyscale: keep the top 8 bits. convert("RGB") would clip everything above 255 to white.
+        eight_bit = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        image = Image.fromarray(eight_bit)
+    if image.has_transparency_data:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def decode(data: bytes) -> Image.Image:
+    """Uploaded bytes -> an upright RGB image: EXIF orientation applied, first frame of animations."""
+    if not data:
+        raise NotAnImage("the file is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        unsupported = _sniff_unsupported(data)
+        if unsupported:
+            raise UnsupportedImage(
+                f"{unsupported} files are not supported; send JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF"
+            ) from None
+        raise NotAnImage("the file is not an image this service can read (JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(str(error)) from None
+    except Exception as error:  # Pillow's plugins raise many types on malformed headers
+        raise NotAnImage(f"the image data is corrupt or truncated ({type(error).__name__})") from None
+    _check_size(*image.size)
+    try:
+        return to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(str(error)) from None
+    except Exception as error:
+        raise NotAnImage(f"the image data is corrupt or truncated ({type(error).__name__})") from None
+
+
+def prepare(data: bytes) -> torch.Tensor:
+    """Uploaded bytes -> the model's input for one image, a float tensor [3, 224, 224]."""
+    return preprocess(decode(data))
+
+
+def load_model(weights_path: Path | None) -> tuple[torch.nn.Module, str]:
+    """The ResNet18 in eval mode, and a description of where its weights came from."""
+    if weights_path is not None:
+        return _load_file(weights_path), f"file:{weights_path}"
+    try:
+        model = resnet18(weights=WEIGHTS, progress=False)
+    except Exception as error:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ModelLoadError(
+            f"MODEL_WEIGHTS is not set and torchvision could not load {WEIGHTS} "
+            f"from its cache {cache} or download it from {WEIGHTS.url} ({error}).\n"
+            "Fix one of: set MODEL_WEIGHTS=/path/to/resnet18_state_dict.pth; "
+            f"put {WEIGHTS.url.rsplit('/', 1)[-1]} into {cache} (TORCH_HOME moves it); "
+            "or start once on a machine with internet access to fill the cache."
+        ) from None
+    return model.eval(), f"torchvision:{WEIGHTS}"
+
+
+def _load_file(path: Path) -> torch.nn.Module:
+    if not path.is_file():
+        raise ModelLoadError(f"MODEL_WEIGHTS={path} does not exist or is not a file")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"MODEL_WEIGHTS={path} is not a PyTorch state_dict file ({error})") from None
+    model = resnet18(num_classes=len(LABELS))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ModelLoadError(f"MODEL_WEIGHTS={path} does not hold ResNet18 weights: {reason}") from None
+    return model.eval()
+
+
+@torch.inference_mode()
+def predict(batch: torch.Tensor) -> torch.Tensor:
+    """Preprocessed images [N, 3, 224, 224] -> softmax probabilities [N, 1000]."""
+    return torch.softmax(model(batch), dim=1)
+
+
+def top_k(probabilities: torch.Tensor, k: int) -> list[Prediction]:
+    """One image's probabilities [1000] -> its k most likely classes, best first."""
+    scores, indices = probabilities.topk(k)
+    return [Prediction(LABELS[i], i, s) for s, i in zip(scores.tolist(), indices.tolist())]
+
+
+torch.set_num_threads(settings.threads)
+Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+# decode() refuses such images with a clear 413; Pillow's own warning about them is noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+try:
+    model, weights_source = load_model(settings.model_weights)
+except ModelLoadError as error:
+    raise SystemExit(f"Cannot load the model: {error}") from None
+predict(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE))
+log.info("ResNet18 loaded from %s, %d threads", weights_source, settings.threads)

@@ -1,0 +1,82 @@
+"""Every setting of the service, read from environment variables in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _cores() -> int:
+    # sched_getaffinity respects container CPU sets; cpu_count() does not.
+    return len(os.sched_getaffinity(0))
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0:
+        raise SettingsError(f"{name}={value} must not be negative")
+    return value
+
+
+def _choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def _list(env: dict[str, str], name: str) -> list[str]:
+    return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_weights: Path | None
+    threads: int
+    max_upload_bytes: int
+    max_image_pixels: int
+    cors_origins: list[str]
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        weights = env.get("MODEL_WEIGHTS", "").strip()
+        return cls(
+            model_weights=Path(weights).expanduser() if weights else None,
+            threads=_int(env, "THREADS", _cores()),
+            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000),
+            cors_origins=_list(env, "CORS_ORIGINS"),
+            log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )
+
+
+try:
+    settings = Settings.from_env()
+except SettingsError as error:
+    raise SystemExit(f"Invalid setting: {error}") from None

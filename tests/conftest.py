@@ -1,0 +1,143 @@
+"""Shared fixtures: seeded weights, torchvision's reference pipeline, the app in process and as a server.
+
+Pretrained weights cannot be downloaded here, so the service is pointed at a seeded, randomly
+initialised ResNet18. Correctness is proven by parity with torchvision's own pipeline.
+
+Settings are read, and the model loaded, when the service's modules are first imported: test modules
+import them inside fixtures or tests, after `weights_file` has set MODEL_WEIGHTS, never at the top.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import ResNet18_Weights, resnet18
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
+
+
+def photo_bytes(name: str) -> bytes:
+    """A real photo that ships inside the scikit-image wheel."""
+    return (importlib.resources.files("skimage") / "data" / name).read_bytes()
+
+
+def photo(name: str) -> Image.Image:
+    return Image.open(io.BytesIO(photo_bytes(name)))
+
+
+def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def upload(data: bytes, name: str = "photo.png", field: str = "file") -> dict:
+    return {field: (name, data, "application/octet-stream")}
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "resnet18-seeded.pth"
+    torch.manual_seed(0)
+    torch.save(resnet18().state_dict(), path)
+    os.environ["MODEL_WEIGHTS"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(weights_file: Path) -> Callable[[Image.Image], torch.Tensor]:
+    """torchvision's reference pipeline: official transforms + the same weights + softmax."""
+    network = resnet18()
+    network.load_state_dict(torch.load(weights_file, weights_only=True))
+    network.eval()
+    transforms = ResNet18_Weights.DEFAULT.transforms()
+
+    def probabilities(image: Image.Image) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.softmax(network(transforms(image.convert("RGB")).unsqueeze(0)), dim=1)[0]
+
+    return probabilities
+
+
+@pytest.fixture(scope="session")
+def app(weights_file: Path):
+    import app  # after weights_file has set MODEL_WEIGHTS: the model loads at import
+
+    return app
+
+
+@pytest.fixture(scope="session")
+def client(app) -> Iterator:
+    with warnings.catch_warnings():
+        # Starlette suggests httpx2 for its TestClient; httpx works the same.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from fastapi.testclient import TestClient
+
+    with TestClient(app.app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    workdir: Path  # the server's current directory
+    tmpdir: Path  # the server's TMPDIR
+
+    def stop(self, timeout: float = 30) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout)
+
+
+def start_server(tmp: Path, **env: str) -> Server:
+    """`uvicorn app:app` in a subprocess, started from an empty folder, waited on until /ready."""
+    workdir, tmpdir = tmp / "cwd", tmp / "tmp"
+    workdir.mkdir()
+    tmpdir.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(REPO), "--port", str(port), "--log-level", "warning"],
+        cwd=workdir,
+        env={**os.environ, "TMPDIR": str(tmpdir), "PYTHONDONTWRITEBYTECODE": "1", **env},
+    )
+    server = Server(f"http://127.0.0.1:{port}", process, workdir, tmpdir)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the server did not become ready in time")
+
+
+@pytest.fixture(scope="session")
+def server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(tmp_path_factory.mktemp("server"))
+    yield server
+    server.stop()

@@ -1,0 +1,171 @@
+"""The service gives torchvision's own answer: same preprocessing, same labels, same scores."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from torchvision.models import ResNet18_Weights
+
+from conftest import PHOTOS, encode, photo, photo_bytes, upload
+
+TOLERANCE = 1e-5
+
+
+def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> None:
+    """predictions are a correct top-k of the expected probabilities, best first."""
+    labels = ResNet18_Weights.DEFAULT.meta["categories"]
+    assert len(predictions) == k
+    scores = [p["score"] for p in predictions]
+    assert scores == sorted(scores, reverse=True)
+    for p in predictions:
+        assert p["label"] == labels[p["index"]]
+        assert p["score"] == pytest.approx(expected[p["index"]].item(), abs=TOLERANCE)
+    left_out = torch.ones_like(expected, dtype=torch.bool)
+    left_out[[p["index"] for p in predictions]] = False
+    if left_out.any():
+        assert scores[-1] >= expected[left_out].max().item() - TOLERANCE
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_predict_matches_torchvision_reference(client, reference, name):
+    expected = reference(photo(name))
+    response = client.post("/predict", files=upload(photo_bytes(name), name))
+    assert response.status_code == 200
+    best = response.json()
+    assert set(best) == {"label", "index", "score"}
+    assert_top_k([best], expected, 1)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+@pytest.mark.parametrize("k", [1, 5, 1000])
+def test_topk_matches_torchvision_reference(client, reference, name, k):
+    expected = reference(photo(name))
+    response = client.post(f"/predict/topk?k={k}", files=upload(photo_bytes(name), name))
+    assert response.status_code == 200
+    assert_top_k(response.json()["predictions"], expected, k)
+
+
+def test_topk_defaults_to_five_and_scores_are_probabilities(client):
+    response = client.post("/predict/topk", files=upload(photo_bytes("coffee.png")))
+    assert len(response.json()["predictions"]) == 5
+    everything = client.post("/predict/topk?k=1000", files=upload(photo_bytes("coffee.png"))).json()["predictions"]
+    assert sorted(p["index"] for p in everything) == list(range(1000))
+    assert sum(p["score"] for p in everything) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_model_input_is_exactly_the_official_preprocessing(app, name):
+    official = ResNet18_Weights.DEFAULT.transforms()(photo(name).convert("RGB"))
+    ours = app.model.prepare(photo_bytes(name))
+    assert ours.shape == (3, 224, 224)
+    assert torch.equal(ours, official)
+
+
+def test_aspect_ratio_is_kept_not_squashed(app):
+    # A wide image: the official pipeline crops the centre; Resize((224, 224)) would squash it.
+    wide = Image.fromarray(np.tile(np.linspace(0, 255, 900, dtype=np.uint8), (300, 1)))
+    ours = app.model.prepare(encode(wide))
+    squashed = ResNet18_Weights.DEFAULT.transforms()(wide.convert("RGB").resize((224, 224)))
+    assert not torch.allclose(ours, squashed, atol=1e-2)
+
+
+def probabilities_of(client, data: bytes) -> torch.Tensor:
+    predictions = client.post("/predict/topk?k=1000", files=upload(data)).json()["predictions"]
+    result = torch.zeros(1000)
+    for p in predictions:
+        result[p["index"]] = p["score"]
+    return result
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.allclose(actual, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_grayscale_image(client, reference):
+    grey = photo("astronaut.png").convert("L")
+    assert_same(probabilities_of(client, encode(grey)), reference(grey))
+
+
+def test_sixteen_bit_image_keeps_its_top_eight_bits(client, reference):
+    grey = photo("coffee.png").convert("L")
+    sixteen = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I;16")
+    data = encode(sixteen)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    assert_same(probabilities_of(client, data), reference(grey))
+
+
+def test_opaque_rgba_equals_rgb(client, reference):
+    rgb = photo("chelsea.png").convert("RGB")
+    rgba = rgb.copy()
+    rgba.putalpha(255)
+    assert_same(probabilities_of(client, encode(rgba)), reference(rgb))
+
+
+def test_transparent_pixels_are_composited_over_white(client, reference):
+    rgba = photo("chelsea.png").convert("RGBA")
+    alpha = np.full(rgba.size[::-1], 255, dtype=np.uint8)
+    alpha[:, : rgba.width // 2] = 0  # left half fully transparent
+    rgba.putalpha(Image.fromarray(alpha))
+    over_white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    assert_same(probabilities_of(client, encode(rgba)), reference(over_white))
+    assert not torch.allclose(reference(over_white), reference(rgba.convert("RGB")), atol=TOLERANCE, rtol=0)
+
+
+def test_palette_image(client, reference):
+    palette = photo("rocket.jpg").convert("P", palette=Image.Palette.ADAPTIVE)
+    assert_same(probabilities_of(client, encode(palette)), reference(palette.convert("RGB")))
+
+
+def test_cmyk_image(client, reference):
+    cmyk = photo("coffee.png").convert("CMYK")
+    assert_same(probabilities_of(client, encode(cmyk, "TIFF")), reference(cmyk.convert("RGB")))
+    assert client.post("/predict", files=upload(encode(cmyk, "JPEG"))).status_code == 200
+
+
+def test_exif_rotated_image_equals_upright(client):
+    upright = photo("astronaut.png").convert("RGB").crop((0, 0, 512, 300))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    assert ImageOps.exif_transpose(Image.open(io.BytesIO(encode(stored, exif=exif)))).size == upright.size
+    assert_same(probabilities_of(client, encode(stored, exif=exif)), probabilities_of(client, encode(upright)))
+    assert not torch.allclose(probabilities_of(client, encode(stored)), probabilities_of(client, encode(upright)))
+
+
+def test_animated_gif_uses_first_frame(client, reference):
+    frames = [photo("chelsea.png").convert("RGB"), photo("coffee.png").convert("RGB").resize((451, 300))]
+    animated = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    first = Image.open(io.BytesIO(animated))
+    assert getattr(first, "n_frames", 1) == 2
+    assert_same(probabilities_of(client, animated), reference(first.convert("RGB")))
+
+
+def test_openapi_lists_both_endpoints_with_multipart_upload(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/predict", "/predict/topk"):
+        body = spec["paths"][path]["post"]["requestBody"]
+        schema_ref = body["content"]["multipart/form-data"]["schema"]["$ref"]
+        schema = spec["components"]["schemas"][schema_ref.rsplit("/", 1)[-1]]
+        assert schema["required"] == ["file"]
+        assert schema["properties"]["file"]["type"] == "string"
+        assert "200" in spec["paths"][path]["post"]["responses"]
+        assert "413" in spec["paths"][path]["post"]["responses"]
+    k = next(p for p in spec["paths"]["/predict/topk"]["post"]["parameters"] if p["name"] == "k")
+    assert (k["schema"]["minimum"], k["schema"]["maximum"], k["schema"]["default"]) == (1, 1000, 5)
+    assert client.get("/docs").status_code == 200
+
+
+def test_health_ready_and_model_info(client, weights_file):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ok"}
+    info = client.get("/model").json()
+    assert info["architecture"] == "resnet18"
+    assert info["weights"] == f"file:{weights_file}"
+    assert info["num_classes"] == 1000
+    assert info["preprocessing"]["resize"] == 256 and info["preprocessing"]["crop"] == 224
+    assert info["threads"] >= 1
