@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
@@ -15,13 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import model
+from batching import Batcher, Overloaded
 from labels import LABELS
 from settings import settings
 
@@ -108,18 +107,48 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-# One thread owns the forward pass, so two requests never run it side by side on the same cores.
-inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference", initializer=torch.set_num_threads,
-                               initargs=(settings.threads,))
+class ShedLoad:
+    """503 for predict requests while the queue is full, before their bodies are even parsed.
+
+    Under overload, parsing uploads only to refuse them would steal the CPU from accepted requests.
+    """
+
+    def __init__(self, app: ASGIApp, batcher: Batcher) -> None:
+        self.app = app
+        self.batcher = batcher
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/predict") and self.batcher.full():
+            return await _overloaded_response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _overloaded_response() -> JSONResponse:
+    detail = f"the service is overloaded (more than MAX_QUEUE={settings.max_queue} images in flight); retry shortly"
+    return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "1"})
+
+
+# Decoding runs in a small thread pool; one inference thread owns the forward pass, so requests
+# never run it side by side on the same cores.
+batcher = Batcher(
+    model.prepare,
+    model.predict,
+    max_batch_size=settings.max_batch_size,
+    max_delay_s=settings.max_batch_delay_s,
+    max_queue=settings.max_queue,
+    decode_workers=settings.decode_workers,
+    init_inference_thread=model.init_inference_thread,
+    init_decode_thread=model.init_decode_thread,
+)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await asyncio.get_running_loop().run_in_executor(inference, model.predict, torch.zeros(1, 3, model.CROP_SIZE, model.CROP_SIZE))
+    await batcher.start()
     app.state.ready = True
     yield
     app.state.ready = False
-    inference.shutdown(wait=True)
+    await batcher.stop(timeout_s=settings.request_timeout_s)
 
 
 app = FastAPI(
@@ -130,6 +159,7 @@ app = FastAPI(
 )
 app.state.ready = False
 app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+app.add_middleware(ShedLoad, batcher=batcher)
 app.add_middleware(
     CORSMiddleware,
     allow_origins=settings.cors_origins,
@@ -158,32 +188,61 @@ async def image_error(request: Request, error: model.ImageError) -> JSONResponse
     return JSONResponse({"detail": str(error)}, IMAGE_ERROR_STATUS[type(error)])
 
 
+@app.exception_handler(Overloaded)
+async def overloaded(request: Request, error: Overloaded) -> JSONResponse:
+    return _overloaded_response()
+
+
 @app.exception_handler(Exception)
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "internal error; it has been logged"}, 500)
 
 
-async def classify(upload: UploadFile) -> torch.Tensor:
-    """An uploaded file -> softmax probabilities [1000]."""
-    data = await upload.read()
-    image = await run_in_threadpool(model.prepare, data)
-    probabilities = await asyncio.get_running_loop().run_in_executor(inference, model.predict, image.unsqueeze(0))
-    return probabilities[0]
+def _busy(detail: str) -> HTTPException:
+    return HTTPException(503, detail, headers={"Retry-After": "1"})
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body has been read, so the next message is the client leaving (or the response being done).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def classify(request: Request, upload: UploadFile) -> torch.Tensor:
+    """An uploaded file -> softmax probabilities [1000], through the decoders and the batching worker."""
+    try:
+        with batcher.admit():
+            data = await upload.read()
+            async with asyncio.timeout(settings.request_timeout_s):
+                work = asyncio.ensure_future(batcher.submit(data))
+                watcher = asyncio.ensure_future(_until_disconnected(request))
+                try:
+                    await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    watcher.cancel()
+                    if not work.done():
+                        work.cancel()  # the client left or time ran out: its image is not computed
+                if not work.done() or work.cancelled():
+                    raise _busy("the client disconnected")
+                return work.result()
+    except TimeoutError:
+        raise _busy(f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S); retry shortly") from None
 
 
 @app.post("/predict", response_model=Prediction, responses=PREDICT_ERRORS, summary="The most likely label")
-async def predict(file: UploadedImage) -> Prediction:
-    best = model.top_k(await classify(file), 1)[0]
+async def predict(request: Request, file: UploadedImage) -> Prediction:
+    best = model.top_k(await classify(request, file), 1)[0]
     return Prediction(label=best.label, index=best.index, score=best.score)
 
 
 @app.post("/predict/topk", response_model=TopK, responses=PREDICT_ERRORS, summary="The k most likely labels")
 async def predict_topk(
+    request: Request,
     file: UploadedImage,
     k: Annotated[int, Query(ge=1, le=len(LABELS), description="How many labels")] = 5,
 ) -> TopK:
-    predictions = model.top_k(await classify(file), k)
+    predictions = model.top_k(await classify(request, file), k)
     return TopK(predictions=[Prediction(label=p.label, index=p.index, score=p.score) for p in predictions])
 
 

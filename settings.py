@@ -29,7 +29,7 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
+def _float(env: dict[str, str], name: str, default: float, minimum: float = 0) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -37,8 +37,8 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not value >= 0:
-        raise SettingsError(f"{name}={value} must not be negative")
+    if not value >= minimum:  # also refuses nan
+        raise SettingsError(f"{name}={raw} must be at least {minimum}")
     return value
 
 
@@ -49,6 +49,15 @@ def _choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ..
     return value
 
 
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise SettingsError(f"{name}={raw!r} must be true or false")
+    return raw in ("1", "true", "yes", "on")
+
+
 def _list(env: dict[str, str], name: str) -> list[str]:
     return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
 
@@ -56,7 +65,14 @@ def _list(env: dict[str, str], name: str) -> list[str]:
 @dataclass(frozen=True)
 class Settings:
     model_weights: Path | None
+    backend: str
     threads: int
+    decode_workers: int
+    jpeg_draft: bool
+    max_batch_size: int
+    max_batch_delay_s: float
+    max_queue: int
+    request_timeout_s: float
     max_upload_bytes: int
     max_image_pixels: int
     cors_origins: list[str]
@@ -68,7 +84,14 @@ class Settings:
         weights = env.get("MODEL_WEIGHTS", "").strip()
         return cls(
             model_weights=Path(weights).expanduser() if weights else None,
+            backend=_choice(env, "BACKEND", "torch", ("torch", "onnxruntime")),
             threads=_int(env, "THREADS", _cores()),
+            decode_workers=_int(env, "DECODE_WORKERS", _cores()),
+            jpeg_draft=_bool(env, "JPEG_DRAFT", True),
+            max_batch_size=_int(env, "MAX_BATCH_SIZE", 8),
+            max_batch_delay_s=_float(env, "MAX_BATCH_DELAY_MS", 5) / 1000,
+            max_queue=_int(env, "MAX_QUEUE", 64),
+            request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 10, minimum=0.01),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000),
             cors_origins=_list(env, "CORS_ORIGINS"),

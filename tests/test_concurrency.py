@@ -10,14 +10,14 @@ from conftest import photo_bytes, upload
 
 def test_health_answers_while_inference_is_in_flight(client, app, monkeypatch):
     started, release = threading.Event(), threading.Event()
-    real_predict = app.model.predict
+    real_predict = app.batcher.predict
 
     def slow_predict(batch):
         started.set()
         assert release.wait(30), "the test never released the forward pass"
         return real_predict(batch)
 
-    monkeypatch.setattr(app.model, "predict", slow_predict)
+    monkeypatch.setattr(app.batcher, "predict", slow_predict)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/predict", files=upload(photo_bytes("coffee.png")))
         try:
@@ -33,7 +33,7 @@ def test_health_answers_while_inference_is_in_flight(client, app, monkeypatch):
 def test_forward_passes_never_overlap(client, app, monkeypatch):
     running, most = 0, 0
     lock = threading.Lock()
-    real_predict = app.model.predict
+    real_predict = app.batcher.predict
 
     def counting_predict(batch):
         nonlocal running, most
@@ -46,7 +46,7 @@ def test_forward_passes_never_overlap(client, app, monkeypatch):
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(app.model, "predict", counting_predict)
+    monkeypatch.setattr(app.batcher, "predict", counting_predict)
     photos = [photo_bytes(name) for name in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")] * 3
     with ThreadPoolExecutor(len(photos)) as pool:
         responses = list(pool.map(lambda data: client.post("/predict", files=upload(data)), photos))

@@ -1,0 +1,174 @@
+"""The inference pipeline: decode in a small thread pool, batch, one forward pass per batch.
+
+    bytes --prepare (decode threads)--> image --queue--> batch --predict (inference thread)--> row
+
+One thread owns the model. It takes whatever is queued, up to `max_batch_size`, waits at most
+`max_delay_s` for images still being decoded (never for nobody), runs one forward pass and hands each
+caller its own row. Decoding the next images overlaps the forward pass of the current batch.
+`admit` bounds how many images are in flight at all, so overload is refused instead of queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """More images are in flight than `max_queue` allows: refuse now rather than queue forever."""
+
+
+@dataclass
+class _Job:
+    image: torch.Tensor
+    result: asyncio.Future[torch.Tensor]
+    queued_at: float
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one forward pass did, for whoever observes the pipeline (metrics, logs)."""
+
+    size: int
+    queue_wait_s: list[float]
+    inference_s: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        prepare: Callable[[bytes], torch.Tensor],
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        decode_workers: int,
+        init_inference_thread: Callable[[], None] | None = None,
+        init_decode_thread: Callable[[], None] | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.prepare = prepare
+        self.predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.in_flight = 0  # admitted and not yet answered
+        self._decode_workers = decode_workers
+        self._init_inference_thread = init_inference_thread
+        self._init_decode_thread = init_decode_thread
+        self._decoding = 0  # images in the decode threads right now: the only ones worth waiting for
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._inference: ThreadPoolExecutor | None = None
+        self._decoders: ThreadPoolExecutor | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the inference thread (running its initializer to the end) first, then the decoders."""
+        self._inference = ThreadPoolExecutor(1, "inference", initializer=self._init_inference_thread)
+        await asyncio.get_running_loop().run_in_executor(self._inference, lambda: None)
+        self._decoders = ThreadPoolExecutor(self._decode_workers, "decode", initializer=self._init_decode_thread)
+        self._worker = asyncio.create_task(self._run(), name="inference worker")
+
+    async def stop(self, timeout_s: float) -> None:
+        """Let the images in flight finish, for at most timeout_s, then stop."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._worker:
+            self._worker.cancel()
+        for pool in (self._decoders, self._inference):
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def full(self, images: int = 1) -> bool:
+        return self.in_flight + images > self.max_queue
+
+    @contextmanager
+    def admit(self, images: int = 1) -> Iterator[None]:
+        """Count images in flight (decoding, queued or in a forward pass), refusing past max_queue."""
+        if self.full(images):
+            raise Overloaded(f"{self.in_flight} images are already in flight (MAX_QUEUE={self.max_queue})")
+        self.in_flight += images
+        try:
+            yield
+        finally:
+            self.in_flight -= images
+
+    async def submit(self, data: bytes) -> torch.Tensor:
+        """Uploaded bytes -> their row of the model's output. Cancel the call to withdraw the image."""
+        loop = asyncio.get_running_loop()
+        self._decoding += 1
+        try:
+            image = await loop.run_in_executor(self._decoders, self.prepare, data)
+        finally:
+            self._decoding -= 1
+        job = _Job(image, loop.create_future(), time.monotonic())
+        self._queue.put_nowait(job)
+        return await job.result
+
+    async def _next_batch(self) -> list[_Job]:
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_delay_s
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.monotonic()
+            if not self._decoding or remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    batch.append(await self._queue.get())
+            except TimeoutError:
+                break
+        # Callers that gave up (timed out, disconnected) cancelled their futures: skip their images.
+        return [job for job in batch if not job.result.done()]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            started = time.monotonic()
+            rows = await loop.run_in_executor(self._inference, self._predict_each, [job.image for job in batch])
+            for job, row in zip(batch, rows):
+                if job.result.done():
+                    continue
+                if isinstance(row, BaseException):
+                    job.result.set_exception(row)
+                else:
+                    job.result.set_result(row)
+            if self.on_batch:
+                stats = BatchStats(len(batch), [started - job.queued_at for job in batch], time.monotonic() - started)
+                try:
+                    self.on_batch(stats)
+                except Exception:  # an observer's bug must not stop the worker
+                    log.exception("on_batch failed")
+
+    def _predict_each(self, images: list[torch.Tensor]) -> list[torch.Tensor | BaseException]:
+        """One forward pass for all; if that fails, one per image, so a bad input fails only its caller."""
+        try:
+            return list(self.predict(torch.stack(images)))
+        except Exception as error:
+            if len(images) == 1:
+                return [error]
+            log.warning("a batch of %d failed (%s); retrying its images one by one", len(images), error)
+        results: list[torch.Tensor | BaseException] = []
+        for image in images:
+            try:
+                results.append(self.predict(image.unsqueeze(0))[0])
+            except Exception as error:
+                results.append(error)
+        return results

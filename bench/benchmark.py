@@ -1,0 +1,349 @@
+"""Throughput and latency of the service on this machine, beside the in-process ceiling, in one run.
+
+    python bench/benchmark.py [--seconds 10] [--soak-requests 5000] [--out bench/results/benchmark.json]
+
+Starts the service in a subprocess for each configuration, waits for /ready, drives it with `hey`
+(Debian package `hey`: a Go load generator that needs little CPU) and prints one table, also written
+as JSON. Test images are made from the photos inside the scikit-image wheel; nothing is downloaded.
+Without MODEL_WEIGHTS a seeded random ResNet18 is used: the speed of a forward pass does not depend on
+the values of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.resources
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+BOUNDARY = "benchmark-boundary"
+
+
+def photo(name: str) -> Image.Image:
+    return Image.open(importlib.resources.files("skimage") / "data" / name).convert("RGB")
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def imagenet_size_jpeg() -> bytes:
+    return jpeg(photo("chelsea.png").resize((500, 375), Image.BICUBIC))
+
+
+def phone_size_jpeg(name: str = "astronaut.png", seed: int = 0) -> bytes:
+    """12 megapixels with a little sensor-like noise, so it weighs (and decodes) like a phone photo."""
+    big = np.asarray(photo(name).resize((4000, 3000), Image.BICUBIC), dtype=np.float32)
+    noise = np.random.default_rng(seed).normal(0, 3, big.shape)
+    return jpeg(Image.fromarray(np.clip(big + noise, 0, 255).astype(np.uint8)))
+
+
+def multipart(data: bytes, filename: str = "photo.jpg") -> bytes:
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+    return head.encode() + b"Content-Type: image/jpeg\r\n\r\n" + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+# --- the in-process ceiling: decode + preprocess + forward in a tight loop, no HTTP -------------------
+
+
+def ceiling(image_path: str, batch_size: int, seconds: float) -> dict:
+    """Runs inside a subprocess whose environment selects backend and threads, like the service's."""
+    import torch
+
+    import model
+
+    data = Path(image_path).read_bytes()
+    model.init_inference_thread()
+
+    def one_batch() -> None:
+        model.predict(torch.stack([model.prepare(data) for _ in range(batch_size)]))
+
+    one_batch()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        start = time.perf_counter()
+        one_batch()
+        times.append(time.perf_counter() - start)
+    return {"images_per_s": batch_size * len(times) / sum(times), "batch_s_median": statistics.median(times)}
+
+
+def draft_difference(image_paths: list[str]) -> dict:
+    """What JPEG draft decoding changes on 12 MP photos: model input and softmax scores."""
+    import model
+
+    inputs, scores, same_top1, top5_overlap = [], [], 0, 0
+    for path in image_paths:
+        data = Path(path).read_bytes()
+        drafted, full = model.prepare(data, draft=True), model.prepare(data, draft=False)
+        p_drafted, p_full = model.predict(drafted[None])[0], model.predict(full[None])[0]
+        inputs.append((drafted - full).abs().mean().item())
+        scores.append((p_drafted - p_full).abs().max().item())
+        same_top1 += int(p_drafted.argmax() == p_full.argmax())
+        top5_overlap += len(set(p_drafted.topk(5).indices.tolist()) & set(p_full.topk(5).indices.tolist()))
+    return {"photos": len(image_paths), "input_mean_abs_difference": max(inputs), "score_max_abs_difference": max(scores),
+            "same_top1": same_top1, "top5_overlap_of_5": top5_overlap / len(image_paths)}
+
+
+def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
+    """Call a function of this file in a fresh process (the model loads at import, with env's settings)."""
+    code = (
+        "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; import benchmark;"
+        f"print(json.dumps(benchmark.{function}(*json.loads(sys.argv[2]))))"
+    )
+    output = subprocess.run([sys.executable, "-c", code, str(REPO), json.dumps(args)],
+                            env=env, capture_output=True, text=True, check=True, cwd=REPO).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+# --- the service -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen
+    startup_s: float
+
+    def rss_mib(self, field_name: str = "VmRSS") -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_service(env: dict[str, str]) -> Service:
+    port = free_port()
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        cwd=REPO, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the service exited with {process.returncode}; see its output above")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return Service(url, process, time.perf_counter() - started)
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
+@dataclass
+class Load:
+    requests: int = 0
+    seconds: float = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    latencies_s: dict[str, list[float]] = field(default_factory=dict)  # by status
+
+    @property
+    def ok_per_s(self) -> float:
+        return self.statuses.get("200", 0) / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float, status: str = "200") -> float:
+        values = sorted(self.latencies_s.get(status, []))
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def hey(url: str, concurrency: int, *, seconds: float | None = None, requests: int | None = None,
+        body: Path | None = None) -> Load:
+    """Drive url with hey; per-request results come back as CSV."""
+    command = ["hey", "-c", str(concurrency), "-o", "csv", "-t", "60"]
+    command += ["-z", f"{seconds}s"] if seconds else ["-n", str(requests)]
+    if body:
+        command += ["-m", "POST", "-D", str(body), "-T", f"multipart/form-data; boundary={BOUNDARY}"]
+    started = time.perf_counter()
+    output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+    load = Load(seconds=time.perf_counter() - started)
+    for row in csv.DictReader(io.StringIO(output)):
+        status = row["status-code"]
+        load.requests += 1
+        load.statuses[status] = load.statuses.get(status, 0) + 1
+        load.latencies_s.setdefault(status, []).append(float(row["response-time"]))
+    return load
+
+
+def ms(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds * 1000:.0f} ms"
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10, help="duration of each load run")
+    parser.add_argument("--soak-requests", type=int, default=5000, help="requests between the two RSS readings")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "benchmark.json")
+    args = parser.parse_args()
+    if not shutil.which("hey"):
+        raise SystemExit("hey is not installed: apt-get install hey")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    env = {**os.environ, "LOG_LEVEL": "warning"}
+    if not env.get("MODEL_WEIGHTS"):
+        import torch
+        from torchvision.models import resnet18
+
+        torch.manual_seed(0)
+        torch.save(resnet18().state_dict(), work / "resnet18-random.pth")
+        env["MODEL_WEIGHTS"] = str(work / "resnet18-random.pth")
+    small, large = work / "imagenet.jpg", work / "phone.jpg"
+    small.write_bytes(imagenet_size_jpeg())
+    large.write_bytes(phone_size_jpeg())
+    small_body, large_body = work / "imagenet.multipart", work / "phone.multipart"
+    small_body.write_bytes(multipart(small.read_bytes()))
+    large_body.write_bytes(multipart(large.read_bytes()))
+    threads = len(os.sched_getaffinity(0))
+    rows: list[dict] = []
+
+    def row(name: str, load: Load, **extra) -> None:
+        entry = {"row": name, "requests": load.requests, "statuses": load.statuses, "ok_per_s": round(load.ok_per_s, 1),
+                 "p50_ms": round(load.percentile(50) * 1000, 1), "p99_ms": round(load.percentile(99) * 1000, 1), **extra}
+        rows.append(entry)
+        shown = ", ".join(f"{k}={v}" for k, v in extra.items())
+        print(f"{name:48} {load.ok_per_s:6.1f} req/s  p50 {ms(load.percentile(50)):>7}  p99 {ms(load.percentile(99)):>7}"
+              f"  {load.statuses}  {shown}", flush=True)
+
+    print(f"{threads} CPUs, weights {env['MODEL_WEIGHTS']}, {args.seconds:g} s per run\n", flush=True)
+
+    def measure_ceiling(backend_env: dict[str, str]) -> dict:
+        return {"batch8": in_subprocess("ceiling", backend_env, str(small), 8, args.seconds / 2),
+                "single": in_subprocess("ceiling", backend_env, str(small), 1, args.seconds / 2)}
+
+    # 1 and 3: ImageNet-size JPEG; batching on/off; torch and onnxruntime. The ceiling is measured just
+    # before and just after each backend's service runs, and averaged: these machines are noisy.
+    ceilings = {}
+    for backend in ("torch", "onnxruntime"):
+        backend_env = {**env, "BACKEND": backend}
+        before = measure_ceiling(backend_env)
+        services = []
+        for batch_size in ("8", "1"):
+            service = start_service({**backend_env, "MAX_BATCH_SIZE": batch_size})
+            for concurrency in (1, 8, 32) if batch_size == "8" else (8,):
+                services.append((batch_size, concurrency, hey(f"{service.url}/predict", concurrency, seconds=args.seconds, body=small_body)))
+            service.stop()
+        after = measure_ceiling(backend_env)
+        ceiling_rate = (before["batch8"]["images_per_s"] + after["batch8"]["images_per_s"]) / 2
+        single = (before["single"]["batch_s_median"] + after["single"]["batch_s_median"]) / 2
+        ceilings[backend] = {"before": before, "after": after, "images_per_s": ceiling_rate, "single_image_s": single}
+        print(f"ceiling {backend}: batch 8 {before['batch8']['images_per_s']:.1f} / {after['batch8']['images_per_s']:.1f} img/s"
+              f" (before / after), one image {single * 1000:.1f} ms", flush=True)
+        for batch_size, concurrency, load in services:
+            extra = {"ratio_to_ceiling": round(load.ok_per_s / ceiling_rate, 2)}
+            if concurrency == 1:
+                extra["p50_minus_ceiling_single_ms"] = round((load.percentile(50) - single) * 1000, 1)
+            row(f"{backend} batch≤{batch_size} 500x375 JPEG c={concurrency}", load, **extra)
+
+    # 2: 12-megapixel JPEG with draft decode on and off.
+    for draft in ("true", "false"):
+        service = start_service({**env, "JPEG_DRAFT": draft})
+        load = hey(f"{service.url}/predict", 8, seconds=args.seconds, body=large_body)
+        row(f"torch 12 MP JPEG c=8 draft={draft}", load)
+        service.stop()
+    draft_on, draft_off = rows[-2]["ok_per_s"], rows[-1]["ok_per_s"]
+    print(f"draft decode speed-up on 12 MP: {draft_on / max(draft_off, 1e-9):.1f}x", flush=True)
+    phones = []
+    for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"):
+        phones.append(work / f"phone-{name}.jpg")
+        phones[-1].write_bytes(phone_size_jpeg(name))
+    draft = in_subprocess("draft_difference", env, [str(p) for p in phones])
+    print(f"draft decode on {draft['photos']} 12 MP photos: largest score difference {draft['score_max_abs_difference']:.1e},"
+          f" input mean abs difference {draft['input_mean_abs_difference']:.3f}, same top-1 {draft['same_top1']}/{draft['photos']},"
+          f" top-5 overlap {draft['top5_overlap_of_5']:.2f}/5", flush=True)
+
+    # 4 and 6: /health while saturated; RSS over many requests; start-up time.
+    service = start_service(env)
+    hey(f"{service.url}/predict", 32, seconds=args.seconds, body=small_body)  # warm-up: every batch size occurs
+    rss_warm = service.rss_mib()
+    saturate = subprocess.Popen(["hey", "-c", "32", "-z", f"{args.seconds + 2}s", "-m", "POST", "-D", str(small_body),
+                                 "-T", f"multipart/form-data; boundary={BOUNDARY}", f"{service.url}/predict"],
+                                stdout=subprocess.DEVNULL)
+    time.sleep(1)
+    health = hey(f"{service.url}/health", 1, seconds=args.seconds)
+    saturate.wait()
+    row("GET /health c=1 while predict c=32 saturates", health)
+    soak = hey(f"{service.url}/predict", 8, requests=args.soak_requests, body=small_body)
+    rss_after = service.rss_mib()
+    growth = (rss_after - rss_warm) / rss_warm
+    row(f"torch {args.soak_requests} requests c=8 (RSS)", soak, rss_warm_mib=round(rss_warm), rss_after_mib=round(rss_after),
+        rss_growth_pct=round(growth * 100, 1), peak_rss_mib=round(service.rss_mib("VmHWM")), startup_s=round(service.startup_s, 2))
+    service.stop()
+
+    # 5: overload: concurrency far above MAX_QUEUE.
+    service = start_service({**env, "MAX_QUEUE": "16", "REQUEST_TIMEOUT_S": "5"})
+    overload = hey(f"{service.url}/predict", 128, seconds=args.seconds, body=small_body)
+    share = overload.statuses.get("503", 0) / max(overload.requests, 1)
+    row("overload c=128, MAX_QUEUE=16", overload, share_503=round(share, 2),
+        p50_503_ms=round(overload.percentile(50, "503") * 1000, 1), p99_503_ms=round(overload.percentile(99, "503") * 1000, 1))
+    service.stop()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9))
+    args.out.write_text(json.dumps({"cpus": threads, "seconds_per_run": args.seconds, "ceilings": ceilings,
+                                    "draft": draft, "rows": rows}, indent=1))
+    print(f"\nwritten to {args.out}")
+    shutil.rmtree(work)
+
+
+def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> None:
+    by_name = {r["row"]: r for r in rows}
+    torch_c8 = by_name["torch batch≤8 500x375 JPEG c=8"]
+    torch_c1 = by_name["torch batch≤8 500x375 JPEG c=1"]
+    ort_c8 = by_name["onnxruntime batch≤8 500x375 JPEG c=8"]
+    health = next(r for r in rows if r["row"].startswith("GET /health"))
+    soak = next(r for r in rows if "RSS" in r["row"])
+    overload = next(r for r in rows if r["row"].startswith("overload"))
+    checks = [
+        ("throughput c=8 >= 0.9 x ceiling (torch)", torch_c8["ratio_to_ceiling"] >= 0.9, f"{torch_c8['ratio_to_ceiling']:.2f}x"),
+        ("throughput c=8 >= 0.9 x ceiling (onnxruntime)", ort_c8["ratio_to_ceiling"] >= 0.9, f"{ort_c8['ratio_to_ceiling']:.2f}x"),
+        ("p50 c=1 <= ceiling single image + 10 ms", torch_c1["p50_minus_ceiling_single_ms"] <= 10,
+         f"+{torch_c1['p50_minus_ceiling_single_ms']} ms"),
+        ("12 MP draft decode >= 3 x without", draft_speedup >= 3, f"{draft_speedup:.1f}x"),
+        ("/health p99 under saturation <= 50 ms", health["p99_ms"] <= 50, f"{health['p99_ms']} ms"),
+        ("overload: 503 within 100 ms (p99)", overload["p99_503_ms"] <= 100, f"{overload['p99_503_ms']} ms"),
+        ("overload: only 200 and 503", set(overload["statuses"]) <= {"200", "503"}, str(overload["statuses"])),
+        ("RSS growth over the soak < 5 %", soak["rss_growth_pct"] < 5, f"{soak['rss_growth_pct']} %"),
+        ("onnxruntime vs torch throughput, c=8", True, f"{ort_c8['ok_per_s'] / max(torch_c8['ok_per_s'], 1e-9):.2f}x"),
+    ]
+    print("\ntargets")
+    for name, met, value in checks:
+        print(f"  {'met ' if met else 'MISS'}  {name:48} {value}")
+
+
+if __name__ == "__main__":
+    main()
