@@ -90,9 +90,13 @@ def draft_difference(image_paths: list[str]) -> dict:
     """What JPEG draft decoding changes on 12 MP photos: model input and softmax scores."""
     import model
 
-    inputs, scores, same_top1, top5_overlap = [], [], 0, 0
+    inputs, scores, same_top1, top5_overlap, decode_s = [], [], 0, 0, {True: [], False: []}
     for path in image_paths:
         data = Path(path).read_bytes()
+        for draft in (True, False):
+            start = time.perf_counter()
+            model.decode(data, draft)
+            decode_s[draft].append(time.perf_counter() - start)
         drafted, full = model.prepare(data, draft=True), model.prepare(data, draft=False)
         p_drafted, p_full = model.predict(drafted[None])[0], model.predict(full[None])[0]
         inputs.append((drafted - full).abs().mean().item())
@@ -100,7 +104,8 @@ def draft_difference(image_paths: list[str]) -> dict:
         same_top1 += int(p_drafted.argmax() == p_full.argmax())
         top5_overlap += len(set(p_drafted.topk(5).indices.tolist()) & set(p_full.topk(5).indices.tolist()))
     return {"photos": len(image_paths), "input_mean_abs_difference": max(inputs), "score_max_abs_difference": max(scores),
-            "same_top1": same_top1, "top5_overlap_of_5": top5_overlap / len(image_paths)}
+            "same_top1": same_top1, "top5_overlap_of_5": top5_overlap / len(image_paths),
+            "decode_ms_draft": 1000 * statistics.median(decode_s[True]), "decode_ms_full": 1000 * statistics.median(decode_s[False])}
 
 
 def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
@@ -284,7 +289,8 @@ def main() -> None:
     draft = in_subprocess("draft_difference", env, [str(p) for p in phones])
     print(f"draft decode on {draft['photos']} 12 MP photos: largest score difference {draft['score_max_abs_difference']:.1e},"
           f" input mean abs difference {draft['input_mean_abs_difference']:.3f}, same top-1 {draft['same_top1']}/{draft['photos']},"
-          f" top-5 overlap {draft['top5_overlap_of_5']:.2f}/5", flush=True)
+          f" top-5 overlap {draft['top5_overlap_of_5']:.2f}/5; decode alone {draft['decode_ms_draft']:.1f} ms vs"
+          f" {draft['decode_ms_full']:.1f} ms", flush=True)
 
     # 4 and 6: /health while saturated; RSS over many requests; start-up time.
     service = start_service(env)

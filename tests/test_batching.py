@@ -1,0 +1,267 @@
+"""The batching pipeline: batches form, each caller gets its own row, failures and overload stay contained."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PHOTOS, encode, photo, photo_bytes, upload
+
+
+def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, prepare=None):
+    from batching import Batcher
+
+    def decode_number(data: bytes) -> torch.Tensor:
+        return torch.full((2,), float(data.decode()))
+
+    return Batcher(prepare or decode_number, predict, max_batch_size=max_batch_size, max_delay_s=max_delay_s,
+                   max_queue=max_queue, decode_workers=2)
+
+
+def test_batches_form_under_concurrency_and_each_caller_gets_its_own_row():
+    sizes = []
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(batch))
+        return batch * 10
+
+    async def scenario():
+        batcher = make_batcher(predict)
+        await batcher.start()
+        try:
+            with batcher.admit(20):
+                rows = await asyncio.gather(*(batcher.submit(str(i).encode()) for i in range(20)))
+        finally:
+            await batcher.stop(timeout_s=1)
+        return rows
+
+    rows = asyncio.run(scenario())
+    assert [row.tolist() for row in rows] == [[i * 10.0, i * 10.0] for i in range(20)]
+    assert sum(sizes) == 20 and max(sizes) > 1 and max(sizes) <= 8
+
+
+def test_a_failing_input_fails_only_its_own_caller():
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(batch).any():
+            raise ValueError("NaN in the input")
+        return batch + 1
+
+    async def scenario():
+        batcher = make_batcher(predict)
+        await batcher.start()
+        try:
+            with batcher.admit(5):
+                return await asyncio.gather(*(batcher.submit(x) for x in [b"1", b"2", b"nan", b"4", b"5"]),
+                                            return_exceptions=True)
+        finally:
+            await batcher.stop(timeout_s=1)
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[2], ValueError)
+    assert [r[0].item() for i, r in enumerate(results) if i != 2] == [2.0, 3.0, 5.0, 6.0]
+
+
+def test_queue_full_is_refused_at_once():
+    from batching import Overloaded
+
+    batcher = make_batcher(lambda batch: batch, max_queue=3)
+    with batcher.admit(2):
+        with batcher.admit(1):
+            with pytest.raises(Overloaded, match="MAX_QUEUE=3"):
+                with batcher.admit(1):
+                    pass
+        with batcher.admit(1):  # a place became free again
+            pass
+    assert batcher.in_flight == 0
+
+
+def test_a_withdrawn_image_is_not_computed():
+    seen, release = [], threading.Event()
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        seen.extend(batch[:, 0].tolist())
+        release.wait(10)
+        return batch
+
+    async def scenario():
+        batcher = make_batcher(predict, max_batch_size=1, max_delay_s=0)
+        await batcher.start()
+        try:
+            first = asyncio.create_task(batcher.submit(b"1"))
+            while not seen:  # the worker is now busy with image 1
+                await asyncio.sleep(0.01)
+            withdrawn = asyncio.create_task(batcher.submit(b"2"))
+            await asyncio.sleep(0.1)  # image 2 is decoded and queued
+            withdrawn.cancel()
+            kept = asyncio.create_task(batcher.submit(b"3"))
+            await asyncio.sleep(0.1)
+            release.set()
+            await asyncio.gather(first, kept)
+        finally:
+            await batcher.stop(timeout_s=1)
+
+    asyncio.run(scenario())
+    assert seen == [1.0, 3.0]
+
+
+def test_different_photos_at_once_equal_their_single_answers(client, app, monkeypatch):
+    singles = {name: client.post("/predict/topk?k=10", files=upload(photo_bytes(name))).json() for name in PHOTOS}
+    sizes = []
+    real_predict = app.batcher.predict
+
+    def recording_predict(batch):
+        sizes.append(len(batch))
+        return real_predict(batch)
+
+    monkeypatch.setattr(app.batcher, "predict", recording_predict)
+    names = list(PHOTOS) * 4
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(lambda n: client.post("/predict/topk?k=10", files=upload(photo_bytes(n))).json(), names))
+    assert max(sizes) > 1, "no batch formed"
+    for name, answer in zip(names, answers):
+        assert [p["index"] for p in answer["predictions"]] == [p["index"] for p in singles[name]["predictions"]]
+        for got, single in zip(answer["predictions"], singles[name]["predictions"]):
+            assert got["score"] == pytest.approx(single["score"], abs=1e-5)
+
+
+def block_the_worker(app, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    started, release = threading.Event(), threading.Event()
+    real_predict = app.batcher.predict
+
+    def blocked_predict(batch):
+        started.set()
+        release.wait(30)
+        return real_predict(batch)
+
+    monkeypatch.setattr(app.batcher, "predict", blocked_predict)
+    return started, release
+
+
+def test_overload_is_503_with_retry_after(client, app, monkeypatch):
+    started, release = block_the_worker(app, monkeypatch)
+    monkeypatch.setattr(app.batcher, "max_queue", 2)
+    data = photo_bytes("coffee.png")
+    with ThreadPoolExecutor(2) as pool:
+        accepted = [pool.submit(client.post, "/predict", files=upload(data)) for _ in range(2)]
+        try:
+            assert started.wait(30)
+            deadline = time.monotonic() + 30
+            while app.batcher.in_flight < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = client.post("/predict", files=upload(data))
+        finally:
+            release.set()
+        assert [f.result(30).status_code for f in accepted] == [200, 200]
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "MAX_QUEUE" in refused.json()["detail"]
+
+
+def test_waiting_longer_than_the_timeout_is_503(client, app, monkeypatch):
+    started, release = block_the_worker(app, monkeypatch)
+    monkeypatch.setattr(app, "settings", dataclasses.replace(app.settings, request_timeout_s=0.3))
+    try:
+        response = client.post("/predict", files=upload(photo_bytes("coffee.png")))
+    finally:
+        release.set()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "REQUEST_TIMEOUT_S" in response.json()["detail"]
+    assert client.post("/predict", files=upload(photo_bytes("coffee.png"))).status_code == 200
+
+
+def test_a_disconnected_client_is_not_computed(client, app, monkeypatch):
+    computed = []
+    real_predict = app.batcher.predict
+    monkeypatch.setattr(app.batcher, "predict", lambda batch: computed.append(len(batch)) or real_predict(batch))
+    boundary = "x-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'.encode()
+            + photo_bytes("astronaut.png") + f"\r\n--{boundary}--\r\n".encode())
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def call():
+        await app.app(scope, receive, send)
+        await asyncio.sleep(0.5)  # time enough for a forward pass, had the image been queued
+
+    client.portal.call(call)
+    assert computed == []
+
+
+def jpeg_of_size(width: int, height: int) -> bytes:
+    return encode(photo("chelsea.png").convert("RGB").resize((width, height), Image.BICUBIC), "JPEG", quality=90)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (640, 480), (1000, 500)])
+def test_draft_decode_leaves_imagenet_size_photos_bit_identical(app, size):
+    data = jpeg_of_size(*size)
+    assert app.model.decode(data, draft=True).size == size
+    assert torch.equal(app.model.prepare(data, draft=True), app.model.prepare(data, draft=False))
+
+
+def test_draft_decode_of_a_big_photo_stays_within_tolerance(app):
+    data = jpeg_of_size(2048, 1536)
+    assert app.model.decode(data, draft=True).size == (512, 384)  # decoded at 1/4 scale
+    drafted, full = app.model.prepare(data, draft=True), app.model.prepare(data, draft=False)
+    assert (drafted - full).abs().mean().item() < 0.05  # in normalised units; a pixel step is about 0.017
+    scores = app.model.predict(torch.stack([drafted, full]))
+    assert (scores[0] - scores[1]).abs().max().item() < 1e-3
+
+
+def test_draft_decode_keeps_exif_orientation(app):
+    upright = photo("astronaut.png").convert("RGB").resize((2048, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif)
+    assert app.model.decode(rotated, draft=True).size == (2048 // 4, 1200 // 4)
+
+
+def test_a_backend_that_disagrees_with_torch_is_refused(app):
+    def off_by_a_little(images: torch.Tensor) -> torch.Tensor:
+        return app.model.model(images) + torch.linspace(0, 1, 1000)
+
+    with pytest.raises(app.model.ModelLoadError, match="differs from torch"):
+        app.model.check_parity(off_by_a_little)
+    assert app.model.check_parity(app.model.forward) < 1e-4
+
+
+def test_onnxruntime_backend_matches_torchvision_reference(weights_file, reference):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import json, sys, importlib.resources as r, model;"
+        "files = [(r.files('skimage') / 'data' / n).read_bytes() for n in sys.argv[1:]];"
+        "import torch; p = model.predict(torch.stack([model.prepare(f) for f in files]));"
+        "print(json.dumps({'backend': model.settings.backend, 'difference': model.backend_difference, 'p': p.tolist()}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *PHOTOS], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "BACKEND": "onnxruntime", "MODEL_WEIGHTS": str(weights_file)})
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["backend"] == "onnxruntime" and answer["difference"] < 1e-4
+    for name, probabilities in zip(PHOTOS, answer["p"]):
+        expected = reference(photo(name))
+        assert (torch.tensor(probabilities) - expected).abs().max().item() < 1e-4
