@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +43,21 @@ class TopK(BaseModel):
     predictions: list[Prediction] = Field(description="The k most likely classes, best first")
 
 
+class ItemError(BaseModel):
+    status: int = Field(description="The status this file alone would have got", examples=[400])
+    detail: str = Field(examples=["the file is not an image this service can read"])
+
+
+class BatchItem(BaseModel):
+    filename: str | None = Field(description="The uploaded file's name, echoed as data", examples=["cat.jpg"])
+    predictions: list[Prediction] | None = Field(None, description="The k most likely classes; absent on error")
+    error: ItemError | None = Field(None, description="Why this file was not classified; absent on success")
+
+
+class BatchResults(BaseModel):
+    results: list[BatchItem] = Field(description="One entry per uploaded file, in upload order")
+
+
 class Error(BaseModel):
     detail: str = Field(examples=["the file is not an image this service can read"])
 
@@ -77,6 +93,7 @@ IMAGE_ERROR_STATUS: dict[type[model.ImageError], int] = {
     model.UnsupportedImage: 415,
 }
 UploadedImage = Annotated[UploadFile, File(description="The photo: JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF")]
+TopKParameter = Annotated[int, Query(ge=1, le=len(LABELS), description="How many labels")]
 
 
 class BodySizeLimit:
@@ -209,20 +226,24 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def classify(request: Request, upload: UploadFile) -> torch.Tensor:
-    """An uploaded file -> softmax probabilities [1000], through the decoders and the batching worker."""
+async def classify(request: Request, uploads: list[UploadFile]) -> list[torch.Tensor | Exception]:
+    """Uploaded files -> softmax probabilities [1000] each, or the exception that stopped that file.
+
+    The images go through the decoders and the batching worker together (sharing batches with other
+    requests). A request that times out or whose client disconnects gives up all its images.
+    """
     try:
-        with batcher.admit():
-            data = await upload.read()
+        with batcher.admit(len(uploads)):
+            images = [await upload.read() for upload in uploads]
             async with asyncio.timeout(settings.request_timeout_s):
-                work = asyncio.ensure_future(batcher.submit(data))
+                work = asyncio.gather(*(batcher.submit(data) for data in images), return_exceptions=True)
                 watcher = asyncio.ensure_future(_until_disconnected(request))
                 try:
                     await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     watcher.cancel()
                     if not work.done():
-                        work.cancel()  # the client left or time ran out: its image is not computed
+                        work.cancel()  # the client left or time ran out: its images are not computed
                 if not work.done() or work.cancelled():
                     raise _busy("the client disconnected")
                 return work.result()
@@ -230,20 +251,56 @@ async def classify(request: Request, upload: UploadFile) -> torch.Tensor:
         raise _busy(f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S); retry shortly") from None
 
 
+async def classify_one(request: Request, upload: UploadFile) -> torch.Tensor:
+    [probabilities] = await classify(request, [upload])
+    if isinstance(probabilities, Exception):
+        raise probabilities
+    return probabilities
+
+
+def top_k(probabilities: torch.Tensor, k: int) -> list[Prediction]:
+    return [Prediction(**dataclasses.asdict(p)) for p in model.top_k(probabilities, k)]
+
+
+def item_error(error: Exception) -> ItemError:
+    if isinstance(error, model.ImageError):
+        return ItemError(status=IMAGE_ERROR_STATUS[type(error)], detail=str(error))
+    log.error("unexpected error on one file of a batch", exc_info=error)
+    return ItemError(status=500, detail="internal error; it has been logged")
+
+
 @app.post("/predict", response_model=Prediction, responses=PREDICT_ERRORS, summary="The most likely label")
 async def predict(request: Request, file: UploadedImage) -> Prediction:
-    best = model.top_k(await classify(request, file), 1)[0]
-    return Prediction(label=best.label, index=best.index, score=best.score)
+    return top_k(await classify_one(request, file), 1)[0]
 
 
 @app.post("/predict/topk", response_model=TopK, responses=PREDICT_ERRORS, summary="The k most likely labels")
-async def predict_topk(
+async def predict_topk(request: Request, file: UploadedImage, k: TopKParameter = 5) -> TopK:
+    return TopK(predictions=top_k(await classify_one(request, file), k))
+
+
+@app.post(
+    "/predict/batch",
+    response_model=BatchResults,
+    response_model_exclude_none=True,
+    responses=_errors(413, 422, 503),
+    summary="The k most likely labels of each of several files",
+)
+async def predict_batch(
     request: Request,
-    file: UploadedImage,
-    k: Annotated[int, Query(ge=1, le=len(LABELS), description="How many labels")] = 5,
-) -> TopK:
-    predictions = model.top_k(await classify(request, file), k)
-    return TopK(predictions=[Prediction(label=p.label, index=p.index, score=p.score) for p in predictions])
+    files: Annotated[list[UploadFile], File(description=f"Up to {settings.max_batch_files} photos, field repeated")],
+    k: TopKParameter = 5,
+) -> BatchResults:
+    """A bad file gets an `error` entry of its own; the others are still classified."""
+    if len(files) > settings.max_batch_files:
+        raise HTTPException(413, f"{len(files)} files in one request; at most {settings.max_batch_files} (MAX_BATCH_FILES)")
+    results = []
+    for upload, outcome in zip(files, await classify(request, files)):
+        if isinstance(outcome, Exception):
+            results.append(BatchItem(filename=upload.filename, error=item_error(outcome)))
+        else:
+            results.append(BatchItem(filename=upload.filename, predictions=top_k(outcome, k)))
+    return BatchResults(results=results)
 
 
 @app.get("/health", response_model=Status, summary="Liveness: the process answers")

@@ -72,11 +72,19 @@ class Settings:
     max_batch_size: int
     max_batch_delay_s: float
     max_queue: int
+    max_batch_files: int
     request_timeout_s: float
     max_upload_bytes: int
     max_image_pixels: int
     cors_origins: list[str]
     log_level: str
+
+    def __post_init__(self) -> None:
+        if self.max_batch_files > self.max_queue:
+            raise SettingsError(
+                f"MAX_BATCH_FILES={self.max_batch_files} must not exceed MAX_QUEUE={self.max_queue}: "
+                "a full batch request could never be admitted"
+            )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -91,6 +99,7 @@ class Settings:
             max_batch_size=_int(env, "MAX_BATCH_SIZE", 8),
             max_batch_delay_s=_float(env, "MAX_BATCH_DELAY_MS", 5) / 1000,
             max_queue=_int(env, "MAX_QUEUE", 64),
+            max_batch_files=_int(env, "MAX_BATCH_FILES", 32),
             request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 10, minimum=0.01),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000),

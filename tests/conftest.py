@@ -29,6 +29,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
+TOLERANCE = 1e-5  # parity of scores with the reference pipeline
 
 
 def photo_bytes(name: str) -> bytes:
@@ -85,11 +86,26 @@ def app(weights_file: Path):
 def client(app) -> Iterator:
     with warnings.catch_warnings():
         # Starlette suggests httpx2 for its TestClient; httpx works the same.
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*httpx2.*")
         from fastapi.testclient import TestClient
 
     with TestClient(app.app, raise_server_exceptions=False) as client:
         yield client
+
+
+def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> None:
+    """predictions are a correct top-k of the expected probabilities, best first."""
+    labels = ResNet18_Weights.DEFAULT.meta["categories"]
+    assert len(predictions) == k
+    scores = [p["score"] for p in predictions]
+    assert scores == sorted(scores, reverse=True)
+    for p in predictions:
+        assert p["label"] == labels[p["index"]]
+        assert p["score"] == pytest.approx(expected[p["index"]].item(), abs=TOLERANCE)
+    left_out = torch.ones_like(expected, dtype=torch.bool)
+    left_out[[p["index"] for p in predictions]] = False
+    if left_out.any():
+        assert scores[-1] >= expected[left_out].max().item() - TOLERANCE
 
 
 def free_port() -> int:

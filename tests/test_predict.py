@@ -10,24 +10,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.models import ResNet18_Weights
 
-from conftest import PHOTOS, encode, photo, photo_bytes, upload
-
-TOLERANCE = 1e-5
-
-
-def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> None:
-    """predictions are a correct top-k of the expected probabilities, best first."""
-    labels = ResNet18_Weights.DEFAULT.meta["categories"]
-    assert len(predictions) == k
-    scores = [p["score"] for p in predictions]
-    assert scores == sorted(scores, reverse=True)
-    for p in predictions:
-        assert p["label"] == labels[p["index"]]
-        assert p["score"] == pytest.approx(expected[p["index"]].item(), abs=TOLERANCE)
-    left_out = torch.ones_like(expected, dtype=torch.bool)
-    left_out[[p["index"] for p in predictions]] = False
-    if left_out.any():
-        assert scores[-1] >= expected[left_out].max().item() - TOLERANCE
+from conftest import PHOTOS, TOLERANCE, assert_top_k, encode, photo, photo_bytes, upload
 
 
 @pytest.mark.parametrize("name", PHOTOS)

@@ -1,0 +1,199 @@
+"""The offline batch job: classify a folder (recursively) or a list of files, no HTTP.
+
+    python -m classify PHOTOS_DIR --out results.jsonl [--k 5] [--batch-size 16] [--workers N]
+                      [--format jsonl|csv] [--resume] [--shard i/n]
+
+One line per image, appended and flushed as each batch finishes, so a crash loses at most one batch and
+`--resume` carries on where the file ends. Exit status: 0 when every image was classified, 1 when any
+failed (each failure is a line of the output too), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".avif", ".bmp", ".tif", ".tiff"}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not i/n, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard {text}: i must be from 0 to n-1")
+    return index, count
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m classify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, help="folders (searched recursively) and image files")
+    parser.add_argument("--out", type=Path, required=True, help="the results file")
+    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    parser.add_argument("--k", type=positive, default=5, help="labels per image (default 5)")
+    parser.add_argument("--batch-size", type=positive, default=16, help="images per forward pass (default 16)")
+    parser.add_argument("--workers", type=positive, default=len(os.sched_getaffinity(0)),
+                        help="decoding threads (default: the CPUs)")
+    parser.add_argument("--resume", action="store_true", help="skip images already in --out and append to it")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="i/n",
+                        help="classify only shard i of n (0-based); run n copies anywhere to split the work")
+    args = parser.parse_args(argv)
+    if args.k > 1000:
+        parser.error("--k must be at most 1000")
+    if args.out.exists() and not args.resume:
+        parser.error(f"{args.out} exists: pass --resume to continue it, or choose another --out")
+    return args
+
+
+def find_images(inputs: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """(images, other files) below the inputs, in a stable order."""
+    images, others = [], []
+    for path in inputs:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            (images if file.suffix.lower() in IMAGE_SUFFIXES else others).append(file)
+    return images, others
+
+
+def in_shard(path: Path, shard: tuple[int, int]) -> bool:
+    # A hash of the path, not its position, so a shard keeps its files when others are added.
+    index, count = shard
+    return zlib.crc32(str(path).encode()) % count == index
+
+
+class Results:
+    """The output file: what it already holds, and appending a line per image."""
+
+    def __init__(self, path: Path, format: str, k: int) -> None:
+        self.path, self.format, self.k = path, format, k
+
+    def done(self) -> set[str]:
+        """Paths already recorded. A torn last line (a crash mid-write) is cut off first."""
+        if not self.path.exists():
+            return set()
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            self.path.write_bytes(data)
+        text = data.decode()
+        if self.format == "jsonl":
+            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+        return {row["path"] for row in csv.DictReader(io.StringIO(text))}
+
+    def append(self, lines: list[dict]) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="") as file:
+            if self.format == "jsonl":
+                file.writelines(json.dumps(line) + "\n" for line in lines)
+            else:
+                writer = csv.DictWriter(file, self.columns())
+                if new:
+                    writer.writeheader()
+                writer.writerows(self.flat(line) for line in lines)
+            file.flush()
+            os.fsync(file.fileno())
+
+    def columns(self) -> list[str]:
+        ranked = [f"{name}_{rank}" for rank in range(1, self.k + 1) for name in ("label", "index", "score")]
+        return ["path", "error", *ranked]
+
+    def flat(self, line: dict) -> dict:
+        row = {"path": line["path"], "error": line.get("error", "")}
+        for rank, prediction in enumerate(line.get("predictions", []), start=1):
+            row.update({f"{name}_{rank}": value for name, value in prediction.items()})
+        return row
+
+
+def read_and_prepare(path: Path):
+    import model
+
+    try:
+        return model.prepare(path.read_bytes())
+    except (OSError, model.ImageError) as error:
+        return error
+
+
+def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int) -> Iterator[tuple[list[Path], list]]:
+    """(paths, tensors or errors) a batch at a time; the next batch decodes while this one is predicted."""
+    pending: deque[tuple[list[Path], list[Future]]] = deque()
+    for start in range(0, len(paths), size):
+        chunk = paths[start : start + size]
+        pending.append((chunk, [pool.submit(read_and_prepare, path) for path in chunk]))
+        if len(pending) > 1:
+            done, futures = pending.popleft()
+            yield done, [future.result() for future in futures]
+    while pending:
+        done, futures = pending.popleft()
+        yield done, [future.result() for future in futures]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+    from tqdm import tqdm
+
+    import model  # loads the weights: MODEL_WEIGHTS, TORCH_HOME, THREADS and BACKEND apply as for the service
+
+    images, others = find_images(args.inputs)
+    images = [path for path in images if in_shard(path, args.shard)]
+    results = Results(args.out, args.format, args.k)
+    already = results.done() if args.resume else set()
+    todo = [path for path in images if str(path) not in already]
+
+    model.init_inference_thread()  # this thread runs the forward passes; decoders start after it
+    failed = 0
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.workers, "decode", initializer=model.init_decode_thread) as pool, \
+            tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress:
+        for paths, prepared in batches(todo, pool, args.batch_size):
+            good = [i for i, item in enumerate(prepared) if isinstance(item, torch.Tensor)]
+            probabilities = model.predict(torch.stack([prepared[i] for i in good])) if good else []
+            rows = dict(zip(good, probabilities))
+            lines = []
+            for i, path in enumerate(paths):
+                if i in rows:
+                    predictions = [dataclasses.asdict(p) for p in model.top_k(rows[i], args.k)]
+                    lines.append({"path": str(path), "predictions": predictions})
+                else:
+                    lines.append({"path": str(path), "error": f"{type(prepared[i]).__name__}: {prepared[i]}"})
+                    failed += 1
+            results.append(lines)
+            progress.update(len(paths))
+    elapsed = time.perf_counter() - started
+    classified = len(todo) - failed
+    print(
+        f"classified {classified}, failed {failed}, skipped {len(images) - len(todo)} already done"
+        f" and {len(others)} non-image files, in {elapsed:.1f} s: {len(todo) / max(elapsed, 1e-9):.1f} images/s",
+        file=sys.stderr,
+    )
+    for path in others[:10]:
+        print(f"  not an image by its extension: {path}", file=sys.stderr)
+    if len(others) > 10:
+        print(f"  ... and {len(others) - 10} more", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
