@@ -4,6 +4,7 @@ VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BIN := $(VENV)/bin
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test bench clean
 
@@ -12,10 +13,14 @@ $(BIN)/.installed: requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# The browser tests drive Debian's chromium; nothing is downloaded at test time.
+$(CHROMIUM):
+	apt-get update -q && apt-get install -y -q --no-install-recommends chromium
+
 run: $(BIN)/.installed
 	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(CHROMIUM)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/.installed

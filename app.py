@@ -7,13 +7,14 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -27,6 +28,8 @@ from settings import settings
 
 logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("app")
+
+PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
 # Starlette spools file parts above 1 MB to a temporary file on disk. Uploads must stay in memory,
 # and BodySizeLimit caps them at max_upload_bytes, so the spool never needs to roll over.
@@ -301,6 +304,12 @@ async def predict_batch(
         else:
             results.append(BatchItem(filename=upload.filename, predictions=top_k(outcome, k)))
     return BatchResults(results=results)
+
+
+@app.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    """A page for people: drop a photo, see the five best guesses (static/index.html)."""
+    return HTMLResponse(PAGE)
 
 
 @app.get("/health", response_model=Status, summary="Liveness: the process answers")

@@ -1,0 +1,153 @@
+"""The web page at GET /, driven in a real browser: Debian's chromium through Playwright.
+
+Also a screenshot tool for reviewers, against a running service:
+    .venv/bin/python tests/test_page.py http://127.0.0.1:8000 page.png
+"""
+
+from __future__ import annotations
+
+import http.server
+import importlib.resources
+import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless, and none of the background traffic a closed network refuses.
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic"]
+
+
+def photo_path(name: str) -> Path:
+    path = Path(str(importlib.resources.files("skimage") / "data" / name))
+    assert path.is_file()
+    return path
+
+
+@contextmanager
+def browser_page(width: int = 420, height: int = 900) -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test does it)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+def test_page_shows_the_five_labels_the_api_gives(server, tmp_path):
+    chelsea = photo_path("chelsea.png")
+    with chelsea.open("rb") as file:
+        expected = httpx.post(f"{server.url}/predict/topk?k=5", files={"file": file}).json()["predictions"]
+    with browser_page() as page:
+        page.goto(server.url + "/")
+        assert page.title() == "What does the model see?"
+        page.set_input_files("#file", str(chelsea))
+        page.wait_for_selector("#predictions li.prediction", timeout=30_000)
+        rows = page.locator("#predictions li.prediction")
+        assert rows.count() == 5
+        shown = [(rows.nth(i).locator(".label").inner_text(), rows.nth(i).locator(".percent").inner_text()) for i in range(5)]
+        assert shown == [(p["label"], f"{p['score'] * 100:.1f}%") for p in expected]
+        assert "top" in rows.nth(0).get_attribute("class") and "top" not in rows.nth(1).get_attribute("class")
+        assert page.locator("#preview").is_visible()
+        assert page.inner_text("#status").startswith("Answered in ")
+        page.screenshot(path=str(tmp_path / "page.png"))
+
+        text = tmp_path / "notes.txt"
+        text.write_text("this is not a photo")
+        page.set_input_files("#file", str(text))
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert page.inner_text("#error") == ("That file could not be read as a photo: the file is not an image this "
+                                             "service can read (JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF).")
+        assert page.locator("#predictions li").count() == 0
+
+
+def test_page_is_reachable_by_keyboard_and_labelled(server):
+    with browser_page() as page:
+        page.goto(server.url + "/")
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "file"
+        assert page.locator("label[for=file]").count() == 1
+        assert page.get_attribute("#status", "aria-live") == "polite"
+        assert page.get_attribute("#error", "role") == "alert"
+        assert page.evaluate("document.documentElement.scrollWidth") <= 420  # no sideways scrolling on a phone
+
+
+def test_page_makes_no_request_to_other_hosts(server):
+    with browser_page() as page:
+        hosts = []
+        page.on("request", lambda request: hosts.append(request.url.split("/")[2]))
+        page.goto(server.url + "/")
+        page.set_input_files("#file", str(photo_path("coffee.png")))
+        page.wait_for_selector("#predictions li.prediction", timeout=30_000)
+    assert set(hosts) == {server.url.split("/")[2]}
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    """Serves one HTML page that calls the API cross-origin and shows what happened."""
+
+    api = ""
+
+    def do_GET(self) -> None:
+        page = f"""<!doctype html><title>other origin</title><pre id="out">waiting</pre><script>
+          fetch("{self.api}/predict/topk?k=2", {{method: "POST", body: (() => {{
+            const form = new FormData(); form.append("file", new Blob([new Uint8Array([1, 2, 3])]), "x.png"); return form;
+          }})()}}).then(r => r.json()).then(b => out.textContent = "answered: " + b.detail, e => out.textContent = "blocked: " + e);
+        </script>"""
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.end_headers()
+        self.wfile.write(page.encode())
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def other_origin(api: str, port: int = 0) -> Iterator[str]:
+    handler = type("Handler", (_Page,), {"api": api})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_cross_origin_fetch_follows_cors_origins(weights_file, tmp_path_factory):
+    from conftest import free_port, start_server
+
+    allowed_port = free_port()
+    allowed = f"http://127.0.0.1:{allowed_port}"
+    api = start_server(tmp_path_factory.mktemp("cors"), CORS_ORIGINS=f"{allowed},https://example.com")
+    try:
+        with other_origin(api.url) as not_allowed, other_origin(api.url, allowed_port), browser_page() as page:
+            page.goto(not_allowed)
+            page.wait_for_function("out.textContent !== 'waiting'")
+            assert page.inner_text("#out").startswith("blocked: TypeError")
+
+            page.goto(allowed)
+            page.wait_for_function("out.textContent !== 'waiting'")
+            assert page.inner_text("#out") == ("answered: the file is not an image this service can read "
+                                               "(JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF)")
+    finally:
+        api.stop()
+
+
+if __name__ == "__main__":
+    url, out = sys.argv[1], sys.argv[2]
+    with browser_page() as page:
+        page.goto(url + "/")
+        page.set_input_files("#file", str(photo_path("chelsea.png")))
+        page.wait_for_selector("#predictions li.prediction, #error:not([hidden])", timeout=60_000)
+        page.screenshot(path=out, full_page=True)
+    print(f"saved {out}")
