@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
+import signal
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -22,11 +28,13 @@ from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import model
+import observability
 from batching import Batcher, Overloaded
+from observability import REJECTED
 from labels import LABELS
 from settings import settings
 
-logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+observability.configure_logging(settings.log_level, settings.log_format)
 log = logging.getLogger("app")
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
@@ -89,7 +97,7 @@ def _errors(*codes: int) -> dict[int | str, dict]:
     return {code: {"model": Error} for code in codes}
 
 
-PREDICT_ERRORS = _errors(400, 413, 415, 422, 503)
+PREDICT_ERRORS = _errors(400, 401, 413, 415, 422, 503)
 IMAGE_ERROR_STATUS: dict[type[model.ImageError], int] = {
     model.NotAnImage: 400,
     model.ImageTooLarge: 413,
@@ -112,6 +120,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
+            REJECTED.labels("too_large").inc()
             return await JSONResponse({"detail": self.detail}, 413)(scope, receive, send)
         received = 0
 
@@ -120,6 +129,7 @@ class BodySizeLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
+                REJECTED.labels("too_large").inc()
                 # FastAPI re-raises an HTTPException met while reading the body; our handler answers it.
                 raise HTTPException(413, self.detail)
             return message
@@ -127,25 +137,62 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-class ShedLoad:
-    """503 for predict requests while the queue is full, before their bodies are even parsed.
+def authorized(headers: Headers) -> bool:
+    """With API_KEY set: `Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time."""
+    if settings.api_key is None:
+        return True
+    scheme, _, bearer = headers.get("authorization", "").partition(" ")
+    offered = headers.get("x-api-key") or (bearer.strip() if scheme.lower() == "bearer" else "")
+    return hmac.compare_digest(offered.encode(), settings.api_key.encode())
 
-    Under overload, parsing uploads only to refuse them would steal the CPU from accepted requests.
-    """
 
-    def __init__(self, app: ASGIApp, batcher: Batcher) -> None:
+def _refusal(status: int, reason: str, detail: str) -> JSONResponse:
+    REJECTED.labels(reason).inc()
+    headers = {"WWW-Authenticate": 'Bearer realm="classifier"'} if status == 401 else {"Retry-After": "1"}
+    return JSONResponse({"detail": detail}, status, headers=headers)
+
+
+def unauthorized() -> JSONResponse:
+    return _refusal(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>")
+
+
+def overloaded() -> JSONResponse:
+    detail = f"the service is overloaded (more than MAX_QUEUE={settings.max_queue} images in flight); retry shortly"
+    return _refusal(503, "overloaded", detail)
+
+
+class PredictGate:
+    """Refuses predict requests that will not be served before their bodies are even read: a missing
+    or wrong API key (401), the service shutting down or overloaded (503). Parsing uploads only to
+    refuse them would hand the CPU to clients that are not served."""
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.batcher = batcher
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/predict") and self.batcher.full():
-            return await _overloaded_response()(scope, receive, send)
+        if scope["type"] == "http" and scope["path"].startswith("/predict"):
+            if not authorized(Headers(scope=scope)):
+                return await unauthorized()(scope, receive, send)
+            if not scope["app"].state.ready:
+                return await _refusal(503, "shutting_down", "the service is shutting down; retry on another replica")(
+                    scope, receive, send)
+            if batcher.full():
+                return await overloaded()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-def _overloaded_response() -> JSONResponse:
-    detail = f"the service is overloaded (more than MAX_QUEUE={settings.max_queue} images in flight); retry shortly"
-    return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "1"})
+# For /docs: its Authorize button, and the schemes in the OpenAPI document. PredictGate enforces them.
+_bearer = HTTPBearer(auto_error=False, description="The service's API_KEY, when it has one")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same key, in a header of its own")
+
+
+async def api_key(
+    request: Request,
+    bearer: Annotated[object, Depends(_bearer)],  # declared for the OpenAPI document; authorized() reads the headers
+    key: Annotated[object, Depends(_api_key_header)],
+) -> None:
+    if not authorized(request.headers):
+        raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": 'Bearer realm="classifier"'})
 
 
 # Decoding runs in a small thread pool; one inference thread owns the forward pass, so requests
@@ -159,16 +206,46 @@ batcher = Batcher(
     decode_workers=settings.decode_workers,
     init_inference_thread=model.init_inference_thread,
     init_decode_thread=model.init_decode_thread,
+    on_batch=observability.observe_batch,
 )
+observability.IN_FLIGHT.set_function(lambda: batcher.in_flight)
+
+
+def drain_on_sigterm(app: FastAPI) -> None:
+    """On SIGTERM: /ready and new predict requests answer 503, the accepted ones finish (for at most
+    SHUTDOWN_TIMEOUT_S), then uvicorn's own shutdown runs; a request hanging past that is cut off."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals reach the main thread only (not a test client's)
+    uvicorn_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(uvicorn_handler):
+        return
+    loop = asyncio.get_running_loop()
+
+    async def drain(frame: object) -> None:
+        deadline = time.monotonic() + settings.shutdown_timeout_s
+        log.info("SIGTERM: draining %d images in flight, for at most %g s", batcher.in_flight, settings.shutdown_timeout_s)
+        while batcher.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        uvicorn_handler(signal.SIGTERM, frame)  # stop listening, finish open responses, run the lifespan's end
+        # uvicorn forces its exit on a second SIGINT: the bound for whatever still hangs.
+        loop.call_later(max(0.0, deadline - time.monotonic()) + 1, uvicorn_handler, signal.SIGINT, frame)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if app.state.ready:
+            app.state.ready = False
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain(frame)))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await batcher.start()
+    drain_on_sigterm(app)
     app.state.ready = True
     yield
     app.state.ready = False
-    await batcher.stop(timeout_s=settings.request_timeout_s)
+    await batcher.stop(timeout_s=settings.shutdown_timeout_s)
 
 
 app = FastAPI(
@@ -178,14 +255,17 @@ app = FastAPI(
     lifespan=lifespan,
 )
 app.state.ready = False
+# Outermost last: Observe sees every response, CORS headers go on errors too, the gate runs before the body limit.
 app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
-app.add_middleware(ShedLoad, batcher=batcher)
+app.add_middleware(PredictGate)
 app.add_middleware(
     CORSMiddleware,
     allow_origins=settings.cors_origins,
     allow_methods=["GET", "POST"],
-    allow_headers=["Authorization", "Content-Type"],
+    allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
+    expose_headers=["X-Request-ID", "Retry-After"],
 )
+app.add_middleware(observability.Observe)
 
 
 @app.exception_handler(HTTPException)
@@ -203,20 +283,20 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
     return JSONResponse({"detail": "; ".join(problems) + hint}, 422)
 
 
+def image_error_status(error: model.ImageError) -> int:
+    status = IMAGE_ERROR_STATUS[type(error)]
+    REJECTED.labels("too_large" if status == 413 else "bad_image").inc()
+    return status
+
+
 @app.exception_handler(model.ImageError)
 async def image_error(request: Request, error: model.ImageError) -> JSONResponse:
-    return JSONResponse({"detail": str(error)}, IMAGE_ERROR_STATUS[type(error)])
+    return JSONResponse({"detail": str(error)}, image_error_status(error))
 
 
 @app.exception_handler(Overloaded)
-async def overloaded(request: Request, error: Overloaded) -> JSONResponse:
-    return _overloaded_response()
-
-
-@app.exception_handler(Exception)
-async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal error; it has been logged"}, 500)
+async def overloaded_error(request: Request, error: Overloaded) -> JSONResponse:
+    return overloaded()
 
 
 def _busy(detail: str) -> HTTPException:
@@ -251,6 +331,7 @@ async def classify(request: Request, uploads: list[UploadFile]) -> list[torch.Te
                     raise _busy("the client disconnected")
                 return work.result()
     except TimeoutError:
+        REJECTED.labels("timeout").inc()
         raise _busy(f"no answer within {settings.request_timeout_s:g} s (REQUEST_TIMEOUT_S); retry shortly") from None
 
 
@@ -267,17 +348,19 @@ def top_k(probabilities: torch.Tensor, k: int) -> list[Prediction]:
 
 def item_error(error: Exception) -> ItemError:
     if isinstance(error, model.ImageError):
-        return ItemError(status=IMAGE_ERROR_STATUS[type(error)], detail=str(error))
+        return ItemError(status=image_error_status(error), detail=str(error))
     log.error("unexpected error on one file of a batch", exc_info=error)
     return ItemError(status=500, detail="internal error; it has been logged")
 
 
-@app.post("/predict", response_model=Prediction, responses=PREDICT_ERRORS, summary="The most likely label")
+@app.post("/predict", response_model=Prediction, responses=PREDICT_ERRORS, dependencies=[Depends(api_key)],
+          summary="The most likely label")
 async def predict(request: Request, file: UploadedImage) -> Prediction:
     return top_k(await classify_one(request, file), 1)[0]
 
 
-@app.post("/predict/topk", response_model=TopK, responses=PREDICT_ERRORS, summary="The k most likely labels")
+@app.post("/predict/topk", response_model=TopK, responses=PREDICT_ERRORS, dependencies=[Depends(api_key)],
+          summary="The k most likely labels")
 async def predict_topk(request: Request, file: UploadedImage, k: TopKParameter = 5) -> TopK:
     return TopK(predictions=top_k(await classify_one(request, file), k))
 
@@ -286,7 +369,8 @@ async def predict_topk(request: Request, file: UploadedImage, k: TopKParameter =
     "/predict/batch",
     response_model=BatchResults,
     response_model_exclude_none=True,
-    responses=_errors(413, 422, 503),
+    responses=_errors(401, 413, 422, 503),
+    dependencies=[Depends(api_key)],
     summary="The k most likely labels of each of several files",
 )
 async def predict_batch(
@@ -296,6 +380,7 @@ async def predict_batch(
 ) -> BatchResults:
     """A bad file gets an `error` entry of its own; the others are still classified."""
     if len(files) > settings.max_batch_files:
+        REJECTED.labels("too_large").inc()
         raise HTTPException(413, f"{len(files)} files in one request; at most {settings.max_batch_files} (MAX_BATCH_FILES)")
     results = []
     for upload, outcome in zip(files, await classify(request, files)):
@@ -322,6 +407,12 @@ async def ready(request: Request) -> Status:
     if not request.app.state.ready:
         raise HTTPException(503, "the model is not ready")
     return Status()
+
+
+@app.get("/metrics", response_class=Response, summary="Prometheus metrics (open, like /health and /ready)",
+         responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @app.get("/model", response_model=ModelInfo, summary="What is being served")

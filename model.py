@@ -169,7 +169,9 @@ def prepare(data: bytes, draft: bool = settings.jpeg_draft) -> torch.Tensor:
 def load_model(weights_path: Path | None) -> tuple[torch.nn.Module, str]:
     """The ResNet18 in eval mode, and a description of where its weights came from."""
     if weights_path is not None:
-        return _load_file(weights_path), f"file:{weights_path}"
+        # Clients see the file's name only (GET /model); the full path goes to the log.
+        log.info("loading weights from %s", weights_path)
+        return _load_file(weights_path), f"file:{weights_path.name}"
     try:
         model = resnet18(weights=WEIGHTS, progress=False)
     except Exception as error:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -77,7 +77,10 @@ class Settings:
     max_upload_bytes: int
     max_image_pixels: int
     cors_origins: list[str]
+    api_key: str | None = field(repr=False)
     log_level: str
+    log_format: str
+    shutdown_timeout_s: float
 
     def __post_init__(self) -> None:
         if self.max_batch_files > self.max_queue:
@@ -104,7 +107,10 @@ class Settings:
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000),
             cors_origins=_list(env, "CORS_ORIGINS"),
+            api_key=env.get("API_KEY", "").strip() or None,
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
+            shutdown_timeout_s=_float(env, "SHUTDOWN_TIMEOUT_S", 20),
         )
 
 

@@ -148,7 +148,7 @@ def test_health_ready_and_model_info(client, weights_file):
     assert client.get("/ready").json() == {"status": "ok"}
     info = client.get("/model").json()
     assert info["architecture"] == "resnet18"
-    assert info["weights"] == f"file:{weights_file}"
+    assert info["weights"] == f"file:{weights_file.name}"
     assert info["num_classes"] == 1000
     assert info["preprocessing"]["resize"] == 256 and info["preprocessing"]["crop"] == 224
     assert info["threads"] >= 1

@@ -71,7 +71,7 @@ def test_torchvision_cache_under_torch_home_is_used_offline(tmp_path, weights_fi
 def test_explicit_weights_file_is_used(tmp_path, weights_file):
     result = start({"MODEL_WEIGHTS": str(weights_file)}, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"file:{weights_file}"
+    assert result.stdout.strip() == f"file:{weights_file.name}"
 
 
 def test_settings_defaults():

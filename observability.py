@@ -1,0 +1,138 @@
+"""What an operator sees: Prometheus metrics, request ids, and one access log line per request."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batching import BatchStats
+
+REQUESTS = Counter("http_requests_total", "HTTP requests answered, by route and status", ["method", "endpoint", "status"])
+LATENCY = Histogram("http_request_duration_seconds", "Time from request start to the end of the response", ["endpoint"])
+QUEUE_WAIT = Histogram("inference_queue_wait_seconds", "Time an image waited in the queue before its forward pass",
+                       buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+BATCH_SIZE = Histogram("inference_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64))
+INFERENCE = Histogram("inference_duration_seconds", "Time of one forward pass (one batch)",
+                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+IN_FLIGHT = Gauge("images_in_flight", "Images admitted and not yet answered: decoding, queued or in a forward pass")
+REJECTED = Counter("rejected_requests_total", "Requests or images refused, by reason", ["reason"])
+for reason in ("overloaded", "timeout", "too_large", "bad_image", "unauthorized", "shutting_down"):
+    REJECTED.labels(reason)  # export every reason from the start, at 0
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+access_log = logging.getLogger("access")
+
+
+def observe_batch(stats: BatchStats) -> None:
+    BATCH_SIZE.observe(stats.size)
+    INFERENCE.observe(stats.inference_s)
+    for wait in stats.queue_wait_s:
+        QUEUE_WAIT.observe(wait)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every log record made while handling it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers. Access lines carry their fields as keys."""
+
+    FIELDS = ("method", "path", "status", "duration_ms", "body_bytes", "client")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        entry.update({field: getattr(record, field) for field in self.FIELDS if hasattr(record, field)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, format: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    if format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Uvicorn's access line would repeat ours without the request id; its error log keeps working.
+    logging.getLogger("uvicorn.access").disabled = True
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+class Observe:
+    """Per request: an id (the client's X-Request-ID if sane, else a new one), security headers,
+    metrics by route and status, and one access log line. Neither bodies nor headers are logged."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        offered = Headers(scope=scope).get("x-request-id", "")
+        request_id = offered if _VALID_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        started = time.perf_counter()
+        status, body_bytes = 500, 0  # 500 until a response starts
+
+        async def counting_receive() -> Message:
+            nonlocal body_bytes
+            message = await receive()
+            body_bytes += len(message.get("body", b""))
+            return message
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                headers["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, send_with_headers)
+        except Exception:
+            # A bug: the client gets a plain JSON 500 with its request id; the traceback goes to the log only.
+            logging.getLogger("app").exception("unexpected error on %s %s", scope["method"], scope["path"])
+            if status == 500:
+                response = JSONResponse({"detail": "internal error; it has been logged"}, 500)
+                await response(scope, counting_receive, send_with_headers)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")  # the route's template: bounded label values
+            REQUESTS.labels(scope["method"], endpoint, str(status)).inc()
+            LATENCY.labels(endpoint).observe(elapsed)
+            access_log.info(
+                "%s %s %d %.1fms %dB", scope["method"], scope["path"], status, elapsed * 1000, body_bytes,
+                extra={"method": scope["method"], "path": scope["path"], "status": status,
+                       "duration_ms": round(elapsed * 1000, 1), "body_bytes": body_bytes,
+                       "client": (scope.get("client") or ("-",))[0]},
+            )
+            REQUEST_ID.reset(token)
