@@ -12,6 +12,7 @@ import uuid
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching import BatchStats
@@ -84,6 +85,14 @@ def configure_logging(level: str, format: str) -> None:
         logging.getLogger(name).propagate = True
 
 
+def _endpoint(scope: Scope) -> str:
+    """The route's path template (bounded label values), also for requests refused before routing."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] != Match.NONE), None)
+    return getattr(route, "path", "unmatched")
+
+
 class Observe:
     """Per request: an id (the client's X-Request-ID if sane, else a new one), security headers,
     metrics by route and status, and one access log line. Neither bodies nor headers are logged."""
@@ -125,8 +134,7 @@ class Observe:
                 await response(scope, counting_receive, send_with_headers)
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")  # the route's template: bounded label values
+            endpoint = _endpoint(scope)
             REQUESTS.labels(scope["method"], endpoint, str(status)).inc()
             LATENCY.labels(endpoint).observe(elapsed)
             access_log.info(

@@ -13,10 +13,12 @@ import importlib.resources
 import io
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,29 @@ def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format, **options)
     return buffer.getvalue()
+
+
+def png(width: int, height: int, idat: bytes) -> bytes:
+    """A greyscale PNG with the given size and compressed pixel data, written by hand."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def decompression_bomb() -> bytes:
+    """64 megapixels of zeros in about 60 KB."""
+    side = 8000
+    return png(side, side, zlib.compress(b"\x00" * ((side + 1) * side), 9))
+
+
+def corrupt_png() -> bytes:
+    data = bytearray(photo_bytes("chelsea.png"))
+    start = data.index(b"IDAT") + 200
+    data[start : start + 2000] = bytes(2000)
+    return bytes(data)
 
 
 def upload(data: bytes, name: str = "photo.png", field: str = "file") -> dict:
@@ -126,16 +151,22 @@ class Server:
         return self.process.wait(timeout)
 
 
-def start_server(tmp: Path, **env: str) -> Server:
-    """`uvicorn app:app` in a subprocess, started from an empty folder, waited on until /ready."""
+def start_server(tmp: Path, log: Path | None = None, **env: str) -> Server:
+    """`uvicorn app:app` in a subprocess, started from an empty folder, waited on until /ready.
+
+    log: a file for the server's output (its logs); by default it goes to the test's own output.
+    """
     workdir, tmpdir = tmp / "cwd", tmp / "tmp"
     workdir.mkdir()
     tmpdir.mkdir()
     port = free_port()
+    output = log.open("w") if log else None
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(REPO), "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(REPO), "--port", str(port)],
         cwd=workdir,
-        env={**os.environ, "TMPDIR": str(tmpdir), "PYTHONDONTWRITEBYTECODE": "1", **env},
+        env={**os.environ, "TMPDIR": str(tmpdir), "PYTHONDONTWRITEBYTECODE": "1", "LOG_LEVEL": "warning", **env},
+        stdout=output,
+        stderr=output,
     )
     server = Server(f"http://127.0.0.1:{port}", process, workdir, tmpdir)
     deadline = time.monotonic() + 120

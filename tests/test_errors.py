@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import struct
 import tempfile
-import zlib
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode, photo, photo_bytes, upload
+from conftest import corrupt_png, decompression_bomb, encode, photo, photo_bytes, png, upload
 
 LIMIT = 20 * 1024 * 1024  # the default MAX_UPLOAD_BYTES
-
-
-def png(width: int, height: int, idat: bytes) -> bytes:
-    """A greyscale PNG with the given size and compressed pixel data, written by hand."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def decompression_bomb() -> bytes:
-    """64 megapixels of zeros in about 60 KB."""
-    side = 8000
-    return png(side, side, zlib.compress(b"\x00" * ((side + 1) * side), 9))
-
-
-def corrupt_png() -> bytes:
-    data = bytearray(photo_bytes("chelsea.png"))
-    start = data.index(b"IDAT") + 200
-    data[start : start + 2000] = bytes(2000)
-    return bytes(data)
 
 
 IMAGE_CASES = {
