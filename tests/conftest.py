@@ -188,3 +188,16 @@ def server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     server = start_server(tmp_path_factory.mktemp("server"))
     yield server
     server.stop()
+
+
+API_KEY = "s3cret-key-for-tests"
+
+
+@pytest.fixture(scope="session")
+def guarded(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    """A server with an API key and JSON logs, its output in a file."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    log = tmp / "server.log"
+    server = start_server(tmp, log=log, API_KEY=API_KEY, LOG_FORMAT="json", LOG_LEVEL="info")
+    yield server, log
+    server.stop()

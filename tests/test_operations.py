@@ -12,19 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import API_KEY as KEY
 from conftest import Server, encode, photo, photo_bytes, start_server, upload
 
-KEY = "s3cret-key-for-tests"
-
-
-@pytest.fixture(scope="module")
-def guarded(weights_file, tmp_path_factory) -> tuple[Server, Path]:
-    """A server with an API key and JSON logs, its output in a file."""
-    tmp = tmp_path_factory.mktemp("guarded")
-    log = tmp / "server.log"
-    server = start_server(tmp, log=log, API_KEY=KEY, LOG_FORMAT="json", LOG_LEVEL="info")
-    yield server, log
-    server.stop()
 
 
 def predict(server: Server, headers: dict | None = None, data: bytes | None = None, path: str = "/predict") -> httpx.Response:
