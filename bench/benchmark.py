@@ -207,6 +207,19 @@ def ms(seconds: float) -> str:
     return "-" if seconds != seconds else f"{seconds * 1000:.0f} ms"
 
 
+def service_env(work: Path) -> dict[str, str]:
+    """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work."""
+    env = {**os.environ, "LOG_LEVEL": "warning"}
+    if not env.get("MODEL_WEIGHTS"):
+        import torch
+        from torchvision.models import resnet18
+
+        torch.manual_seed(0)
+        torch.save(resnet18().state_dict(), work / "resnet18-random.pth")
+        env["MODEL_WEIGHTS"] = str(work / "resnet18-random.pth")
+    return env
+
+
 # --- the run -----------------------------------------------------------------------------------------
 
 
@@ -220,14 +233,7 @@ def main() -> None:
         raise SystemExit("hey is not installed: apt-get install hey")
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    env = {**os.environ, "LOG_LEVEL": "warning"}
-    if not env.get("MODEL_WEIGHTS"):
-        import torch
-        from torchvision.models import resnet18
-
-        torch.manual_seed(0)
-        torch.save(resnet18().state_dict(), work / "resnet18-random.pth")
-        env["MODEL_WEIGHTS"] = str(work / "resnet18-random.pth")
+    env = service_env(work)
     small, large = work / "imagenet.jpg", work / "phone.jpg"
     small.write_bytes(imagenet_size_jpeg())
     large.write_bytes(phone_size_jpeg())

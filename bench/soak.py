@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import re
 import shutil
 import signal
@@ -25,7 +24,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import BOUNDARY, hey, imagenet_size_jpeg, multipart, start_service  # noqa: E402
+from benchmark import BOUNDARY, hey, imagenet_size_jpeg, multipart, service_env, start_service  # noqa: E402
 
 LUA = r"""
 local bodies, threads = {}, {}
@@ -99,14 +98,7 @@ def main() -> None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
-    env = {**os.environ, "LOG_LEVEL": "warning"}
-    if not env.get("MODEL_WEIGHTS"):
-        import torch
-        from torchvision.models import resnet18
-
-        torch.manual_seed(0)
-        torch.save(resnet18().state_dict(), work / "resnet18-random.pth")
-        env["MODEL_WEIGHTS"] = str(work / "resnet18-random.pth")
+    env = service_env(work)
     bodies = [work / "good.multipart"]
     bodies[0].write_bytes(multipart(imagenet_size_jpeg()))
     for name, data in bad_uploads().items():
