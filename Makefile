@@ -15,7 +15,7 @@ $(BIN)/.installed: requirements.txt
 
 # The browser tests drive Debian's chromium; nothing is downloaded at test time.
 $(CHROMIUM):
-	apt-get update -q && apt-get install -y -q --no-install-recommends chromium
+	DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
 run: $(BIN)/.installed
 	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
