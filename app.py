@@ -27,14 +27,17 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import model
 import observability
-from batching import Batcher, Overloaded
-from observability import REJECTED
-from labels import LABELS
 from settings import settings
 
+# Before the model loads (at its import), so the lines it logs meanwhile are kept.
 observability.configure_logging(settings.log_level, settings.log_format)
+
+import model  # noqa: E402
+from batching import Batcher, Overloaded  # noqa: E402
+from labels import LABELS  # noqa: E402
+from observability import REJECTED  # noqa: E402
+
 log = logging.getLogger("app")
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
@@ -402,7 +405,7 @@ async def health() -> Status:
     return Status()
 
 
-@app.get("/ready", response_model=Status, responses=_errors(503), summary="Readiness: the model is loaded and warm")
+@app.get("/ready", response_model=Status, responses=_errors(503), summary="Readiness: the model is loaded and warm, and the service is not shutting down")
 async def ready(request: Request) -> Status:
     if not request.app.state.ready:
         raise HTTPException(503, "the model is not ready")

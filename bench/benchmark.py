@@ -331,7 +331,7 @@ def main() -> None:
     service.stop()
 
     # 5: overload: concurrency far above MAX_QUEUE.
-    service = start_service({**env, "MAX_QUEUE": "16", "REQUEST_TIMEOUT_S": "5"})
+    service = start_service({**env, "MAX_QUEUE": "16", "MAX_BATCH_FILES": "16", "REQUEST_TIMEOUT_S": "5"})
     overload = hey(f"{service.url}/predict", 128, seconds=args.seconds, body=small_body)
     share = overload.statuses.get("503", 0) / max(overload.requests, 1)
     row("overload c=128, MAX_QUEUE=16", overload, share_503=round(share, 2),

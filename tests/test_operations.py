@@ -91,6 +91,7 @@ def test_request_id_is_echoed_or_made_and_logged_as_json(guarded):
     assert access["client-id-42"]["body_bytes"] > len(photo_bytes("coffee.png"))
     assert access["on-an-error"]["status"] == 400 and access["on-a-401"]["status"] == 401
     assert access[made.headers["x-request-id"]]["status"] == 200
+    assert any(line["message"].startswith("ResNet18 loaded from file:") for line in lines)  # logged at start-up
     text = log.read_text()
     assert KEY not in text and "not an image" not in text.replace("not an image this service", "")
 
