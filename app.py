@@ -227,8 +227,7 @@ def drain_on_sigterm(app: FastAPI) -> None:
     async def drain(frame: object) -> None:
         deadline = time.monotonic() + settings.shutdown_timeout_s
         log.info("SIGTERM: draining %d images in flight, for at most %g s", batcher.in_flight, settings.shutdown_timeout_s)
-        while batcher.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await batcher.drain(settings.shutdown_timeout_s)
         uvicorn_handler(signal.SIGTERM, frame)  # stop listening, finish open responses, run the lifespan's end
         # uvicorn forces its exit on a second SIGINT: the bound for whatever still hangs.
         loop.call_later(max(0.0, deadline - time.monotonic()) + 1, uvicorn_handler, signal.SIGINT, frame)

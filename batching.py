@@ -80,11 +80,15 @@ class Batcher:
         self._decoders = ThreadPoolExecutor(self._decode_workers, "decode", initializer=self._init_decode_thread)
         self._worker = asyncio.create_task(self._run(), name="inference worker")
 
-    async def stop(self, timeout_s: float) -> None:
-        """Let the images in flight finish, for at most timeout_s, then stop."""
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until no image is in flight, for at most timeout_s."""
         deadline = time.monotonic() + timeout_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Let the images in flight finish, for at most timeout_s, then stop."""
+        await self.drain(timeout_s)
         if self._worker:
             self._worker.cancel()
         for pool in (self._decoders, self._inference):
