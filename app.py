@@ -149,14 +149,18 @@ def authorized(headers: Headers) -> bool:
     return hmac.compare_digest(offered.encode(), settings.api_key.encode())
 
 
+UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>"
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="classifier"'}
+
+
 def _refusal(status: int, reason: str, detail: str) -> JSONResponse:
     REJECTED.labels(reason).inc()
-    headers = {"WWW-Authenticate": 'Bearer realm="classifier"'} if status == 401 else {"Retry-After": "1"}
+    headers = CHALLENGE if status == 401 else {"Retry-After": "1"}
     return JSONResponse({"detail": detail}, status, headers=headers)
 
 
 def unauthorized() -> JSONResponse:
-    return _refusal(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>")
+    return _refusal(401, "unauthorized", UNAUTHORIZED)
 
 
 def overloaded() -> JSONResponse:
@@ -195,7 +199,7 @@ async def api_key(
     key: Annotated[object, Depends(_api_key_header)],
 ) -> None:
     if not authorized(request.headers):
-        raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": 'Bearer realm="classifier"'})
+        raise HTTPException(401, UNAUTHORIZED, headers=CHALLENGE)
 
 
 # Decoding runs in a small thread pool; one inference thread owns the forward pass, so requests
