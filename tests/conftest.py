@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -131,6 +132,20 @@ def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> Non
     left_out[[p["index"] for p in predictions]] = False
     if left_out.any():
         assert scores[-1] >= expected[left_out].max().item() - TOLERANCE
+
+
+def block_the_worker(app, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the next forward pass wait: (started, release) events for the test to watch and end it."""
+    started, release = threading.Event(), threading.Event()
+    real_predict = app.batcher.predict
+
+    def blocked_predict(batch):
+        started.set()
+        assert release.wait(30), "the test never released the forward pass"
+        return real_predict(batch)
+
+    monkeypatch.setattr(app.batcher, "predict", blocked_predict)
+    return started, release
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PHOTOS, encode, photo, photo_bytes, upload
+from conftest import PHOTOS, block_the_worker, encode, photo, photo_bytes, upload
 
 
 def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, prepare=None):
@@ -129,19 +129,6 @@ def test_different_photos_at_once_equal_their_single_answers(client, app, monkey
         assert [p["index"] for p in answer["predictions"]] == [p["index"] for p in singles[name]["predictions"]]
         for got, single in zip(answer["predictions"], singles[name]["predictions"]):
             assert got["score"] == pytest.approx(single["score"], abs=1e-5)
-
-
-def block_the_worker(app, monkeypatch) -> tuple[threading.Event, threading.Event]:
-    started, release = threading.Event(), threading.Event()
-    real_predict = app.batcher.predict
-
-    def blocked_predict(batch):
-        started.set()
-        release.wait(30)
-        return real_predict(batch)
-
-    monkeypatch.setattr(app.batcher, "predict", blocked_predict)
-    return started, release
 
 
 def test_overload_is_503_with_retry_after(client, app, monkeypatch):

@@ -5,19 +5,11 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import photo_bytes, upload
+from conftest import block_the_worker, photo_bytes, upload
 
 
 def test_health_answers_while_inference_is_in_flight(client, app, monkeypatch):
-    started, release = threading.Event(), threading.Event()
-    real_predict = app.batcher.predict
-
-    def slow_predict(batch):
-        started.set()
-        assert release.wait(30), "the test never released the forward pass"
-        return real_predict(batch)
-
-    monkeypatch.setattr(app.batcher, "predict", slow_predict)
+    started, release = block_the_worker(app, monkeypatch)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/predict", files=upload(photo_bytes("coffee.png")))
         try:
