@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import memory
 import observability
 from settings import settings
 
@@ -254,14 +256,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await batcher.stop(timeout_s=settings.shutdown_timeout_s)
 
 
-app = FastAPI(
+# /docs (Swagger UI) and /redoc load their JavaScript and CSS from this service (the fastapi-offline
+# package ships them), not from a CDN: inference boxes are often offline.
+app = FastAPIOffline(
     title="ResNet18 image classifier",
     version="1.0.0",
     summary="Upload a photo, get ImageNet labels with softmax scores.",
     lifespan=lifespan,
 )
 app.state.ready = False
-# Outermost last: Observe sees every response, CORS headers go on errors too, the gate runs before the body limit.
+# Outermost last: Observe sees every response, CORS headers go on errors too, the gate runs before the body
+# limits, and a body too large for any budget gets its 413 before the shared budget is consulted.
+memory.configure_allocator()
+app.add_middleware(memory.BodyBudget, max_bytes=settings.max_body_buffer_bytes,
+                   held=observability.BODY_BYTES_HELD, on_refusal=REJECTED.labels("memory").inc)
 app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
 app.add_middleware(PredictGate)
 app.add_middleware(
@@ -323,7 +331,10 @@ async def classify(request: Request, uploads: list[UploadFile]) -> list[torch.Te
     """
     try:
         with batcher.admit(len(uploads)):
-            images = [await upload.read() for upload in uploads]
+            images = []
+            for upload in uploads:
+                images.append(await upload.read())
+                await upload.close()  # its in-memory spool: one copy of the bytes is enough
             async with asyncio.timeout(settings.request_timeout_s):
                 work = asyncio.gather(*(batcher.submit(data) for data in images), return_exceptions=True)
                 watcher = asyncio.ensure_future(_until_disconnected(request))

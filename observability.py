@@ -25,9 +25,15 @@ BATCH_SIZE = Histogram("inference_batch_size", "Images per forward pass", bucket
 INFERENCE = Histogram("inference_duration_seconds", "Time of one forward pass (one batch)",
                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 IN_FLIGHT = Gauge("images_in_flight", "Images admitted and not yet answered: decoding, queued or in a forward pass")
+BODY_BYTES_HELD = Gauge("request_body_bytes_held", "Bytes of request bodies being received or held (MAX_BODY_BUFFER_BYTES bounds them)")
 REJECTED = Counter("rejected_requests_total", "Requests or images refused, by reason", ["reason"])
-for reason in ("overloaded", "timeout", "too_large", "bad_image", "unauthorized", "shutting_down"):
+for reason in ("overloaded", "memory", "timeout", "too_large", "bad_image", "unauthorized", "shutting_down"):
     REJECTED.labels(reason)  # export every reason from the start, at 0
+
+# Every page this service serves (the web page, /docs, /redoc) needs nothing from another origin; the
+# browser enforces it. (ReDoc's bundle would otherwise fetch its vendor's logo from a CDN.)
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                           "img-src 'self' data: blob:; worker-src 'self' blob:; frame-ancestors 'self'")
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -94,7 +100,8 @@ def _endpoint(scope: Scope) -> str:
 
 
 class Observe:
-    """Per request: an id (the client's X-Request-ID if sane, else a new one), security headers,
+    """Per request: an id (the client's X-Request-ID if sane, else a new one), security headers (and a
+    Content-Security-Policy on HTML pages),
     metrics by route and status, and one access log line. Neither bodies nor headers are logged."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -122,6 +129,8 @@ class Observe:
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 headers["X-Content-Type-Options"] = "nosniff"
+                if headers.get("content-type", "").startswith("text/html"):
+                    headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
             await send(message)
 
         try:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memory import default_budget
+
 
 def _cores() -> int:
     # sched_getaffinity respects container CPU sets; cpu_count() does not.
@@ -75,6 +77,7 @@ class Settings:
     max_batch_files: int
     request_timeout_s: float
     max_upload_bytes: int
+    max_body_buffer_bytes: int
     max_image_pixels: int
     cors_origins: list[str]
     api_key: str | None = field(repr=False)
@@ -83,6 +86,11 @@ class Settings:
     shutdown_timeout_s: float
 
     def __post_init__(self) -> None:
+        if self.max_upload_bytes > self.max_body_buffer_bytes:
+            raise SettingsError(
+                f"MAX_UPLOAD_BYTES={self.max_upload_bytes} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
+                "the largest accepted upload could never be received"
+            )
         if self.max_batch_files > self.max_queue:
             raise SettingsError(
                 f"MAX_BATCH_FILES={self.max_batch_files} must not exceed MAX_QUEUE={self.max_queue}: "
@@ -98,13 +106,14 @@ class Settings:
             backend=_choice(env, "BACKEND", "torch", ("torch", "onnxruntime")),
             threads=_int(env, "THREADS", _cores()),
             decode_workers=_int(env, "DECODE_WORKERS", _cores()),
-            jpeg_draft=_bool(env, "JPEG_DRAFT", True),
+            jpeg_draft=_bool(env, "JPEG_DRAFT", False),
             max_batch_size=_int(env, "MAX_BATCH_SIZE", 8),
             max_batch_delay_s=_float(env, "MAX_BATCH_DELAY_MS", 5) / 1000,
             max_queue=_int(env, "MAX_QUEUE", 64),
             max_batch_files=_int(env, "MAX_BATCH_FILES", 32),
             request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 10, minimum=0.01),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
+            max_body_buffer_bytes=_int(env, "MAX_BODY_BUFFER_BYTES", default_budget()),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000),
             cors_origins=_list(env, "CORS_ORIGINS"),
             api_key=env.get("API_KEY", "").strip() or None,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -48,6 +49,15 @@ def encode(image: Image.Image, format: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format, **options)
     return buffer.getvalue()
+
+
+def large_jpeg(name: str, shorter_side: int = 3000, seed: int = 0) -> bytes:
+    """A scikit-image photo enlarged to a camera's size, with sensor-like noise so it keeps fine detail."""
+    image = photo(name).convert("RGB")
+    scale = shorter_side / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    noisy = np.asarray(image, dtype=np.float32) + np.random.default_rng(seed).normal(0, 3, (image.height, image.width, 3))
+    return encode(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), "JPEG", quality=90)
 
 
 def png(width: int, height: int, idat: bytes) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PHOTOS, block_the_worker, encode, photo, photo_bytes, upload
+from conftest import PHOTOS, block_the_worker, encode, large_jpeg, photo, photo_bytes, upload
 
 
 def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, prepare=None):
@@ -197,20 +197,39 @@ def jpeg_of_size(width: int, height: int) -> bytes:
     return encode(photo("chelsea.png").convert("RGB").resize((width, height), Image.BICUBIC), "JPEG", quality=90)
 
 
-@pytest.mark.parametrize("size", [(500, 375), (640, 480), (1000, 500)])
-def test_draft_decode_leaves_imagenet_size_photos_bit_identical(app, size):
+@pytest.mark.parametrize("size", [(500, 375), (640, 480), (1000, 500), (1500, 1000)])
+def test_draft_decode_leaves_photos_under_twice_its_floor_bit_identical(app, size):
+    # A shorter side under 2 x 512 px cannot be halved without going below 512: decoded in full.
     data = jpeg_of_size(*size)
     assert app.model.decode(data, draft=True).size == size
     assert torch.equal(app.model.prepare(data, draft=True), app.model.prepare(data, draft=False))
 
 
-def test_draft_decode_of_a_big_photo_stays_within_tolerance(app):
-    data = jpeg_of_size(2048, 1536)
-    assert app.model.decode(data, draft=True).size == (512, 384)  # decoded at 1/4 scale
+def test_draft_decode_is_off_by_default(app):
+    data = large_jpeg("chelsea.png", 1200)
+    assert app.settings.jpeg_draft is False
+    assert min(app.model.decode(data).size) == 1200
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "coffee.png", "hubble_deep_field.jpg", "motorcycle_right.png"])
+@pytest.mark.parametrize("shorter_side", [1024, 1600, 3000])
+def test_draft_decode_keeps_twice_the_resize_and_the_answer(app, name, shorter_side):
+    data = large_jpeg(name, shorter_side)
+    decoded = app.model.decode(data, draft=True)
+    assert 512 <= min(decoded.size) < shorter_side  # reduced, but never below twice the 256 px resize
+    assert min(decoded.size) < 1024  # the largest reduction that stays at or above 512
     drafted, full = app.model.prepare(data, draft=True), app.model.prepare(data, draft=False)
-    assert (drafted - full).abs().mean().item() < 0.05  # in normalised units; a pixel step is about 0.017
-    scores = app.model.predict(torch.stack([drafted, full]))
-    assert (scores[0] - scores[1]).abs().max().item() < 1e-3
+    with torch.inference_mode():
+        logits = app.model.forward(torch.stack([drafted, full]))
+    # The stand-in weights' answers are flat; sharpened x7 they are as confident as trained weights
+    # (bench/accuracy.py), which is where a score difference shows. The README publishes 0.046 at most.
+    for sharpening, bound in ((1, 0.03), (7, 0.06)):
+        scores = torch.softmax(logits * sharpening, 1)
+        difference = (scores[0] - scores[1]).abs().max().item()
+        assert difference <= bound
+        # The top-1 label stays, unless the exact answer's two best were closer than the difference can move them.
+        best_two = scores[1].topk(2).values
+        assert scores[0].argmax() == scores[1].argmax() or (best_two[0] - best_two[1]).item() <= 2 * difference
 
 
 def test_draft_decode_keeps_exif_orientation(app):
@@ -218,7 +237,7 @@ def test_draft_decode_keeps_exif_orientation(app):
     exif = Image.Exif()
     exif[0x0112] = 6
     rotated = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif)
-    assert app.model.decode(rotated, draft=True).size == (2048 // 4, 1200 // 4)
+    assert app.model.decode(rotated, draft=True).size == (2048 // 2, 1200 // 2)
 
 
 def test_a_backend_that_disagrees_with_torch_is_refused(app):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.models import ResNet18_Weights
 
-from conftest import PHOTOS, TOLERANCE, assert_top_k, encode, photo, photo_bytes, upload
+from conftest import PHOTOS, TOLERANCE, assert_top_k, encode, large_jpeg, photo, photo_bytes, upload
 
 
 @pytest.mark.parametrize("name", PHOTOS)
@@ -66,6 +66,30 @@ def probabilities_of(client, data: bytes) -> torch.Tensor:
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.allclose(actual, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "motorcycle_left.png"])
+def test_a_camera_size_jpeg_gets_exactly_the_reference_answer(client, reference, name):
+    # By default nothing is traded for speed: a 3000 px photo is decoded in full, as torchvision decodes it.
+    data = large_jpeg(name, 3000)
+    image = Image.open(io.BytesIO(data))
+    assert min(image.size) == 3000
+    assert_same(probabilities_of(client, data), reference(image))
+
+
+def test_a_camera_size_exif_rotated_jpeg_gets_the_reference_answer_of_the_upright_photo(client, reference):
+    upright = Image.open(io.BytesIO(large_jpeg("rocket.jpg", 2000)))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 degrees counter-clockwise to display"
+    stored = encode(upright.transpose(Image.Transpose.ROTATE_270), "JPEG", quality=90, exif=exif)
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(stored)))
+    assert shown.size == upright.size
+    assert_same(probabilities_of(client, stored), reference(shown))
+
+
+def test_a_large_png_gets_exactly_the_reference_answer(client, reference):
+    big = photo("coffee.png").convert("RGB").resize((2400, 1600), Image.BICUBIC)
+    assert_same(probabilities_of(client, encode(big)), reference(big))
 
 
 def test_grayscale_image(client, reference):

@@ -1,0 +1,182 @@
+"""What an opt-in speed setting changes in the answers, measured over real photos of many sizes.
+
+    python bench/accuracy.py [--sizes 375,512,768,1024,1536,2048,3000] [--out bench/results/accuracy.json]
+
+The default path is exact (torchvision's reference pipeline); every setting that trades accuracy for speed
+is compared with it here, image by image: the largest softmax difference and how often the top-1 label and
+the top-5 set stay the same. The photos are the photographs inside the scikit-image wheel, each resized so
+its shorter side takes every size in --sizes (with a little sensor-like noise, so an enlarged photo keeps
+the fine detail a camera's has), plus a square and a 16:9 crop, saved as JPEG.
+
+Without MODEL_WEIGHTS a seeded random ResNet18 stands in for the pretrained weights, which cannot be had
+here. Its answers are flat (top-1 scores of a few per cent), which shrinks score differences, so each figure
+is also given "sharpened": the same logits scaled until the median top-1 score is 0.8, as confident as trained
+weights are on ImageNet photos. Run it again with MODEL_WEIGHTS pointing at your weights, and on your own
+photos, before you rely on these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import REPO, service_env  # noqa: E402
+
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+          "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "moon.png", "coins.png", "brick.png",
+          "grass.png", "gravel.png")
+
+
+def source(name: str) -> Image.Image:
+    return Image.open(importlib.resources.files("skimage") / "data" / name).convert("RGB")
+
+
+def crops(image: Image.Image) -> Iterator[tuple[str, Image.Image]]:
+    width, height = image.size
+    yield "full", image
+    side = min(width, height)
+    yield "square", image.crop(((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2))
+    if width / height < 16 / 9:
+        band = round(width * 9 / 16)
+        yield "16:9", image.crop((0, (height - band) // 2, width, (height - band) // 2 + band))
+
+
+def photo_set(sizes: list[int], seed: int = 0) -> Iterator[tuple[str, bytes]]:
+    """(name, JPEG bytes) for every photo, crop and shorter-side size."""
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        for crop, image in crops(source(name)):
+            for short in sizes:
+                scale = short / min(image.size)
+                resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+                pixels = np.asarray(resized, dtype=np.float32) + rng.normal(0, 2, (resized.height, resized.width, 3))
+                buffer = io.BytesIO()
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+                yield f"{name}:{crop}:{resized.width}x{resized.height}", buffer.getvalue()
+
+
+def sharpening(logits, median_top1: float = 0.8) -> float:
+    """The temperature that makes the median top-1 score median_top1, found by bisection.
+
+    Random stand-in weights give flat answers (top-1 scores of 1-4 %), which shrink every score difference;
+    trained weights are confident (a median top-1 near 0.8 on ImageNet photos). Scaling the logits by this
+    factor, as sharper weights would, shows the differences at a trained network's scale.
+    """
+    import torch
+
+    low, high = 1.0, 1000.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if torch.softmax(logits * middle, 1).max(1).values.median().item() < median_top1:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def compare(reference_logits, candidate_logits, temperature: float = 1.0) -> dict:
+    """Logits [N, 1000] of the reference and of the setting under test -> the figures, on softmax scores."""
+    import torch
+
+    reference = torch.softmax(reference_logits * temperature, 1)
+    candidate = torch.softmax(candidate_logits * temperature, 1)
+    differences = (candidate - reference).abs().max(dim=1).values
+    same_top1 = (candidate.argmax(1) == reference.argmax(1)).sum().item()
+    top5 = [len(set(a) & set(b)) for a, b in zip(candidate.topk(5).indices.tolist(), reference.topk(5).indices.tolist())]
+    # Where top-1 changed: how far apart the reference's first two scores were (a near-tie flips easily).
+    best_two = reference.topk(2).values
+    flipped = (candidate.argmax(1) != reference.argmax(1)).nonzero().flatten().tolist()
+    return {"images": len(reference), "temperature": temperature,
+            "reference_median_top1": reference.max(1).values.median().item(),
+            "score_max_abs_difference": differences.max().item(),
+            "score_median_max_difference": differences.median().item(), "same_top1": same_top1,
+            "top5_overlap_mean": statistics.mean(top5),
+            "top1_changed_reference_margins": [(best_two[i, 0] - best_two[i, 1]).item() for i in flipped],
+            "worst": differences.argsort(descending=True)[:5].tolist()}
+
+
+def logits_of(images: list) -> "torch.Tensor":
+    import torch
+
+    import model
+
+    with torch.inference_mode():
+        return torch.cat([model.forward(torch.stack(images[i : i + 16])) for i in range(0, len(images), 16)])
+
+
+def measure_draft(photos: list[tuple[str, bytes]]) -> dict:
+    """JPEG_DRAFT=true against the full decode: the answers at the stand-in's scale and sharpened, and the
+    time it saves in decoding."""
+    import model
+
+    exact, drafted, timings = [], [], {True: [], False: []}
+    for name, data in photos:
+        for draft in (False, True):
+            started = time.perf_counter()
+            model.decode(data, draft)
+            timings[draft].append(time.perf_counter() - started)
+        exact.append(model.prepare(data, draft=False))
+        drafted.append(model.prepare(data, draft=True))
+    reference, candidate = logits_of(exact), logits_of(drafted)
+    big = [i for i, (name, _) in enumerate(photos) if min(map(int, name.rsplit(":", 1)[1].split("x"))) >= 2 * model.DRAFT_MIN_SIDE]
+    return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference)),
+            "decoded_smaller": len(big),
+            "decode_ms_full_median_big": 1000 * statistics.median(timings[False][i] for i in big) if big else None,
+            "decode_ms_draft_median_big": 1000 * statistics.median(timings[True][i] for i in big) if big else None}
+
+
+def report(name: str, figures: dict, photos: list[tuple[str, bytes]]) -> None:
+    print(f"{name}: largest score difference {figures['score_max_abs_difference']:.4f} "
+          f"(median per image {figures['score_median_max_difference']:.1e}), same top-1 {figures['same_top1']}/{figures['images']}, "
+          f"top-5 overlap {figures['top5_overlap_mean']:.2f}/5; reference median top-1 score {figures['reference_median_top1']:.3f}")
+    if figures["top1_changed_reference_margins"]:
+        print("  where top-1 changed, the reference's two best scores were apart by "
+              + ", ".join(f"{margin:.1e}" for margin in figures["top1_changed_reference_margins"]))
+    print("  largest differences on: " + ", ".join(photos[i][0] for i in figures["worst"][:3]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="375,512,768,1024,1536,2048,3000",
+                        type=lambda text: [int(size) for size in text.split(",")], help="shorter sides, in pixels")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json")
+    args = parser.parse_args()
+
+    os.environ.update(service_env(Path(tempfile.mkdtemp(prefix="accuracy-"))))
+    os.environ["JPEG_DRAFT"] = "false"  # the reference side is the default, exact path
+    sys.path.insert(0, str(REPO))
+    import model
+
+    model.init_inference_thread()
+    photos = list(photo_set(args.sizes))
+    sizes = sorted({name.rsplit(":", 1)[1] for name, _ in photos}, key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1]))
+    print(f"{len(photos)} JPEGs from {len(PHOTOS)} photos, {sizes[0]} to {sizes[-1]}; weights {os.environ['MODEL_WEIGHTS']}\n")
+
+    draft = measure_draft(photos)
+    report("JPEG_DRAFT=true vs exact, stand-in weights as they are", draft["as_is"], photos)
+    report(f"JPEG_DRAFT=true vs exact, sharpened x{draft['sharpened']['temperature']:.0f} like trained weights",
+           draft["sharpened"], photos)
+    if draft["decoded_smaller"]:
+        print(f"{draft['decoded_smaller']} photos with a shorter side >= {2 * model.DRAFT_MIN_SIDE} px decode at a reduced "
+              f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"photos": len(photos), "sizes": args.sizes, "draft": draft}, indent=1))
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
