@@ -96,6 +96,13 @@ class ModelInfo(BaseModel):
     num_classes: int = Field(examples=[1000])
     preprocessing: Preprocessing
     threads: int = Field(description="Threads of the forward pass", examples=[2])
+    backend: Literal["torch", "onnxruntime"]
+    device: str = Field(description="Where the forward pass runs: cpu, or cuda (the GPU's name)", examples=["cpu"])
+    precision: Literal["fp32", "bf16", "fp16"] = Field(description="Number type of the forward pass (PRECISION)")
+    max_score_difference: float = Field(
+        description="Largest softmax difference from fp32 torch on the CPU, measured at start-up on a probe batch",
+        examples=[3.1e-7])
+    max_batch_size: int = Field(description="Most images in one forward pass", examples=[8])
 
 
 def _errors(*codes: int) -> dict[int | str, dict]:
@@ -209,7 +216,7 @@ async def api_key(
 batcher = Batcher(
     model.prepare,
     model.predict,
-    max_batch_size=settings.max_batch_size,
+    max_batch_size=settings.max_batch_size or model.DEFAULT_BATCH_SIZE,
     max_delay_s=settings.max_batch_delay_s,
     max_queue=settings.max_queue,
     decode_workers=settings.decode_workers,
@@ -445,4 +452,9 @@ async def model_info() -> ModelInfo:
             std=model.preprocess.std,
         ),
         threads=settings.threads,
+        backend=settings.backend,
+        device=model.device_name if model.device.type == "cpu" else f"cuda ({model.device_name})",
+        precision=model.precision,
+        max_score_difference=model.backend_difference,
+        max_batch_size=batcher.max_batch_size,
     )

@@ -208,16 +208,49 @@ def _load_file(path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def torch_forward(network: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Eager torch, tuned for inference on a CPU, same answers (check_parity proves it at start-up).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    Each BatchNorm is folded into the convolution before it (a copy; the loaded model is untouched),
-    and tensors use the channels_last layout that oneDNN's convolutions prefer: about 1.5x together.
+
+def pick_device(setting: str) -> torch.device:
+    """DEVICE=auto: CUDA when torch sees a GPU, else the CPU."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("DEVICE=cuda, but torch sees no CUDA device (no GPU, no driver, or a CPU-only torch)")
+    return torch.device("cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN has bfloat16 kernels for this CPU (AVX512_BF16 or AMX); without them bf16 is emulated."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def precision_problem(device: str, precision: str, has_native_bf16: bool, force: bool) -> str | None:
+    """Why this precision should not run on this device, or None."""
+    if precision == "fp16" and device == "cpu":
+        return "PRECISION=fp16 is for GPUs; on a CPU use bf16 (where the CPU has native bfloat16) or fp32"
+    if precision == "bf16" and device == "cpu" and not has_native_bf16 and not force:
+        return ("PRECISION=bf16, but this CPU has no native bfloat16 instructions (AVX512_BF16 or AMX): "
+                "emulated, it would be slower than fp32, not faster. Use fp32, or FORCE_PRECISION=true to run it anyway")
+    return None
+
+
+def torch_forward(network: torch.nn.Module, device: torch.device, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Eager torch, tuned for inference, fp32 logits out (check_parity measures the difference at start-up).
+
+    Each BatchNorm is folded into the convolution before it (a copy; the loaded model is untouched), and
+    tensors use the channels_last layout that oneDNN's and cuDNN's convolutions prefer: about 1.5x together
+    on a CPU. bf16/fp16 run the whole network in that type; the logits come back as fp32, so softmax is fp32.
+    On a GPU the batch is copied from pinned memory without blocking; decoding stays on CPU threads.
     """
-    network = fuse(network).to(memory_format=torch.channels_last)
+    dtype = DTYPES[precision]
+    network = fuse(network).to(device=device, dtype=dtype, memory_format=torch.channels_last)
 
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        return network(images.contiguous(memory_format=torch.channels_last))
+    if device.type == "cuda":
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            on_gpu = images.pin_memory().to(device, non_blocking=True)
+            return network(on_gpu.to(dtype).contiguous(memory_format=torch.channels_last)).float().cpu()
+    else:
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            return network(images.to(dtype).contiguous(memory_format=torch.channels_last)).float()
 
     return forward
 
@@ -253,15 +286,19 @@ def onnx_forward(network: torch.nn.Module, threads: int) -> Callable[[torch.Tens
 
 
 def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], tolerance: float = 1e-4) -> float:
-    """Largest difference of softmax scores between forward and the plain torch model on a probe batch.
+    """Largest difference of softmax scores between forward and the plain fp32 torch model on the CPU,
+    on a probe batch.
 
-    Start-up refuses a backend that does not match: speed never buys a different answer.
+    Start-up refuses an fp32 backend or device that does not match: speed never buys a different answer.
+    Reduced precision (bf16, fp16) is an opt-in difference: measured and shown, refused only past 1e-2,
+    which means a broken backend rather than rounding.
     """
     probe = torch.randn(4, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         difference = (torch.softmax(forward(probe), 1) - torch.softmax(model(probe), 1)).abs().max().item()
     if difference > tolerance:
-        raise ModelLoadError(f"the {settings.backend} backend differs from torch by {difference:.2e} > {tolerance:.0e}")
+        raise ModelLoadError(f"the {settings.backend} backend on {device.type} in {precision} differs from fp32 torch "
+                             f"on the CPU by {difference:.2e} > {tolerance:.0e}")
     return difference
 
 
@@ -296,11 +333,26 @@ torch.set_num_threads(settings.threads)
 Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
 # decode() refuses such images with a clear 413; Pillow's own warning about them is noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# fp32 on a GPU means fp32: no TensorFloat-32 shortcuts in convolutions or matrix products.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+precision = settings.precision
 try:
+    device = torch.device("cpu") if settings.backend == "onnxruntime" else pick_device(settings.device)
+    problem = precision_problem(device.type, precision, native_bf16(), settings.force_precision)
+    if problem:
+        raise ModelLoadError(problem)
     model, weights_source = load_model(settings.model_weights)
-    forward = torch_forward(model) if settings.backend == "torch" else onnx_forward(model, settings.threads)
-    backend_difference = check_parity(forward)
+    if settings.backend == "torch":
+        forward = torch_forward(model, device, precision)
+    else:
+        forward = onnx_forward(model, settings.threads)
+    backend_difference = check_parity(forward, 1e-4 if precision == "fp32" else 1e-2)
 except ModelLoadError as error:
     raise SystemExit(f"Cannot load the model: {error}") from None
+device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+# A GPU's forward pass costs little more for 32 images than for 8; a CPU's grows with every image.
+DEFAULT_BATCH_SIZE = 32 if device.type == "cuda" else 8
 predict(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE))
-log.info("ResNet18 loaded from %s, backend %s, %d threads", weights_source, settings.backend, settings.threads)
+log.info("ResNet18 loaded from %s, backend %s on %s (%s) in %s, scores within %.1e of fp32 torch on the CPU, %d threads",
+         weights_source, settings.backend, device.type, device_name, precision, backend_difference, settings.threads)

@@ -68,10 +68,13 @@ def _list(env: dict[str, str], name: str) -> list[str]:
 class Settings:
     model_weights: Path | None
     backend: str
+    device: str
+    precision: str
+    force_precision: bool
     threads: int
     decode_workers: int
     jpeg_draft: bool
-    max_batch_size: int
+    max_batch_size: int | None  # None: the device's default (model.DEFAULT_BATCH_SIZE)
     max_batch_delay_s: float
     max_queue: int
     max_batch_files: int
@@ -86,6 +89,8 @@ class Settings:
     shutdown_timeout_s: float
 
     def __post_init__(self) -> None:
+        if self.backend == "onnxruntime" and (self.device == "cuda" or self.precision != "fp32"):
+            raise SettingsError("BACKEND=onnxruntime runs in fp32 on the CPU: DEVICE=cuda and PRECISION need BACKEND=torch")
         if self.max_upload_bytes > self.max_body_buffer_bytes:
             raise SettingsError(
                 f"MAX_UPLOAD_BYTES={self.max_upload_bytes} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
@@ -104,10 +109,13 @@ class Settings:
         return cls(
             model_weights=Path(weights).expanduser() if weights else None,
             backend=_choice(env, "BACKEND", "torch", ("torch", "onnxruntime")),
+            device=_choice(env, "DEVICE", "auto", ("auto", "cpu", "cuda")),
+            precision=_choice(env, "PRECISION", "fp32", ("fp32", "bf16", "fp16")),
+            force_precision=_bool(env, "FORCE_PRECISION", False),
             threads=_int(env, "THREADS", _cores()),
             decode_workers=_int(env, "DECODE_WORKERS", _cores()),
             jpeg_draft=_bool(env, "JPEG_DRAFT", False),
-            max_batch_size=_int(env, "MAX_BATCH_SIZE", 8),
+            max_batch_size=_int(env, "MAX_BATCH_SIZE", 0) or None,
             max_batch_delay_s=_float(env, "MAX_BATCH_DELAY_MS", 5) / 1000,
             max_queue=_int(env, "MAX_QUEUE", 64),
             max_batch_files=_int(env, "MAX_BATCH_FILES", 32),

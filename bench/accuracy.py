@@ -2,7 +2,7 @@
 
     python bench/accuracy.py [--sizes 375,512,768,1024,1536,2048,3000] [--out bench/results/accuracy.json]
 
-The default path is exact (torchvision's reference pipeline); every setting that trades accuracy for speed
+Measures JPEG_DRAFT=true against the exact decode, and PRECISION=bf16 against fp32. The default path is exact (torchvision's reference pipeline); every setting that trades accuracy for speed
 is compared with it here, image by image: the largest softmax difference and how often the top-1 label and
 the top-5 set stay the same. The photos are the photographs inside the scikit-image wheel, each resized so
 its shorter side takes every size in --sizes (with a little sensor-like noise, so an enlarged photo keeps
@@ -108,13 +108,14 @@ def compare(reference_logits, candidate_logits, temperature: float = 1.0) -> dic
             "worst": differences.argsort(descending=True)[:5].tolist()}
 
 
-def logits_of(images: list) -> "torch.Tensor":
+def logits_of(images: list, forward=None) -> "torch.Tensor":
     import torch
 
     import model
 
+    forward = forward or model.forward
     with torch.inference_mode():
-        return torch.cat([model.forward(torch.stack(images[i : i + 16])) for i in range(0, len(images), 16)])
+        return torch.cat([forward(torch.stack(images[i : i + 16])) for i in range(0, len(images), 16)])
 
 
 def measure_draft(photos: list[tuple[str, bytes]]) -> dict:
@@ -136,6 +137,18 @@ def measure_draft(photos: list[tuple[str, bytes]]) -> dict:
             "decoded_smaller": len(big),
             "decode_ms_full_median_big": 1000 * statistics.median(timings[False][i] for i in big) if big else None,
             "decode_ms_draft_median_big": 1000 * statistics.median(timings[True][i] for i in big) if big else None}
+
+
+def measure_precision(photos: list[tuple[str, bytes]], precision: str) -> dict:
+    """PRECISION=bf16 (the whole forward pass in bfloat16) against fp32, on the exactly decoded photos."""
+    import torch
+
+    import model
+
+    images = [model.prepare(data, draft=False) for _, data in photos]
+    reference = logits_of(images)
+    candidate = logits_of(images, model.torch_forward(model.model, torch.device("cpu"), precision))
+    return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference))}
 
 
 def report(name: str, figures: dict, photos: list[tuple[str, bytes]]) -> None:
@@ -173,8 +186,14 @@ def main() -> None:
         print(f"{draft['decoded_smaller']} photos with a shorter side >= {2 * model.DRAFT_MIN_SIDE} px decode at a reduced "
               f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
 
+    print()
+    bf16 = measure_precision(photos, "bf16")
+    report("PRECISION=bf16 vs fp32, stand-in weights as they are", bf16["as_is"], photos)
+    report(f"PRECISION=bf16 vs fp32, sharpened x{bf16['sharpened']['temperature']:.0f} like trained weights",
+           bf16["sharpened"], photos)
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"photos": len(photos), "sizes": args.sizes, "draft": draft}, indent=1))
+    args.out.write_text(json.dumps({"photos": len(photos), "sizes": args.sizes, "draft": draft, "bf16": bf16}, indent=1))
     print(f"\nwritten to {args.out}")
 
 

@@ -167,10 +167,17 @@ def start_service(env: dict[str, str]) -> Service:
             time.sleep(0.1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Load:
     requests: int = 0
     seconds: float = 0
+    cpu_s: float | None = None  # the service's CPU time during the run, when its pid was given
     statuses: dict[str, int] = field(default_factory=dict)
     latencies_s: dict[str, list[float]] = field(default_factory=dict)  # by status
 
@@ -186,15 +193,15 @@ class Load:
 
 
 def hey(url: str, concurrency: int, *, seconds: float | None = None, requests: int | None = None,
-        body: Path | None = None) -> Load:
-    """Drive url with hey; per-request results come back as CSV."""
+        body: Path | None = None, pid: int | None = None) -> Load:
+    """Drive url with hey; per-request results come back as CSV. pid: the service's, to measure its CPU time."""
     command = ["hey", "-c", str(concurrency), "-o", "csv", "-t", "60"]
     command += ["-z", f"{seconds}s"] if seconds else ["-n", str(requests)]
     if body:
         command += ["-m", "POST", "-D", str(body), "-T", f"multipart/form-data; boundary={BOUNDARY}"]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
     output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
-    load = Load(seconds=time.perf_counter() - started)
+    load = Load(seconds=time.perf_counter() - started, cpu_s=cpu_seconds(pid) - cpu_started if pid else None)
     for row in csv.DictReader(io.StringIO(output)):
         status = row["status-code"]
         load.requests += 1
@@ -228,6 +235,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="duration of each load run")
     parser.add_argument("--soak-requests", type=int, default=5000, help="requests between the two RSS readings")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "benchmark.json")
+    parser.add_argument("--vcpu-hour-usd", type=float, default=0.04,
+                        help="price of one vCPU for an hour, for the cost column (default 0.04, about on-demand cloud)")
     args = parser.parse_args()
     if not shutil.which("hey"):
         raise SystemExit("hey is not installed: apt-get install hey")
@@ -244,6 +253,11 @@ def main() -> None:
     rows: list[dict] = []
 
     def row(name: str, load: Load, **extra) -> None:
+        if load.cpu_s is not None and load.statuses.get("200"):
+            # Cost: the service's CPU-seconds per 1,000 answers, and what a million cost at the vCPU price.
+            per_1000 = load.cpu_s / load.statuses["200"] * 1000
+            extra = {**extra, "cpu_s_per_1000": round(per_1000, 1),
+                     "usd_per_million": round(per_1000 * 1000 / 3600 * args.vcpu_hour_usd, 2)}
         entry = {"row": name, "requests": load.requests, "statuses": load.statuses, "ok_per_s": round(load.ok_per_s, 1),
                  "p50_ms": round(load.percentile(50) * 1000, 1), "p99_ms": round(load.percentile(99) * 1000, 1), **extra}
         rows.append(entry)
@@ -259,15 +273,17 @@ def main() -> None:
 
     # 1 and 3: ImageNet-size JPEG; batching on/off; torch and onnxruntime. The ceiling is measured just
     # before and just after each backend's service runs, and averaged: these machines are noisy.
+    # torch in bf16 (PRECISION=bf16) beside both, at c=1 and c=8.
     ceilings = {}
-    for backend in ("torch", "onnxruntime"):
-        backend_env = {**env, "BACKEND": backend}
+    for backend, backend_env in (("torch", {**env, "BACKEND": "torch"}), ("onnxruntime", {**env, "BACKEND": "onnxruntime"}),
+                                 ("torch bf16", {**env, "BACKEND": "torch", "PRECISION": "bf16"})):
         before = measure_ceiling(backend_env)
         services = []
-        for batch_size in ("8", "1"):
+        for batch_size in ("8", "1") if backend != "torch bf16" else ("8",):
             service = start_service({**backend_env, "MAX_BATCH_SIZE": batch_size})
-            for concurrency in (1, 8, 32) if batch_size == "8" else (8,):
-                services.append((batch_size, concurrency, hey(f"{service.url}/predict", concurrency, seconds=args.seconds, body=small_body)))
+            for concurrency in ((1, 8, 32) if backend != "torch bf16" else (1, 8)) if batch_size == "8" else (8,):
+                load = hey(f"{service.url}/predict", concurrency, seconds=args.seconds, body=small_body, pid=service.process.pid)
+                services.append((batch_size, concurrency, load))
             service.stop()
         after = measure_ceiling(backend_env)
         ceiling_rate = (before["batch8"]["images_per_s"] + after["batch8"]["images_per_s"]) / 2
@@ -297,7 +313,7 @@ def main() -> None:
     # 2: 12-megapixel JPEG, exact by default and with the opt-in draft decode.
     for draft in ("true", "false"):
         service = start_service({**env, "JPEG_DRAFT": draft})
-        load = hey(f"{service.url}/predict", 8, seconds=args.seconds, body=large_body)
+        load = hey(f"{service.url}/predict", 8, seconds=args.seconds, body=large_body, pid=service.process.pid)
         row(f"torch 12 MP JPEG c=8 {'JPEG_DRAFT=true' if draft == 'true' else 'default (exact)'}", load)
         service.stop()
     draft_on, draft_off = rows[-2]["ok_per_s"], rows[-1]["ok_per_s"]
@@ -367,6 +383,8 @@ def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> No
         ("overload: only 200 and 503", set(overload["statuses"]) <= {"200", "503"}, str(overload["statuses"])),
         ("RSS growth over the soak < 5 %", soak["rss_growth_pct"] < 5, f"{soak['rss_growth_pct']} %"),
         ("onnxruntime vs torch throughput, c=8", True, f"{ort_c8['ok_per_s'] / max(torch_c8['ok_per_s'], 1e-9):.2f}x"),
+        ("torch bf16 vs torch fp32 throughput, c=8", True,
+         f"{by_name['torch bf16 batch≤8 500x375 JPEG c=8']['ok_per_s'] / max(torch_c8['ok_per_s'], 1e-9):.2f}x"),
     ]
     print("\ntargets")
     for name, met, value in checks:

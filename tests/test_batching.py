@@ -244,7 +244,7 @@ def test_a_backend_that_disagrees_with_torch_is_refused(app):
     def off_by_a_little(images: torch.Tensor) -> torch.Tensor:
         return app.model.model(images) + torch.linspace(0, 1, 1000)
 
-    with pytest.raises(app.model.ModelLoadError, match="differs from torch"):
+    with pytest.raises(app.model.ModelLoadError, match="differs from fp32 torch"):
         app.model.check_parity(off_by_a_little)
     assert app.model.check_parity(app.model.forward) < 1e-4
 

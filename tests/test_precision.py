@@ -1,0 +1,72 @@
+"""PRECISION and DEVICE: what runs where, what start-up refuses, and what bf16 changes."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from conftest import PHOTOS, photo, photo_bytes, start_server
+from test_startup import assert_fails_clearly, start
+
+
+def test_precision_rules(app):
+    precision_problem = app.model.precision_problem
+
+    assert precision_problem("cpu", "fp32", False, False) is None
+    assert precision_problem("cpu", "bf16", True, False) is None
+    assert "no native bfloat16" in precision_problem("cpu", "bf16", False, False)
+    assert precision_problem("cpu", "bf16", False, True) is None  # FORCE_PRECISION
+    assert "for GPUs" in precision_problem("cpu", "fp16", True, True)
+    assert precision_problem("cuda", "fp16", False, False) is None
+    assert precision_problem("cuda", "bf16", False, False) is None
+
+
+def test_auto_picks_cuda_only_where_torch_sees_a_gpu(app):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert app.model.pick_device("auto").type == expected
+    assert app.model.pick_device("cpu").type == "cpu"
+    assert app.model.device.type == expected  # the service's own choice under DEVICE=auto
+
+
+def test_cuda_without_a_gpu_fails_clearly(weights_file, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    result = start({"MODEL_WEIGHTS": str(weights_file), "DEVICE": "cuda"}, tmp_path)
+    assert_fails_clearly(result, "DEVICE=cuda, but torch sees no CUDA device")
+
+
+def test_fp16_on_the_cpu_is_refused(weights_file, tmp_path):
+    result = start({"MODEL_WEIGHTS": str(weights_file), "DEVICE": "cpu", "PRECISION": "fp16"}, tmp_path)
+    assert_fails_clearly(result, "PRECISION=fp16 is for GPUs")
+
+
+def test_onnxruntime_with_reduced_precision_is_a_settings_error():
+    from settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="need BACKEND=torch"):
+        Settings.from_env({"BACKEND": "onnxruntime", "PRECISION": "bf16"})
+
+
+def test_model_info_shows_fp32_and_its_difference(client):
+    info = client.get("/model").json()
+    assert info["precision"] == "fp32" and info["backend"] == "torch"
+    assert 0 <= info["max_score_difference"] < 1e-4
+    assert info["max_batch_size"] == (32 if torch.cuda.is_available() else 8)
+
+
+def test_bf16_on_the_cpu_answers_close_to_the_reference(weights_file, reference, tmp_path):
+    # FORCE_PRECISION: the test also runs on CPUs without native bf16, where the service would refuse it.
+    server = start_server(tmp_path, DEVICE="cpu", PRECISION="bf16", FORCE_PRECISION="true")
+    try:
+        info = httpx.get(f"{server.url}/model").json()
+        assert (info["precision"], info["device"]) == ("bf16", "cpu")
+        assert 0 < info["max_score_difference"] < 1e-2  # measured, not zero: bf16 is not exact
+        for name in PHOTOS:
+            answer = httpx.post(f"{server.url}/predict/topk?k=1000", files={"file": (name, photo_bytes(name))}).json()
+            scores = torch.zeros(1000)
+            for p in answer["predictions"]:
+                scores[p["index"]] = p["score"]
+            assert (scores - reference(photo(name))).abs().max().item() < 1e-2
+    finally:
+        server.stop()
