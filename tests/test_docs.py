@@ -29,24 +29,29 @@ def confined_page(origin: str) -> Iterator[tuple[object, list[str]]]:
         yield page, elsewhere
 
 
+def try_it_out(page, path: str, photo: str):
+    """Swagger UI: expand POST path, "Try it out", choose the photo, "Execute": the response row."""
+    operation = page.locator(".opblock-post", has=page.locator(f'[data-path="{path}"]'))
+    operation.locator(".opblock-summary").click()
+    operation.locator("button.try-out__btn").click()
+    operation.locator("input[type=file]").set_input_files(str(photo_path(photo)))
+    operation.locator("button.execute").click()
+    response = operation.locator(".live-responses-table .response")
+    response.wait_for(timeout=30_000)
+    return response
+
+
 def test_swagger_ui_classifies_a_photo_with_its_authorize_button(guarded):
     server, _ = guarded
     with confined_page(server.url) as (page, elsewhere):
         page.goto(server.url + "/docs")
-        operation = page.locator(".opblock-post", has=page.locator('[data-path="/predict/topk"]'))
-        operation.locator(".opblock-summary").click()
-
         page.locator("button.authorize").first.click()
         dialog = page.locator(".modal-ux")
         dialog.locator("input").first.fill(API_KEY)  # HTTPBearer, the first scheme
         dialog.locator("button.modal-btn.auth", has_text="Authorize").first.click()
         dialog.locator("button.btn-done").first.click()
 
-        operation.locator("button.try-out__btn").click()
-        operation.locator("input[type=file]").set_input_files(str(photo_path("chelsea.png")))
-        operation.locator("button.execute").click()
-        response = operation.locator(".live-responses-table .response")
-        response.wait_for(timeout=30_000)
+        response = try_it_out(page, "/predict/topk", "chelsea.png")
         assert response.locator(".response-col_status").inner_text().strip() == "200"
         body = response.locator(".response-col_description pre").first.inner_text()
         assert '"predictions"' in body and '"label"' in body
@@ -57,13 +62,7 @@ def test_swagger_ui_shows_the_401_without_a_key(guarded):
     server, _ = guarded
     with confined_page(server.url) as (page, elsewhere):
         page.goto(server.url + "/docs")
-        operation = page.locator(".opblock-post", has=page.locator('[data-path="/predict"]'))
-        operation.locator(".opblock-summary").click()
-        operation.locator("button.try-out__btn").click()
-        operation.locator("input[type=file]").set_input_files(str(photo_path("coffee.png")))
-        operation.locator("button.execute").click()
-        response = operation.locator(".live-responses-table .response")
-        response.wait_for(timeout=30_000)
+        response = try_it_out(page, "/predict", "coffee.png")
         assert response.locator(".response-col_status").inner_text().strip().startswith("401")
     assert elsewhere == []
 
