@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import memory
 import observability
@@ -45,7 +45,7 @@ log = logging.getLogger("app")
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
 # Starlette spools file parts above 1 MB to a temporary file on disk. Uploads must stay in memory,
-# and BodySizeLimit caps them at max_upload_bytes, so the spool never needs to roll over.
+# and memory.BodyLimits caps them at max_upload_bytes, so the spool never needs to roll over.
 MultiPartParser.spool_max_size = settings.max_upload_bytes
 
 
@@ -117,36 +117,6 @@ IMAGE_ERROR_STATUS: dict[type[model.ImageError], int] = {
 }
 UploadedImage = Annotated[UploadFile, File(description="The photo: JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF")]
 TopKParameter = Annotated[int, Query(ge=1, le=len(LABELS), description="How many labels")]
-
-
-class BodySizeLimit:
-    """413 for request bodies over max_bytes, without ever holding more than max_bytes of one."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.detail = f"the request body is larger than {max_bytes:,} bytes (MAX_UPLOAD_BYTES)"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            REJECTED.labels("too_large").inc()
-            return await JSONResponse({"detail": self.detail}, 413)(scope, receive, send)
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                REJECTED.labels("too_large").inc()
-                # FastAPI re-raises an HTTPException met while reading the body; our handler answers it.
-                raise HTTPException(413, self.detail)
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 def authorized(headers: Headers) -> bool:
@@ -272,12 +242,10 @@ app = FastAPIOffline(
     lifespan=lifespan,
 )
 app.state.ready = False
-# Outermost last: Observe sees every response, CORS headers go on errors too, the gate runs before the body
-# limits, and a body too large for any budget gets its 413 before the shared budget is consulted.
+# Outermost last: Observe sees every response, CORS headers go on errors too, the gate runs before the body limits.
 memory.configure_allocator()
-app.add_middleware(memory.BodyBudget, max_bytes=settings.max_body_buffer_bytes,
-                   held=observability.BODY_BYTES_HELD, on_refusal=REJECTED.labels("memory").inc)
-app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+app.add_middleware(memory.BodyLimits, max_body=settings.max_upload_bytes, budget=settings.max_body_buffer_bytes,
+                   held=observability.BODY_BYTES_HELD, rejected=REJECTED)
 app.add_middleware(PredictGate)
 app.add_middleware(
     CORSMiddleware,

@@ -1,4 +1,4 @@
-"""Memory stays bounded: one budget for the request bodies held at once, and freed memory goes back to the OS.
+"""Memory stays bounded: limits on request bodies, one each and all at once, and freed memory goes back to the OS.
 
 Bodies are received (and multipart-parsed) before an image can be admitted to the queue, so MAX_QUEUE
 does not bound them: a burst of large uploads would otherwise hold one body each, with no ceiling.
@@ -9,11 +9,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
-from prometheus_client import Gauge
-
+from prometheus_client import Counter, Gauge
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -21,50 +18,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET = 512 * 1024 * 1024
-_UNLIMITED = 1 << 62  # cgroup v1 writes "no limit" as a number near 2**63
 
+class BodyLimits:
+    """Two bounds on request bodies, each decided from Content-Length before the body is read, and for a
+    chunked body (or one longer than it declared) as it arrives:
 
-def cgroup_memory_limit() -> int | None:
-    """The memory limit of this process's container (cgroup v2, then v1), or None when there is none."""
-    for path in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < _UNLIMITED:
-            return int(text)
-        return None
-    return None
+    - one body: at most max_body bytes (MAX_UPLOAD_BYTES), else 413;
+    - all bodies being received or held at once: at most budget bytes (MAX_BODY_BUFFER_BYTES), else 503
+      with Retry-After. A request gives its bytes back when it is answered.
 
-
-def default_budget() -> int:
-    """A quarter of the container's memory limit; 512 MiB where there is no limit."""
-    limit = cgroup_memory_limit()
-    return DEFAULT_BUDGET if limit is None else max(16 * 1024 * 1024, limit // 4)
-
-
-class BodyBudget:
-    """Request bodies share max_bytes. A body whose declared Content-Length does not fit in what is left is
-    refused with 503 before it is read; a chunked body is counted as it arrives and refused when it overflows.
-    The bytes go back when the request is done. Requests without a body (GET, HEAD) pass untouched.
-
-    held: a gauge that shows the bytes held; on_refusal: called for each refusal (a metric).
+    A body too large for any budget gets its 413 before the shared budget is consulted.
+    held: a gauge of the bytes held; rejected: the counter of refusals by reason.
     """
 
     TRIM_AFTER_BYTES = 64 * 1024 * 1024  # give freed memory back once this much has been released
 
-    def __init__(self, app: ASGIApp, max_bytes: int, held: Gauge, on_refusal: Callable[[], None]) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, budget: int, held: Gauge, rejected: Counter) -> None:
         self.app = app
-        self.max_bytes = max_bytes
-        self.held = 0
+        self.max_body = max_body
+        self.budget = budget
         self.gauge = held
-        self.on_refusal = on_refusal
+        self.rejected = rejected
+        self.held = 0
         self.peak_since_trim = 0
+        self.too_large = f"the request body is larger than {max_body:,} bytes (MAX_UPLOAD_BYTES)"
 
-    def refusal(self) -> tuple[str, dict[str, str]]:
-        self.on_refusal()
-        detail = (f"the service is holding {self.held:,} bytes of uploads, too near its limit of {self.max_bytes:,} "
+    def over_budget(self) -> tuple[str, dict[str, str]]:
+        self.rejected.labels("memory").inc()
+        detail = (f"the service is holding {self.held:,} bytes of uploads, too near its limit of {self.budget:,} "
                   "(MAX_BODY_BUFFER_BYTES) for this one; retry shortly")
         return detail, {"Retry-After": "1"}
 
@@ -81,24 +62,30 @@ class BodyBudget:
             self.peak_since_trim = self.held
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         reserved = int(declared) if declared.isdigit() else 0
-        if self.held + reserved > self.max_bytes:
-            detail, headers = self.refusal()
+        if reserved > self.max_body:
+            self.rejected.labels("too_large").inc()
+            return await JSONResponse({"detail": self.too_large}, 413)(scope, receive, send)
+        if self.held + reserved > self.budget:
+            detail, headers = self.over_budget()
             return await JSONResponse({"detail": detail}, 503, headers=headers)(scope, receive, send)
         self.take(reserved)
         received = 0
 
+        # FastAPI re-raises an HTTPException met while reading the body; the app's handler answers it.
         async def counted_receive() -> Message:
             nonlocal received, reserved
             message = await receive()
             received += len(message.get("body", b""))
+            if received > self.max_body:
+                self.rejected.labels("too_large").inc()
+                raise HTTPException(413, self.too_large)
             if received > reserved:  # chunked, or more than declared: count the rest as it comes
-                if self.held + received - reserved > self.max_bytes:
-                    # FastAPI re-raises an HTTPException met while reading the body; the app's handler answers it.
-                    raise HTTPException(503, *self.refusal())
+                if self.held + received - reserved > self.budget:
+                    raise HTTPException(503, *self.over_budget())
                 self.take(received - reserved)
                 reserved = received
             return message
@@ -110,13 +97,14 @@ class BodyBudget:
 
 
 # glibc keeps freed memory in its heaps for reuse; for a server that sees bursts of large uploads that
-# means the burst's peak stays resident. Two levers, both measured in bench/soak.py --burst:
+# means the burst's peak stays resident. Two levers, both measured by bench/burst.py:
 #  - a fixed mmap threshold: blocks over 1 MiB (every upload buffer, decoded photo and tensor) are mmapped
 #    and so unmapped the moment they are freed. By default glibc raises the threshold after each such free,
 #    and later large blocks land in the heaps instead.
 #  - malloc_trim(0) once 64 MiB of bodies have been let go: returns what the heaps hold free after a burst.
 _M_MMAP_THRESHOLD = -3
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if ctypes.util.find_library("c") else None
+_libc_path = ctypes.util.find_library("c")
+_libc = ctypes.CDLL(_libc_path) if _libc_path else None
 
 
 def configure_allocator(mmap_threshold: int = 1024 * 1024) -> None:

@@ -6,12 +6,28 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memory import default_budget
-
 
 def _cores() -> int:
     # sched_getaffinity respects container CPU sets; cpu_count() does not.
     return len(os.sched_getaffinity(0))
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's container (cgroup v2, then v1), or None when there is none."""
+    for path in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        # v2 writes "max" for no limit, v1 a number near 2**63.
+        return int(text) if text.isdigit() and int(text) < 1 << 62 else None
+    return None
+
+
+def default_body_budget() -> int:
+    """MAX_BODY_BUFFER_BYTES: a quarter of the container's memory limit; 512 MiB where there is no limit."""
+    limit = cgroup_memory_limit()
+    return 512 * 1024 * 1024 if limit is None else max(16 * 1024 * 1024, limit // 4)
 
 
 class SettingsError(ValueError):
@@ -121,7 +137,7 @@ class Settings:
             max_batch_files=_int(env, "MAX_BATCH_FILES", 32),
             request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 10, minimum=0.01),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
-            max_body_buffer_bytes=_int(env, "MAX_BODY_BUFFER_BYTES", default_budget()),
+            max_body_buffer_bytes=_int(env, "MAX_BODY_BUFFER_BYTES", default_body_budget()),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000),
             cors_origins=_list(env, "CORS_ORIGINS"),
             api_key=env.get("API_KEY", "").strip() or None,

@@ -28,12 +28,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import REPO, service_env  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch  # the model's own import, at start-up, loads it; here only for annotations
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
           "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "moon.png", "coins.png", "brick.png",
@@ -108,7 +112,7 @@ def compare(reference_logits, candidate_logits, temperature: float = 1.0) -> dic
             "worst": differences.argsort(descending=True)[:5].tolist()}
 
 
-def logits_of(images: list, forward=None) -> "torch.Tensor":
+def logits_of(images: list, forward=None) -> torch.Tensor:
     import torch
 
     import model
@@ -118,20 +122,19 @@ def logits_of(images: list, forward=None) -> "torch.Tensor":
         return torch.cat([forward(torch.stack(images[i : i + 16])) for i in range(0, len(images), 16)])
 
 
-def measure_draft(photos: list[tuple[str, bytes]]) -> dict:
-    """JPEG_DRAFT=true against the full decode: the answers at the stand-in's scale and sharpened, and the
-    time it saves in decoding."""
+def measure_draft(photos: list[tuple[str, bytes]], reference) -> dict:
+    """JPEG_DRAFT=true against the full decode (reference: its fp32 logits): the answers at the stand-in's
+    scale and sharpened, and the time it saves in decoding."""
     import model
 
-    exact, drafted, timings = [], [], {True: [], False: []}
+    drafted, timings = [], {True: [], False: []}
     for name, data in photos:
         for draft in (False, True):
             started = time.perf_counter()
             model.decode(data, draft)
             timings[draft].append(time.perf_counter() - started)
-        exact.append(model.prepare(data, draft=False))
         drafted.append(model.prepare(data, draft=True))
-    reference, candidate = logits_of(exact), logits_of(drafted)
+    candidate = logits_of(drafted)
     big = [i for i, (name, _) in enumerate(photos) if min(map(int, name.rsplit(":", 1)[1].split("x"))) >= 2 * model.DRAFT_MIN_SIDE]
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference)),
             "decoded_smaller": len(big),
@@ -139,15 +142,14 @@ def measure_draft(photos: list[tuple[str, bytes]]) -> dict:
             "decode_ms_draft_median_big": 1000 * statistics.median(timings[True][i] for i in big) if big else None}
 
 
-def measure_precision(photos: list[tuple[str, bytes]], precision: str) -> dict:
-    """PRECISION=bf16 (the whole forward pass in bfloat16) against fp32, on the exactly decoded photos."""
+def measure_precision(exact: list, reference, precision: str) -> dict:
+    """PRECISION=bf16 (the whole forward pass in bfloat16) against fp32 (reference: the fp32 logits of the
+    exactly decoded photos, exact)."""
     import torch
 
     import model
 
-    images = [model.prepare(data, draft=False) for _, data in photos]
-    reference = logits_of(images)
-    candidate = logits_of(images, model.torch_forward(model.model, torch.device("cpu"), precision))
+    candidate = logits_of(exact, model.torch_forward(model.model, torch.device("cpu"), precision))
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference))}
 
 
@@ -178,7 +180,9 @@ def main() -> None:
     sizes = sorted({name.rsplit(":", 1)[1] for name, _ in photos}, key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1]))
     print(f"{len(photos)} JPEGs from {len(PHOTOS)} photos, {sizes[0]} to {sizes[-1]}; weights {os.environ['MODEL_WEIGHTS']}\n")
 
-    draft = measure_draft(photos)
+    exact = [model.prepare(data, draft=False) for _, data in photos]  # the default path, decoded once
+    reference = logits_of(exact)
+    draft = measure_draft(photos, reference)
     report("JPEG_DRAFT=true vs exact, stand-in weights as they are", draft["as_is"], photos)
     report(f"JPEG_DRAFT=true vs exact, sharpened x{draft['sharpened']['temperature']:.0f} like trained weights",
            draft["sharpened"], photos)
@@ -187,7 +191,7 @@ def main() -> None:
               f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
 
     print()
-    bf16 = measure_precision(photos, "bf16")
+    bf16 = measure_precision(exact, reference, "bf16")
     report("PRECISION=bf16 vs fp32, stand-in weights as they are", bf16["as_is"], photos)
     report(f"PRECISION=bf16 vs fp32, sharpened x{bf16['sharpened']['temperature']:.0f} like trained weights",
            bf16["sharpened"], photos)

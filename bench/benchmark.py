@@ -129,6 +129,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rss_mib(pid: int, field_name: str = "VmRSS") -> float:
+    """A process's resident memory (VmRSS), or its peak (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 @dataclass
 class Service:
     url: str
@@ -136,10 +144,7 @@ class Service:
     startup_s: float
 
     def rss_mib(self, field_name: str = "VmRSS") -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return rss_mib(self.process.pid, field_name)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -274,14 +279,18 @@ def main() -> None:
     # 1 and 3: ImageNet-size JPEG; batching on/off; torch and onnxruntime. The ceiling is measured just
     # before and just after each backend's service runs, and averaged: these machines are noisy.
     # torch in bf16 (PRECISION=bf16) beside both, at c=1 and c=8.
+    # (name, settings, {MAX_BATCH_SIZE: concurrencies})
+    configurations = (("torch", {"BACKEND": "torch"}, {"8": (1, 8, 32), "1": (8,)}),
+                      ("onnxruntime", {"BACKEND": "onnxruntime"}, {"8": (1, 8, 32), "1": (8,)}),
+                      ("torch bf16", {"BACKEND": "torch", "PRECISION": "bf16"}, {"8": (1, 8)}))
     ceilings = {}
-    for backend, backend_env in (("torch", {**env, "BACKEND": "torch"}), ("onnxruntime", {**env, "BACKEND": "onnxruntime"}),
-                                 ("torch bf16", {**env, "BACKEND": "torch", "PRECISION": "bf16"})):
+    for backend, overrides, runs in configurations:
+        backend_env = {**env, **overrides}
         before = measure_ceiling(backend_env)
         services = []
-        for batch_size in ("8", "1") if backend != "torch bf16" else ("8",):
+        for batch_size, concurrencies in runs.items():
             service = start_service({**backend_env, "MAX_BATCH_SIZE": batch_size})
-            for concurrency in ((1, 8, 32) if backend != "torch bf16" else (1, 8)) if batch_size == "8" else (8,):
+            for concurrency in concurrencies:
                 load = hey(f"{service.url}/predict", concurrency, seconds=args.seconds, body=small_body, pid=service.process.pid)
                 services.append((batch_size, concurrency, load))
             service.stop()

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import BOUNDARY, imagenet_size_jpeg, multipart, photo, service_env, start_service  # noqa: E402
+from benchmark import BOUNDARY, imagenet_size_jpeg, multipart, photo, rss_mib, service_env, start_service  # noqa: E402
 
 
 def phone_photo_19mb() -> bytes:
@@ -35,13 +35,6 @@ def phone_photo_19mb() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=94, subsampling=0)
     return buffer.getvalue()
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise ProcessLookupError(pid)
 
 
 class RssSampler(threading.Thread):

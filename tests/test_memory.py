@@ -129,14 +129,14 @@ def test_an_upload_limit_above_the_budget_is_refused_at_start_up():
 
 
 def test_the_default_budget_is_a_quarter_of_the_container_limit(monkeypatch):
-    import memory
+    import settings
 
-    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 2 * 1024 * MIB)
-    assert memory.default_budget() == 512 * MIB
-    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: None)
-    assert memory.default_budget() == 512 * MIB
-    monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 8 * 1024 * MIB)
-    assert memory.default_budget() == 2048 * MIB
+    monkeypatch.setattr(settings, "cgroup_memory_limit", lambda: 2 * 1024 * MIB)
+    assert settings.default_body_budget() == 512 * MIB
+    monkeypatch.setattr(settings, "cgroup_memory_limit", lambda: None)
+    assert settings.default_body_budget() == 512 * MIB
+    monkeypatch.setattr(settings, "cgroup_memory_limit", lambda: 8 * 1024 * MIB)
+    assert settings.default_body_budget() == 2048 * MIB
 
 
 def test_a_burst_of_large_uploads_stays_within_the_budget_and_memory_goes_back(weights_file, tmp_path):
