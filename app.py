@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import logging
 import signal
@@ -35,10 +34,14 @@ from settings import settings
 # Before the model loads (at its import), so the lines it logs meanwhile are kept.
 observability.configure_logging(settings.log_level, settings.log_format)
 
+import jobs  # noqa: E402
 import model  # noqa: E402
 from batching import Batcher, Overloaded  # noqa: E402
+from jobstore import JobStore  # noqa: E402
+from jobworker import JobWorker  # noqa: E402
 from labels import LABELS  # noqa: E402
 from observability import REJECTED  # noqa: E402
+from schemas import BatchItem, BatchResults, Prediction, TopK, TopKParameter, errors, image_error_status, item_error, top_k  # noqa: E402
 
 log = logging.getLogger("app")
 
@@ -47,35 +50,6 @@ PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 # Starlette spools file parts above 1 MB to a temporary file on disk. Uploads must stay in memory,
 # and memory.BodyLimits caps them at max_upload_bytes, so the spool never needs to roll over.
 MultiPartParser.spool_max_size = settings.max_upload_bytes
-
-
-class Prediction(BaseModel):
-    label: str = Field(description="ImageNet class name", examples=["tabby"])
-    index: int = Field(ge=0, lt=len(LABELS), description="Class index in the model's output", examples=[281])
-    score: float = Field(ge=0, le=1, description="Softmax probability", examples=[0.4213])
-
-
-class TopK(BaseModel):
-    predictions: list[Prediction] = Field(description="The k most likely classes, best first")
-
-
-class ItemError(BaseModel):
-    status: int = Field(description="The status this file alone would have got", examples=[400])
-    detail: str = Field(examples=["the file is not an image this service can read"])
-
-
-class BatchItem(BaseModel):
-    filename: str | None = Field(description="The uploaded file's name, echoed as data", examples=["cat.jpg"])
-    predictions: list[Prediction] | None = Field(None, description="The k most likely classes; absent on error")
-    error: ItemError | None = Field(None, description="Why this file was not classified; absent on success")
-
-
-class BatchResults(BaseModel):
-    results: list[BatchItem] = Field(description="One entry per uploaded file, in upload order")
-
-
-class Error(BaseModel):
-    detail: str = Field(examples=["the file is not an image this service can read"])
 
 
 class Status(BaseModel):
@@ -105,18 +79,8 @@ class ModelInfo(BaseModel):
     max_batch_size: int = Field(description="Most images in one forward pass", examples=[8])
 
 
-def _errors(*codes: int) -> dict[int | str, dict]:
-    return {code: {"model": Error} for code in codes}
-
-
-PREDICT_ERRORS = _errors(400, 401, 413, 415, 422, 503)
-IMAGE_ERROR_STATUS: dict[type[model.ImageError], int] = {
-    model.NotAnImage: 400,
-    model.ImageTooLarge: 413,
-    model.UnsupportedImage: 415,
-}
+PREDICT_ERRORS = errors(400, 401, 413, 415, 422, 503)
 UploadedImage = Annotated[UploadFile, File(description="The photo: JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF")]
-TopKParameter = Annotated[int, Query(ge=1, le=len(LABELS), description="How many labels")]
 
 
 def authorized(headers: Headers) -> bool:
@@ -148,21 +112,24 @@ def overloaded() -> JSONResponse:
 
 
 class PredictGate:
-    """Refuses predict requests that will not be served before their bodies are even read: a missing
-    or wrong API key (401), the service shutting down or overloaded (503). Parsing uploads only to
-    refuse them would hand the CPU to clients that are not served."""
+    """Refuses requests that will not be served before their bodies are even read: a missing or wrong
+    API key (401) on /predict and /jobs; a new prediction or job while shutting down, or a prediction
+    while overloaded (503). Parsing uploads only to refuse them would hand the CPU to clients that are
+    not served."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/predict"):
+        path = scope.get("path", "")
+        predict, jobs_route = path.startswith("/predict"), path == "/jobs" or path.startswith("/jobs/")
+        if scope["type"] == "http" and (predict or jobs_route):
             if not authorized(Headers(scope=scope)):
                 return await unauthorized()(scope, receive, send)
-            if not scope["app"].state.ready:
+            if not scope["app"].state.ready and (predict or (path == "/jobs" and scope["method"] == "POST")):
                 return await _refusal(503, "shutting_down", "the service is shutting down; retry on another replica")(
                     scope, receive, send)
-            if batcher.full():
+            if predict and batcher.full():
                 return await overloaded()(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -190,11 +157,18 @@ batcher = Batcher(
     max_delay_s=settings.max_batch_delay_s,
     max_queue=settings.max_queue,
     decode_workers=settings.decode_workers,
+    # Job images run only after 10 ms without online images: a steady online stream keeps the cores.
+    idle_s=0.01,
     init_inference_thread=model.init_inference_thread,
     init_decode_thread=model.init_decode_thread,
     on_batch=observability.observe_batch,
 )
 observability.IN_FLIGHT.set_function(lambda: batcher.in_flight)
+try:
+    job_worker = JobWorker(JobStore(settings.jobs_database_url, settings.job_ttl_s), batcher,
+                           webhook_secret=settings.webhook_secret, webhook_first_retry_s=settings.webhook_first_retry_s)
+except Exception as error:  # an unknown driver, a malformed URL
+    raise SystemExit(f"Cannot open the job store JOBS_DATABASE_URL: {error}") from None
 
 
 def drain_on_sigterm(app: FastAPI) -> None:
@@ -225,11 +199,16 @@ def drain_on_sigterm(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await asyncio.to_thread(job_worker.store.upgrade)
+    if job_worker.store.url.get_backend_name() == "sqlite":
+        await asyncio.to_thread(job_worker.store.release_leases)  # the file is this process's alone
     await batcher.start()
+    await job_worker.start()
     drain_on_sigterm(app)
     app.state.ready = True
     yield
     app.state.ready = False
+    await job_worker.stop()
     await batcher.stop(timeout_s=settings.shutdown_timeout_s)
 
 
@@ -242,17 +221,19 @@ app = FastAPIOffline(
     lifespan=lifespan,
 )
 app.state.ready = False
+app.state.job_worker = job_worker
 # Outermost last: Observe sees every response, CORS headers go on errors too, the gate runs before the body limits.
 memory.configure_allocator()
 app.add_middleware(memory.BodyLimits, max_body=settings.max_upload_bytes, budget=settings.max_body_buffer_bytes,
-                   held=observability.BODY_BYTES_HELD, rejected=REJECTED)
+                   held=observability.BODY_BYTES_HELD, rejected=REJECTED,
+                   larger={"/jobs": (settings.max_job_bytes, "MAX_JOB_BYTES")})
 app.add_middleware(PredictGate)
 app.add_middleware(
     CORSMiddleware,
     allow_origins=settings.cors_origins,
-    allow_methods=["GET", "POST"],
-    allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
-    expose_headers=["X-Request-ID", "Retry-After"],
+    allow_methods=["GET", "POST", "DELETE"],
+    allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Idempotency-Key", "Prefer"],
+    expose_headers=["X-Request-ID", "Retry-After", "Location", "Preference-Applied"],
 )
 app.add_middleware(observability.Observe)
 
@@ -270,12 +251,6 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
         problems.append(f"{where}: {problem['msg']}")
     hint = " (send the image as multipart/form-data field 'file')" if "body" in str(error.errors()) else ""
     return JSONResponse({"detail": "; ".join(problems) + hint}, 422)
-
-
-def image_error_status(error: model.ImageError) -> int:
-    status = IMAGE_ERROR_STATUS[type(error)]
-    REJECTED.labels("too_large" if status == 413 else "bad_image").inc()
-    return status
 
 
 @app.exception_handler(model.ImageError)
@@ -334,17 +309,6 @@ async def classify_one(request: Request, upload: UploadFile) -> torch.Tensor:
     return probabilities
 
 
-def top_k(probabilities: torch.Tensor, k: int) -> list[Prediction]:
-    return [Prediction(**dataclasses.asdict(p)) for p in model.top_k(probabilities, k)]
-
-
-def item_error(error: Exception) -> ItemError:
-    if isinstance(error, model.ImageError):
-        return ItemError(status=image_error_status(error), detail=str(error))
-    log.error("unexpected error on one file of a batch", exc_info=error)
-    return ItemError(status=500, detail="internal error; it has been logged")
-
-
 @app.post("/predict", response_model=Prediction, responses=PREDICT_ERRORS, dependencies=[Depends(api_key)],
           summary="The most likely label")
 async def predict(request: Request, file: UploadedImage) -> Prediction:
@@ -361,7 +325,7 @@ async def predict_topk(request: Request, file: UploadedImage, k: TopKParameter =
     "/predict/batch",
     response_model=BatchResults,
     response_model_exclude_none=True,
-    responses=_errors(401, 413, 422, 503),
+    responses=errors(401, 413, 422, 503),
     dependencies=[Depends(api_key)],
     summary="The k most likely labels of each of several files",
 )
@@ -383,6 +347,9 @@ async def predict_batch(
     return BatchResults(results=results)
 
 
+app.include_router(jobs.router, dependencies=[Depends(api_key)])
+
+
 @app.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page() -> HTMLResponse:
     """A page for people: drop a photo, see the five best guesses (static/index.html)."""
@@ -394,7 +361,7 @@ async def health() -> Status:
     return Status()
 
 
-@app.get("/ready", response_model=Status, responses=_errors(503), summary="Readiness: the model is loaded and warm, and the service is not shutting down")
+@app.get("/ready", response_model=Status, responses=errors(503), summary="Readiness: the model is loaded and warm, and the service is not shutting down")
 async def ready(request: Request) -> Status:
     if not request.app.state.ready:
         raise HTTPException(503, "the model is not ready")

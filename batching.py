@@ -6,6 +6,10 @@ One thread owns the model. It takes whatever is queued, up to `max_batch_size`, 
 `max_delay_s` for images still being decoded (never for nobody), runs one forward pass and hands each
 caller its own row. Decoding the next images overlaps the forward pass of the current batch.
 `admit` bounds how many images are in flight at all, so overload is refused instead of queued.
+
+Background images (asynchronous jobs) have threads and a queue of their own and take only idle
+capacity: a batch of them runs only when no online image is decoding or queued and none has arrived for
+`idle_s`, and never together with online images. So an online image waits behind at most one forward pass.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class BatchStats:
     size: int
     queue_wait_s: list[float]
     inference_s: float
+    background: bool = False
 
 
 class Batcher:
@@ -53,6 +58,7 @@ class Batcher:
         max_delay_s: float,
         max_queue: int,
         decode_workers: int,
+        idle_s: float = 0.01,
         init_inference_thread: Callable[[], None] | None = None,
         init_decode_thread: Callable[[], None] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
@@ -63,14 +69,19 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.on_batch = on_batch
-        self.in_flight = 0  # admitted and not yet answered
+        self.idle_s = idle_s
+        self.in_flight = 0  # online images admitted and not yet answered
         self._decode_workers = decode_workers
         self._init_inference_thread = init_inference_thread
         self._init_decode_thread = init_decode_thread
-        self._decoding = 0  # images in the decode threads right now: the only ones worth waiting for
+        self._decoding = 0  # online images in the decode threads right now: the only ones worth waiting for
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._background: asyncio.Queue[_Job] = asyncio.Queue()
+        self._arrived = asyncio.Event()  # something was queued
+        self._online_seen = 0.0  # when an online image last arrived or was answered (monotonic)
         self._inference: ThreadPoolExecutor | None = None
         self._decoders: ThreadPoolExecutor | None = None
+        self._background_decoders: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -78,6 +89,9 @@ class Batcher:
         self._inference = ThreadPoolExecutor(1, "inference", initializer=self._init_inference_thread)
         await asyncio.get_running_loop().run_in_executor(self._inference, lambda: None)
         self._decoders = ThreadPoolExecutor(self._decode_workers, "decode", initializer=self._init_decode_thread)
+        # Their own threads, so an online upload never waits for a decoder behind job images.
+        self._background_decoders = ThreadPoolExecutor(self._decode_workers, "decode-background",
+                                                       initializer=self._init_decode_thread)
         self._worker = asyncio.create_task(self._run(), name="inference worker")
 
     async def drain(self, timeout_s: float) -> None:
@@ -91,7 +105,7 @@ class Batcher:
         await self.drain(timeout_s)
         if self._worker:
             self._worker.cancel()
-        for pool in (self._decoders, self._inference):
+        for pool in (self._decoders, self._background_decoders, self._inference):
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -109,20 +123,48 @@ class Batcher:
         finally:
             self.in_flight -= images
 
-    async def submit(self, data: bytes) -> torch.Tensor:
-        """Uploaded bytes -> their row of the model's output. Cancel the call to withdraw the image."""
+    async def submit(self, data: bytes, background: bool = False) -> torch.Tensor:
+        """Uploaded bytes -> their row of the model's output. Cancel the call to withdraw the image.
+
+        background: a job's image, classified only with capacity online images leave idle."""
         loop = asyncio.get_running_loop()
-        self._decoding += 1
-        try:
-            image = await loop.run_in_executor(self._decoders, self.prepare, data)
-        finally:
-            self._decoding -= 1
+        if background:
+            image = await loop.run_in_executor(self._background_decoders, self.prepare, data)
+        else:
+            self._online_seen = time.monotonic()
+            self._decoding += 1
+            try:
+                image = await loop.run_in_executor(self._decoders, self.prepare, data)
+            finally:
+                self._decoding -= 1
         job = _Job(image, loop.create_future(), time.monotonic())
-        self._queue.put_nowait(job)
+        (self._background if background else self._queue).put_nowait(job)
+        self._arrived.set()
         return await job.result
 
-    async def _next_batch(self) -> list[_Job]:
-        batch = [await self._queue.get()]
+    async def _next_batch(self) -> tuple[list[_Job], bool]:
+        """The next batch, and whether it is of background images."""
+        while True:
+            if not self._queue.empty():
+                return await self._online_batch(), False
+            wait = None
+            if not self._background.empty():
+                quiet_for = time.monotonic() - self._online_seen
+                if not self._decoding and quiet_for >= self.idle_s:
+                    batch = []
+                    while len(batch) < self.max_batch_size and not self._background.empty():
+                        batch.append(self._background.get_nowait())
+                    return [job for job in batch if not job.result.done()], True
+                wait = max(self.idle_s - quiet_for, 0.001)
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+
+    async def _online_batch(self) -> list[_Job]:
+        batch = [self._queue.get_nowait()]
         deadline = time.monotonic() + self.max_delay_s
         while len(batch) < self.max_batch_size:
             if not self._queue.empty():
@@ -142,11 +184,13 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            batch, background = await self._next_batch()
             if not batch:
                 continue
             started = time.monotonic()
             rows = await loop.run_in_executor(self._inference, self._predict_each, [job.image for job in batch])
+            if not background:
+                self._online_seen = time.monotonic()
             for job, row in zip(batch, rows):
                 if job.result.done():
                     continue
@@ -155,7 +199,8 @@ class Batcher:
                 else:
                     job.result.set_result(row)
             if self.on_batch:
-                stats = BatchStats(len(batch), [started - job.queued_at for job in batch], time.monotonic() - started)
+                stats = BatchStats(len(batch), [started - job.queued_at for job in batch], time.monotonic() - started,
+                                   background)
                 try:
                     self.on_batch(stats)
                 except Exception:  # an observer's bug must not stop the worker

@@ -23,7 +23,8 @@ class BodyLimits:
     """Two bounds on request bodies, each decided from Content-Length before the body is read, and for a
     chunked body (or one longer than it declared) as it arrives:
 
-    - one body: at most max_body bytes (MAX_UPLOAD_BYTES), else 413;
+    - one body: at most max_body bytes (MAX_UPLOAD_BYTES), else 413; paths in `larger` have limits of their
+      own (path -> (bytes, setting name)), e.g. job submissions (MAX_JOB_BYTES);
     - all bodies being received or held at once: at most budget bytes (MAX_BODY_BUFFER_BYTES), else 503
       with Retry-After. A request gives its bytes back when it is answered.
 
@@ -33,15 +34,16 @@ class BodyLimits:
 
     TRIM_AFTER_BYTES = 64 * 1024 * 1024  # give freed memory back once this much has been released
 
-    def __init__(self, app: ASGIApp, max_body: int, budget: int, held: Gauge, rejected: Counter) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, budget: int, held: Gauge, rejected: Counter,
+                 larger: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.max_body = max_body
+        self.larger = larger or {}
         self.budget = budget
         self.gauge = held
         self.rejected = rejected
         self.held = 0
         self.peak_since_trim = 0
-        self.too_large = f"the request body is larger than {max_body:,} bytes (MAX_UPLOAD_BYTES)"
 
     def over_budget(self) -> tuple[str, dict[str, str]]:
         self.rejected.labels("memory").inc()
@@ -64,11 +66,13 @@ class BodyLimits:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_body, setting = self.larger.get(scope["path"], (self.max_body, "MAX_UPLOAD_BYTES"))
+        too_large = f"the request body is larger than {max_body:,} bytes ({setting})"
         declared = Headers(scope=scope).get("content-length", "")
         reserved = int(declared) if declared.isdigit() else 0
-        if reserved > self.max_body:
+        if reserved > max_body:
             self.rejected.labels("too_large").inc()
-            return await JSONResponse({"detail": self.too_large}, 413)(scope, receive, send)
+            return await JSONResponse({"detail": too_large}, 413)(scope, receive, send)
         if self.held + reserved > self.budget:
             detail, headers = self.over_budget()
             return await JSONResponse({"detail": detail}, 503, headers=headers)(scope, receive, send)
@@ -80,9 +84,9 @@ class BodyLimits:
             nonlocal received, reserved
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body:
+            if received > max_body:
                 self.rejected.labels("too_large").inc()
-                raise HTTPException(413, self.too_large)
+                raise HTTPException(413, too_large)
             if received > reserved:  # chunked, or more than declared: count the rest as it comes
                 if self.held + received - reserved > self.budget:
                     raise HTTPException(503, *self.over_budget())

@@ -26,8 +26,19 @@ INFERENCE = Histogram("inference_duration_seconds", "Time of one forward pass (o
                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 IN_FLIGHT = Gauge("images_in_flight", "Images admitted and not yet answered: decoding, queued or in a forward pass")
 BODY_BYTES_HELD = Gauge("request_body_bytes_held", "Bytes of request bodies being received or held (MAX_BODY_BUFFER_BYTES bounds them)")
+JOBS_SUBMITTED = Counter("jobs_submitted_total", "Asynchronous jobs accepted")
+JOBS_FINISHED = Counter("jobs_finished_total", "Asynchronous jobs that ended, by status", ["status"])
+JOB_IMAGES = Counter("job_images_total", "Job images answered, by outcome", ["outcome"])
+JOB_IMAGES_PENDING = Gauge("job_images_pending", "Job images stored and not yet classified (the backlog)")
+JOB_PENDING_BYTES = Gauge("job_pending_bytes", "Bytes of stored, unclassified job images (JOBS_MAX_PENDING_BYTES bounds them)")
+JOB_OLDEST_PENDING_AGE = Gauge("job_oldest_pending_image_age_seconds",
+                               "Age of the oldest unclassified job image; 0 when there is none (a signal to scale on)")
+for status in ("succeeded", "failed", "canceled"):
+    JOBS_FINISHED.labels(status)
+for outcome in ("classified", "error"):
+    JOB_IMAGES.labels(outcome)
 REJECTED = Counter("rejected_requests_total", "Requests or images refused, by reason", ["reason"])
-for reason in ("overloaded", "memory", "timeout", "too_large", "bad_image", "unauthorized", "shutting_down"):
+for reason in ("overloaded", "memory", "jobs_full", "timeout", "too_large", "bad_image", "unauthorized", "shutting_down"):
     REJECTED.labels(reason)  # export every reason from the start, at 0
 
 # Every page this service serves (the web page, /docs, /redoc) needs nothing from another origin; the
@@ -43,8 +54,9 @@ access_log = logging.getLogger("access")
 def observe_batch(stats: BatchStats) -> None:
     BATCH_SIZE.observe(stats.size)
     INFERENCE.observe(stats.inference_s)
-    for wait in stats.queue_wait_s:
-        QUEUE_WAIT.observe(wait)
+    if not stats.background:  # job images wait for idle capacity by design; the histogram is the online path's
+        for wait in stats.queue_wait_s:
+            QUEUE_WAIT.observe(wait)
 
 
 class RequestIdFilter(logging.Filter):

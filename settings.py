@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,21 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     return raw in ("1", "true", "yes", "on")
 
 
+def _webhook_secret(env: dict[str, str]) -> str | None:
+    """WEBHOOK_SECRET, in the Standard Webhooks form: whsec_ followed by base64 (e.g. 24 random bytes)."""
+    raw = env.get("WEBHOOK_SECRET", "").strip()
+    if not raw:
+        return None
+    try:
+        key = base64.b64decode(raw.removeprefix("whsec_") + "==", validate=True)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise SettingsError("WEBHOOK_SECRET must be whsec_ followed by at least 16 base64-encoded random bytes "
+                            "(python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(24)).decode())\")")
+    return raw
+
+
 def _list(env: dict[str, str], name: str) -> list[str]:
     return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
 
@@ -103,6 +119,14 @@ class Settings:
     log_level: str
     log_format: str
     shutdown_timeout_s: float
+    jobs_database_url: str
+    max_job_files: int
+    max_job_bytes: int
+    jobs_max_pending_bytes: int
+    job_ttl_s: float
+    webhook_secret: str | None = field(repr=False)
+    webhook_allowed_hosts: list[str]
+    webhook_first_retry_s: float
 
     def __post_init__(self) -> None:
         if self.backend == "onnxruntime" and (self.device == "cuda" or self.precision != "fp32"):
@@ -112,6 +136,13 @@ class Settings:
                 f"MAX_UPLOAD_BYTES={self.max_upload_bytes} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
                 "the largest accepted upload could never be received"
             )
+        if self.max_job_bytes > self.max_body_buffer_bytes:
+            raise SettingsError(
+                f"MAX_JOB_BYTES={self.max_job_bytes} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
+                "the largest accepted job could never be received"
+            )
+        if self.webhook_allowed_hosts and not self.webhook_secret:
+            raise SettingsError("WEBHOOK_ALLOWED_HOSTS is set but WEBHOOK_SECRET is not: webhooks are always signed")
         if self.max_batch_files > self.max_queue:
             raise SettingsError(
                 f"MAX_BATCH_FILES={self.max_batch_files} must not exceed MAX_QUEUE={self.max_queue}: "
@@ -122,6 +153,7 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         weights = env.get("MODEL_WEIGHTS", "").strip()
+        body_budget = _int(env, "MAX_BODY_BUFFER_BYTES", default_body_budget())
         return cls(
             model_weights=Path(weights).expanduser() if weights else None,
             backend=_choice(env, "BACKEND", "torch", ("torch", "onnxruntime")),
@@ -137,13 +169,21 @@ class Settings:
             max_batch_files=_int(env, "MAX_BATCH_FILES", 32),
             request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 10, minimum=0.01),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
-            max_body_buffer_bytes=_int(env, "MAX_BODY_BUFFER_BYTES", default_body_budget()),
+            max_body_buffer_bytes=body_budget,
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000),
             cors_origins=_list(env, "CORS_ORIGINS"),
             api_key=env.get("API_KEY", "").strip() or None,
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
             shutdown_timeout_s=_float(env, "SHUTDOWN_TIMEOUT_S", 20),
+            jobs_database_url=env.get("JOBS_DATABASE_URL", "").strip() or "sqlite:///data/jobs.sqlite3",
+            max_job_files=_int(env, "MAX_JOB_FILES", 1000),
+            max_job_bytes=_int(env, "MAX_JOB_BYTES", min(256 * 1024 * 1024, body_budget)),
+            jobs_max_pending_bytes=_int(env, "JOBS_MAX_PENDING_BYTES", 2 * 1024**3),
+            job_ttl_s=_float(env, "JOB_TTL_S", 86400, minimum=1),
+            webhook_secret=_webhook_secret(env),
+            webhook_allowed_hosts=[host.lower() for host in _list(env, "WEBHOOK_ALLOWED_HOSTS")],
+            webhook_first_retry_s=_float(env, "WEBHOOK_FIRST_RETRY_S", 7.5, minimum=0.01),
         )
 
 

@@ -93,6 +93,8 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     torch.save(resnet18().state_dict(), path)
     os.environ["MODEL_WEIGHTS"] = str(path)
+    # The in-process app's job store: a temporary file, never the working directory's data/.
+    os.environ["JOBS_DATABASE_URL"] = f"sqlite:///{path.parent / 'jobs.sqlite3'}"
     return path
 
 
@@ -184,6 +186,7 @@ def start_server(tmp: Path, log: Path | None = None, **env: str) -> Server:
     workdir, tmpdir = tmp / "cwd", tmp / "tmp"
     workdir.mkdir()
     tmpdir.mkdir()
+    env.setdefault("JOBS_DATABASE_URL", f"sqlite:///{tmp / 'jobs.sqlite3'}")
     port = free_port()
     output = log.open("w") if log else None
     process = subprocess.Popen(

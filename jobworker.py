@@ -1,0 +1,173 @@
+"""The job worker: stored job images through the batcher, in the background, and their results back.
+
+    store.claim --> batcher.submit(background=True) --> store.record --> webhook
+
+Two batches of job images are out at a time: one in (or waiting for) the forward pass, the next being
+decoded, so the model never waits for a job's decoding. The batcher gives them only idle capacity.
+Beside that, once a second: backlog metrics, webhooks that are due, and (less often) expired jobs swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+from sqlalchemy import Row
+from sqlalchemy.exc import DBAPIError
+from standardwebhooks.webhooks import Webhook
+
+import webhooks
+from batching import Batcher
+from jobstore import MAX_ATTEMPTS, TERMINAL, ClaimedImage, JobStore, Outcome
+from observability import JOB_IMAGES, JOB_IMAGES_PENDING, JOB_OLDEST_PENDING_AGE, JOB_PENDING_BYTES, JOBS_FINISHED
+from schemas import Job, result_line
+
+log = logging.getLogger(__name__)
+
+LANES = 2  # job batches out at once
+SWEEP_EVERY_S = 30
+
+
+class GaveUp(Exception):
+    """An image that stopped the service every time it was tried."""
+
+
+class JobWorker:
+    def __init__(self, store: JobStore, batcher: Batcher, *, webhook_secret: str | None,
+                 webhook_first_retry_s: float) -> None:
+        self.store = store
+        self.batcher = batcher
+        self.signer = Webhook(webhook_secret) if webhook_secret else None
+        self.webhook_first_retry_s = webhook_first_retry_s
+        self._submitted = asyncio.Event()  # a job was stored: look for work now, not at the next poll
+        self._ended = asyncio.Event()  # replaced each time a job ends, so waiters wake
+        self._tasks: list[asyncio.Task[None]] = []
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient()
+        self._tasks = [asyncio.create_task(self._classify_forever(), name="job worker"),
+                       asyncio.create_task(self._housekeeping_forever(), name="job housekeeping")]
+
+    async def stop(self) -> None:
+        """Stop taking work. Images claimed but not recorded keep their state and are classified after a restart."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client:
+            await self._client.aclose()
+
+    def submitted(self) -> None:
+        self._submitted.set()
+
+    def ended(self) -> None:
+        """A job reached a terminal status in this process: wake whoever waits (Prefer: wait)."""
+        ended, self._ended = self._ended, asyncio.Event()
+        ended.set()
+
+    async def wait_until_ended(self, job_id: str, timeout_s: float) -> Row | None:
+        """The job once it has ended, or as it is after timeout_s (None if it is gone)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ended = self._ended
+            job = await asyncio.to_thread(self.store.get, job_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.status in TERMINAL or remaining <= 0:
+                return job
+            try:  # a job can also end in another process (a replica): look again at least every second
+                await asyncio.wait_for(ended.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+
+    # Classifying
+
+    async def _classify_forever(self) -> None:
+        lanes = asyncio.Semaphore(LANES)
+        while True:
+            await lanes.acquire()
+            try:
+                images = await asyncio.to_thread(self.store.claim, self.batcher.max_batch_size)
+            except DBAPIError as error:
+                lanes.release()
+                await self._pause("claiming job images", error)
+                continue
+            if not images:
+                lanes.release()
+                self._submitted.clear()
+                try:
+                    await asyncio.wait_for(self._submitted.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                continue
+            task = asyncio.create_task(self._classify(images))
+            task.add_done_callback(lambda _: lanes.release())
+
+    async def _classify(self, images: list[ClaimedImage]) -> None:
+        tried = [image for image in images if image.attempts <= MAX_ATTEMPTS]
+        answers = await asyncio.gather(*(self.batcher.submit(image.data, background=True) for image in tried),
+                                       return_exceptions=True)
+        outcome_of = dict(zip(((image.job_id, image.index) for image in tried), answers))
+        outcomes = []
+        for image in images:
+            answer = outcome_of.get((image.job_id, image.index),
+                                    GaveUp(f"this image stopped the service {MAX_ATTEMPTS} times; it was not classified"))
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # cancellation: leave the images to be claimed again
+            failed = isinstance(answer, Exception)
+            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k), failed))
+        while True:
+            try:
+                ended = await asyncio.to_thread(self.store.record, outcomes)
+                break
+            except DBAPIError as error:  # the answers are kept and stored when the database is back
+                await self._pause("storing job results", error)
+        failed = sum(outcome.failed for outcome in outcomes)
+        JOB_IMAGES.labels("error").inc(failed)
+        JOB_IMAGES.labels("classified").inc(len(outcomes) - failed)
+        if ended:
+            JOBS_FINISHED.labels("succeeded").inc(len(ended))
+            self.ended()
+
+    # Housekeeping
+
+    async def _housekeeping_forever(self) -> None:
+        last_sweep = 0.0
+        while True:
+            try:
+                backlog = await asyncio.to_thread(self.store.backlog)
+                JOB_IMAGES_PENDING.set(backlog.images)
+                JOB_PENDING_BYTES.set(backlog.bytes)
+                JOB_OLDEST_PENDING_AGE.set(0 if backlog.oldest_queued_at is None else time.time() - backlog.oldest_queued_at)
+                if self.signer:
+                    for job in await asyncio.to_thread(self.store.webhooks_due):
+                        asyncio.create_task(self._call_back(job))
+                if time.monotonic() - last_sweep > SWEEP_EVERY_S:
+                    last_sweep = time.monotonic()
+                    swept = await asyncio.to_thread(self.store.sweep)
+                    if swept:
+                        log.info("swept %d expired jobs", swept)
+            except DBAPIError as error:
+                log.warning("job housekeeping: the database is unavailable (%s)", type(error).__name__)
+            await asyncio.sleep(1.0)
+
+    async def _call_back(self, job: Row) -> None:
+        assert self.signer is not None and self._client is not None
+        status = await webhooks.deliver(self._client, self.signer, job.webhook_url, f"msg_{job.id}",
+                                        Job.from_row(job).model_dump_json())
+        delivered = status is not None and 200 <= status < 300
+        attempts = job.webhook_attempts + 1
+        retry_at = None if delivered else webhooks.retry_at(attempts, self.webhook_first_retry_s, time.time())
+        if not delivered:
+            log.warning("webhook of job %s: attempt %d got %s; %s", job.id, attempts, status or "no answer",
+                        "giving up" if retry_at is None else f"retrying in {retry_at - time.time():.0f} s")
+        try:
+            await asyncio.to_thread(self.store.webhook_attempted, job.id, status, delivered, retry_at)
+        except DBAPIError as error:  # the lease runs out and the delivery is tried again
+            log.warning("webhook of job %s: could not record the attempt (%s)", job.id, type(error).__name__)
+
+    @staticmethod
+    async def _pause(doing: str, error: DBAPIError) -> None:
+        log.warning("%s: the database is unavailable (%s); retrying in 1 s", doing, type(error).__name__)
+        await asyncio.sleep(1.0)
