@@ -27,7 +27,7 @@ from schemas import Job, result_line
 log = logging.getLogger(__name__)
 
 LANES = 2  # job batches out at once
-SWEEP_EVERY_S = 30
+SWEEP_EVERY_S = 30  # or JOB_TTL_S, when shorter
 
 
 class GaveUp(Exception):
@@ -143,7 +143,7 @@ class JobWorker:
                 if self.signer:
                     for job in await asyncio.to_thread(self.store.webhooks_due):
                         asyncio.create_task(self._call_back(job))
-                if time.monotonic() - last_sweep > SWEEP_EVERY_S:
+                if time.monotonic() - last_sweep > min(SWEEP_EVERY_S, self.store.ttl_s):
                     last_sweep = time.monotonic()
                     swept = await asyncio.to_thread(self.store.sweep)
                     if swept:

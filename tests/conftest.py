@@ -184,7 +184,7 @@ def start_server(tmp: Path, log: Path | None = None, **env: str) -> Server:
     log: a file for the server's output (its logs); by default it goes to the test's own output.
     """
     workdir, tmpdir = tmp / "cwd", tmp / "tmp"
-    workdir.mkdir()
+    workdir.mkdir(parents=True)
     tmpdir.mkdir()
     env.setdefault("JOBS_DATABASE_URL", f"sqlite:///{tmp / 'jobs.sqlite3'}")
     port = free_port()

@@ -15,14 +15,75 @@ from PIL import Image
 from conftest import PHOTOS, block_the_worker, encode, large_jpeg, photo, photo_bytes, upload
 
 
-def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, prepare=None):
+def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, prepare=None, idle_s=0.01):
     from batching import Batcher
 
     def decode_number(data: bytes) -> torch.Tensor:
         return torch.full((2,), float(data.decode()))
 
     return Batcher(prepare or decode_number, predict, max_batch_size=max_batch_size, max_delay_s=max_delay_s,
-                   max_queue=max_queue, decode_workers=2)
+                   max_queue=max_queue, decode_workers=2, idle_s=idle_s)
+
+
+def test_online_images_go_before_background_ones_and_never_share_their_batch():
+    """Background (job) images queued first still wait: online images get the next forward pass, and a
+    batch holds only one kind."""
+    batches = []
+    gate = threading.Event()
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        gate.wait(5)
+        batches.append(sorted(int(value) for value in batch[:, 0].tolist()))
+        return batch
+
+    async def scenario():
+        batcher = make_batcher(predict, max_batch_size=4)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(b"1000", background=True))  # occupies the forward pass
+            await asyncio.sleep(0.1)
+            background = [asyncio.ensure_future(batcher.submit(str(1001 + i).encode(), background=True)) for i in range(6)]
+            await asyncio.sleep(0.1)  # decoded and queued before the online ones arrive
+            with batcher.admit(3):
+                online = [asyncio.ensure_future(batcher.submit(str(i).encode())) for i in range(3)]
+                await asyncio.sleep(0.1)
+                gate.set()
+                await asyncio.gather(first, *background, *online)
+        finally:
+            await batcher.stop(timeout_s=1)
+
+    asyncio.run(scenario())
+    assert batches[0] == [1000]
+    assert batches[1] == [0, 1, 2]  # online first, alone
+    assert all(min(batch) >= 1000 for batch in batches[2:]) and sum(len(b) for b in batches[2:]) == 6
+
+
+def test_background_images_wait_while_online_images_keep_arriving():
+    """A steady online stream (gaps shorter than idle_s) keeps the forward pass; the job goes on after it."""
+    order = []
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        order.extend("job" if value >= 1000 else "online" for value in batch[:, 0].tolist())
+        return batch
+
+    async def scenario():
+        batcher = make_batcher(predict, max_delay_s=0, idle_s=0.2)
+        await batcher.start()
+        try:
+            with batcher.admit(1):
+                await batcher.submit(b"0")
+            job = asyncio.ensure_future(batcher.submit(b"1000", background=True))
+            for i in range(1, 10):  # an online image every 20 ms, for 180 ms
+                with batcher.admit(1):
+                    await batcher.submit(str(i).encode())
+                await asyncio.sleep(0.02)
+            assert not job.done()
+            await asyncio.wait_for(job, 2)
+        finally:
+            await batcher.stop(timeout_s=1)
+
+    asyncio.run(scenario())
+    assert order == ["online"] * 10 + ["job"]
 
 
 def test_batches_form_under_concurrency_and_each_caller_gets_its_own_row():

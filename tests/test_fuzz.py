@@ -15,7 +15,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from conftest import API_KEY
 
 OPERATIONS = [("POST", "/predict"), ("POST", "/predict/topk"), ("POST", "/predict/batch"),
-              ("GET", "/health"), ("GET", "/ready"), ("GET", "/model"), ("GET", "/metrics")]
+              ("GET", "/health"), ("GET", "/ready"), ("GET", "/model"), ("GET", "/metrics"),
+              ("POST", "/jobs"), ("GET", "/jobs"), ("GET", "/jobs/{job_id}"), ("GET", "/jobs/{job_id}/results"),
+              ("POST", "/jobs/{job_id}/cancel"), ("DELETE", "/jobs/{job_id}")]
 
 
 @pytest.fixture(scope="module")

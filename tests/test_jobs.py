@@ -1,0 +1,368 @@
+"""Asynchronous jobs against real servers: the API and its errors, parity with the online path, durability
+across SIGKILL, webhooks verified with Standard Webhooks, expiry and limits."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import API_KEY, PHOTOS, Server, assert_top_k, corrupt_png, encode, large_jpeg, photo, photo_bytes, start_server
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef01234567").decode()
+ID_LENGTH = 32
+
+
+def variants(count: int) -> list[tuple[str, bytes]]:
+    """count distinct real photos: scikit-image's, cropped and re-encoded as JPEG at different sizes."""
+    out = []
+    for i in range(count):
+        image = photo(PHOTOS[i % len(PHOTOS)]).convert("RGB")
+        side = 180 + (i * 37) % 200
+        crop = image.crop((i % 40, i % 30, i % 40 + min(image.width - 40, side * 2), i % 30 + min(image.height - 30, side * 2)))
+        out.append((f"photo-{i:04d}.jpg", encode(crop.resize((side, side * 3 // 4)), "JPEG", quality=85)))
+    return out
+
+
+def multipart(files: list[tuple[str, bytes]]) -> list:
+    return [("files", (name, data, "image/jpeg")) for name, data in files]
+
+
+def submit(server: Server, files: list[tuple[str, bytes]], *, k: int = 5, headers: dict | None = None,
+           data: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{server.url}/jobs?k={k}", files=multipart(files), data=data, headers=headers, timeout=120)
+
+
+def wait_for(server: Server, job_id: str, until=lambda job: job["status"] in ("succeeded", "failed", "canceled"),
+             timeout: float = 120, headers: dict | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = httpx.get(f"{server.url}/jobs/{job_id}", headers=headers, timeout=10).json()
+        if until(job):
+            return job
+        assert time.monotonic() < deadline, f"job still {job}"
+        time.sleep(0.05)
+
+
+def results(server: Server, job_id: str) -> list[dict]:
+    return httpx.get(f"{server.url}/jobs/{job_id}/results", timeout=60).json()["results"]
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[tuple[str, list]]:
+    """A local webhook receiver: answers 500 to a job's first delivery, 204 after; records every request."""
+    received: list[tuple[str, dict, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((self.path, dict(self.headers), body))
+            if self.path == "/redirect":
+                self.send_response(307)
+                self.send_header("Location", "/elsewhere")
+            else:
+                first = sum(1 for path, _, _ in received if path == self.path) == 1
+                self.send_response(500 if first and self.path == "/flaky" else 204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", received
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def jobs_server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(tmp_path_factory.mktemp("jobs"), WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+                          WEBHOOK_SECRET=WEBHOOK_SECRET, WEBHOOK_FIRST_RETRY_S="0.2", MAX_JOB_FILES="300",
+                          MAX_JOB_BYTES=str(8 * 1024 * 1024), MAX_UPLOAD_BYTES=str(2 * 1024 * 1024))
+    yield server
+    server.stop()
+
+
+def test_a_job_answers_like_the_online_path_and_torchvision(jobs_server, reference):
+    files = [(name, photo_bytes(name)) for name in PHOTOS]
+    files += [("big.jpg", large_jpeg("coffee.png", 1500)), ("broken.png", corrupt_png()), ("empty.jpg", b""),
+              ("notes.pdf", b"%PDF-1.7 ..."), ("huge.jpg", b"\xff\xd8" + bytes(3 * 1024 * 1024))]
+    response = submit(jobs_server, files, k=3, headers={"Prefer": "wait=60"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/jobs/{job['id']}"
+    assert response.headers["preference-applied"] == "wait=60"
+    assert (job["status"], job["total"], job["done"], job["failed"], job["k"]) == ("succeeded", 9, 9, 4, 3)
+    assert job["results_url"] == f"/jobs/{job['id']}/results"
+    assert job["created_at"].endswith("Z") and job["finished_at"] >= job["started_at"] >= job["created_at"]
+
+    entries = results(jobs_server, job["id"])
+    assert [entry["index"] for entry in entries] == list(range(9))
+    assert [entry["filename"] for entry in entries] == [name for name, _ in files]
+    for entry, (name, data) in zip(entries[:5], files):
+        assert_top_k(entry["predictions"], reference(Image.open(io.BytesIO(data))), 3)
+    # The errors are /predict/batch's, file by file (the too-large one within the job's own limits).
+    online = httpx.post(f"{jobs_server.url}/predict/batch?k=3", files=multipart(files[5:8]), timeout=60).json()["results"]
+    assert [entry["error"] for entry in entries[5:8]] == [item["error"] for item in online]
+    assert entries[8]["error"]["status"] == 413 and "MAX_UPLOAD_BYTES" in entries[8]["error"]["detail"]
+
+    streamed = httpx.get(f"{jobs_server.url}/jobs/{job['id']}/results?format=jsonl")
+    assert streamed.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(line) for line in streamed.text.splitlines()] == entries
+    negotiated = httpx.get(f"{jobs_server.url}/jobs/{job['id']}/results", headers={"Accept": "application/x-ndjson"})
+    assert negotiated.text == streamed.text
+
+
+def test_submitting_answers_202_at_once_and_progress_advances(jobs_server):
+    response = submit(jobs_server, variants(120))
+    assert response.status_code == 202
+    job = response.json()
+    assert len(job["id"]) == ID_LENGTH and job["status"] in ("queued", "running") and job["done"] < 120
+    assert job["webhook"] is None and job["finished_at"] is None
+    assert response.headers["x-request-id"]
+    seen = {wait_for(jobs_server, job["id"], lambda j: 0 < j["done"] < 120)["done"]}
+    finished = wait_for(jobs_server, job["id"])
+    assert finished["status"] == "succeeded" and finished["done"] == 120 and finished["failed"] == 0
+    assert seen and len(results(jobs_server, job["id"])) == 120
+
+
+def test_prefer_wait_answers_202_when_the_job_outlasts_it(jobs_server):
+    response = submit(jobs_server, variants(60), headers={"Prefer": "respond-async, wait=0.2"})
+    assert response.status_code == 202 and response.json()["status"] in ("queued", "running")
+    assert response.headers["preference-applied"] == "wait=0.2"
+    wait_for(jobs_server, response.json()["id"])
+
+
+def test_the_same_idempotency_key_returns_the_same_job(jobs_server):
+    key = {"Idempotency-Key": "order-2026-0042"}
+    first = submit(jobs_server, variants(3), headers=key)
+    again = submit(jobs_server, variants(5), headers=key)
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json()["id"] == first.json()["id"] and again.json()["total"] == 3
+    assert again.headers["location"] == first.headers["location"]
+    assert httpx.delete(f"{jobs_server.url}/jobs/{first.json()['id']}").status_code == 204
+    fresh = submit(jobs_server, variants(2), headers=key)  # the key's job is gone: a new one
+    assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
+
+
+def test_cancel_keeps_what_was_answered_and_delete_removes_everything(jobs_server):
+    job = submit(jobs_server, variants(250)).json()
+    canceled = httpx.post(f"{jobs_server.url}/jobs/{job['id']}/cancel").json()
+    assert canceled["status"] == "canceled" and canceled["done"] < 250 and canceled["finished_at"]
+    time.sleep(1)  # a batch that was in flight comes back: it is dropped
+    after = wait_for(jobs_server, job["id"])
+    assert after["done"] == canceled["done"] and len(results(jobs_server, job["id"])) == after["done"]
+    assert httpx.post(f"{jobs_server.url}/jobs/{job['id']}/cancel").json() == after  # unchanged
+    assert httpx.delete(f"{jobs_server.url}/jobs/{job['id']}").status_code == 204
+    for response in (httpx.get(f"{jobs_server.url}/jobs/{job['id']}"), httpx.get(f"{jobs_server.url}/jobs/{job['id']}/results"),
+                     httpx.post(f"{jobs_server.url}/jobs/{job['id']}/cancel"), httpx.delete(f"{jobs_server.url}/jobs/{job['id']}")):
+        assert response.status_code == 404 and "detail" in response.json()
+
+
+def test_deleting_a_running_job_removes_its_images(jobs_server):
+    job = submit(jobs_server, variants(200)).json()
+    assert httpx.delete(f"{jobs_server.url}/jobs/{job['id']}").status_code == 204
+    time.sleep(1.5)  # past the housekeeping loop's refresh
+    pending = [line for line in httpx.get(f"{jobs_server.url}/metrics").text.splitlines() if line.startswith("job_images_pending ")]
+    assert pending == ["job_images_pending 0.0"]
+
+
+def test_jobs_are_listed_newest_first_a_page_at_a_time(jobs_server):
+    made = [submit(jobs_server, variants(1)).json()["id"] for _ in range(3)]
+    page = httpx.get(f"{jobs_server.url}/jobs?limit=2").json()
+    assert [job["id"] for job in page["jobs"]] == made[::-1][:2]
+    rest = httpx.get(f"{jobs_server.url}{page['next']}").json()
+    assert rest["jobs"][0]["id"] == made[0]
+    assert httpx.get(f"{jobs_server.url}/jobs?before={'f' * 32}").status_code == 404
+    assert httpx.get(f"{jobs_server.url}/jobs?limit=101").status_code == 422
+
+
+@pytest.mark.parametrize("job_id", ["0" * ID_LENGTH, "not-a-job", "x" * 300, "%00", "1' OR '1'='1"])
+def test_unknown_and_malformed_ids_are_404(jobs_server, job_id):
+    for response in (httpx.get(f"{jobs_server.url}/jobs/{job_id}"), httpx.get(f"{jobs_server.url}/jobs/{job_id}/results"),
+                     httpx.post(f"{jobs_server.url}/jobs/{job_id}/cancel"), httpx.delete(f"{jobs_server.url}/jobs/{job_id}")):
+        assert response.status_code == 404 and list(response.json()) == ["detail"]
+
+
+def test_bad_submissions_are_refused_with_reasons(jobs_server):
+    url = f"{jobs_server.url}/jobs"
+    no_files = httpx.post(url, data={"webhook": ""}, files={"other": ("a.txt", b"x")})
+    assert no_files.status_code == 422 and "files" in no_files.json()["detail"]
+    assert httpx.post(url, json={"files": []}).status_code == 422
+    assert httpx.post(f"{url}?k=0", files=multipart(variants(1))).status_code == 422
+    too_many = submit(jobs_server, [("a.jpg", b"x")] * 301)
+    assert too_many.status_code == 413 and "MAX_JOB_FILES" in too_many.json()["detail"]
+    too_big = submit(jobs_server, [("a.jpg", bytes(1024 * 1024))] * 9)
+    assert too_big.status_code == 413 and "MAX_JOB_BYTES" in too_big.json()["detail"]
+    cut = httpx.post(url, content=b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a\"\r\n\r\nabc",
+                     headers={"content-type": "multipart/form-data; boundary=b"})
+    assert cut.status_code in (400, 422)
+    assert list(jobs_server.workdir.iterdir()) == [] and list(jobs_server.tmpdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("webhook", ["http://10.0.0.1/hook", "http://169.254.169.254/latest/meta-data", "file:///etc/passwd",
+                                     "http://user:pw@127.0.0.1/x", "gopher://127.0.0.1/", "not a url"])
+def test_a_webhook_outside_the_allowed_hosts_is_refused(jobs_server, webhook):
+    response = submit(jobs_server, variants(1), data={"webhook": webhook})
+    assert response.status_code == 422, response.text
+    assert "webhook" in response.json()["detail"]
+
+
+def test_webhooks_are_signed_retried_and_never_follow_redirects(jobs_server, receiver):
+    from standardwebhooks.webhooks import Webhook
+
+    base, received = receiver
+    flaky = submit(jobs_server, variants(2), data={"webhook": f"{base}/flaky"}).json()
+    redirected = submit(jobs_server, variants(1), data={"webhook": f"{base}/redirect"}).json()
+    assert flaky["webhook"] == {"url": f"{base}/flaky", "delivered": False, "attempts": 0, "last_status": None}
+    done = wait_for(jobs_server, flaky["id"], lambda job: job["webhook"]["delivered"], timeout=30)
+    assert done["webhook"] == {"url": f"{base}/flaky", "delivered": True, "attempts": 2, "last_status": 204}
+    deliveries = [(headers, body) for path, headers, body in received if path == "/flaky"]
+    assert len(deliveries) == 2
+    for headers, body in deliveries:
+        job = Webhook(WEBHOOK_SECRET).verify(body, headers)
+        assert job["id"] == flaky["id"] and job["status"] == "succeeded" and job["done"] == 2
+    assert deliveries[0][0]["webhook-id"] == deliveries[1][0]["webhook-id"]  # the same message, retried
+    with pytest.raises(Exception):
+        Webhook("whsec_" + base64.b64encode(b"another secret, 24 bytes").decode()).verify(deliveries[0][1], deliveries[0][0])
+
+    wait_for(jobs_server, redirected["id"], lambda job: job["webhook"]["attempts"] >= 2, timeout=30)
+    assert not any(path == "/elsewhere" for path, _, _ in received)
+    assert httpx.get(f"{jobs_server.url}/jobs/{redirected['id']}").json()["webhook"]["last_status"] == 307
+
+
+def test_job_metrics(jobs_server):
+    job = submit(jobs_server, variants(2) + [("bad.jpg", b"nope")], headers={"Prefer": "wait=30"}).json()
+    assert job["status"] == "succeeded"
+    text = httpx.get(f"{jobs_server.url}/metrics").text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("job")}
+    assert values["jobs_submitted_total"] >= 1 and values['jobs_finished_total{status="succeeded"}'] >= 1
+    assert values['job_images_total{outcome="classified"}'] >= 2 and values['job_images_total{outcome="error"}'] >= 1
+    for gauge in ("job_images_pending", "job_pending_bytes", "job_oldest_pending_image_age_seconds"):
+        assert gauge in values
+    assert 'http_requests_total{endpoint="/jobs",method="POST",status="200"}' in text
+
+
+def test_every_jobs_route_needs_the_api_key(guarded):
+    server, _ = guarded
+    for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"), ("GET", "/jobs/abc/results"),
+                         ("POST", "/jobs/abc/cancel"), ("DELETE", "/jobs/abc")):
+        response = httpx.request(method, f"{server.url}{path}")
+        assert response.status_code == 401, (method, path)
+    key = {"X-API-Key": API_KEY}
+    job = submit(server, variants(1), headers={**key, "Prefer": "wait=30"}).json()
+    assert job["status"] == "succeeded"
+    assert httpx.get(f"{server.url}/jobs/{job['id']}/results", headers=key).status_code == 200
+
+
+def test_webhooks_are_refused_where_no_host_is_allowed(server):
+    response = submit(server, variants(1), data={"webhook": "http://127.0.0.1:9/hook"})
+    assert response.status_code == 422 and "WEBHOOK_ALLOWED_HOSTS" in response.json()["detail"]
+
+
+def test_stored_bytes_are_bounded(weights_file, tmp_path):
+    server = start_server(tmp_path, JOBS_MAX_PENDING_BYTES=str(400_000), MAX_BATCH_SIZE="1")
+    try:
+        photos = variants(200)  # about 2 MB
+        declared = submit(server, photos)
+        assert declared.status_code == 503 and declared.headers["retry-after"]
+        assert "JOBS_MAX_PENDING_BYTES" in declared.json()["detail"]
+
+        # Chunked, with no Content-Length: refused when it is stored, not before it is read.
+        body = httpx.Request("POST", server.url, files=multipart(photos))
+        chunks = (body.read()[i : i + 65536] for i in range(0, len(body.read()), 65536))
+        streamed = httpx.post(f"{server.url}/jobs", content=chunks, headers={"content-type": body.headers["content-type"]},
+                              timeout=60)
+        assert streamed.status_code == 503
+        small = submit(server, photos[:20])
+        assert small.status_code == 202
+    finally:
+        server.stop()
+
+
+def test_results_expire_after_the_ttl(weights_file, tmp_path):
+    server = start_server(tmp_path, JOB_TTL_S="1")
+    try:
+        job = submit(server, variants(2), headers={"Prefer": "wait=30"}).json()
+        assert httpx.get(f"{server.url}/jobs/{job['id']}").status_code == 200
+        time.sleep(1.2)
+        assert httpx.get(f"{server.url}/jobs/{job['id']}").status_code == 404
+        assert httpx.get(f"{server.url}/jobs/{job['id']}/results").status_code == 404
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+                if db.execute("select count(*) from jobs").fetchone() == (0,):
+                    break
+            time.sleep(0.2)
+        with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:  # swept, not just hidden
+            assert db.execute("select (select count(*) from jobs) + (select count(*) from job_results)").fetchone() == (0,)
+    finally:
+        server.stop()
+
+
+def send_part_of_a_job(url: str, files: list[tuple[str, bytes]]) -> socket.socket:
+    """Starts a job submission and sends only half of its body; the socket is left open."""
+    request = httpx.Request("POST", f"{url}/jobs", files=multipart(files))
+    body = request.read()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = (f"POST /jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: {request.headers['content-type']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head + body[: len(body) // 2])
+    return sock
+
+
+def test_a_job_survives_sigkill_with_exactly_one_result_per_image(weights_file, tmp_path, reference):
+    """kill -9 while a job runs and while another uploads; after a restart on the same database the accepted
+    job finishes with exactly one result per image, equal to the online answers, and the cut-off upload
+    left nothing behind."""
+    photos = variants(240)
+    first = start_server(tmp_path / "first", JOBS_DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    try:
+        job = submit(first, photos).json()
+        wait_for(first, job["id"], lambda j: j["done"] >= 40)
+        uploading = send_part_of_a_job(first.url, variants(30))
+        time.sleep(0.3)
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(10)
+    uploading.close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        done_before = db.execute("select done from jobs where id = ?", (job["id"],)).fetchone()[0]
+        assert db.execute("select count(*) from jobs").fetchone() == (1,)
+    assert 40 <= done_before < 240
+
+    second = start_server(tmp_path / "second", JOBS_DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    try:
+        finished = wait_for(second, job["id"])
+        assert (finished["status"], finished["done"], finished["failed"]) == ("succeeded", 240, 0)
+        entries = results(second, job["id"])
+        assert [entry["index"] for entry in entries] == list(range(240))
+        online = []
+        for start in range(0, 240, 30):
+            batch = httpx.post(f"{second.url}/predict/batch?k=5", files=multipart(photos[start : start + 30]), timeout=60)
+            online += batch.json()["results"]
+        for entry, answer, (name, data) in zip(entries, online, photos):
+            assert entry["filename"] == name == answer["filename"]
+            assert [p["index"] for p in entry["predictions"]] == [p["index"] for p in answer["predictions"]]
+            assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(entry["predictions"], answer["predictions"]))
+        assert_top_k(entries[7]["predictions"], reference(Image.open(io.BytesIO(photos[7][1]))), 5)
+        with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+            assert db.execute("select count(*), count(distinct \"index\") from job_results").fetchone() == (240, 240)
+            assert db.execute("select count(*) from job_images").fetchone() == (0,)
+            assert db.execute("select count(*) from jobs").fetchone() == (1,)  # the cut-off upload left nothing
+    finally:
+        second.stop()
