@@ -6,7 +6,10 @@ Also a screenshot tool for reviewers, against a running service:
 
 from __future__ import annotations
 
+import csv
 import http.server
+import io
+import json
 import importlib.resources
 import shutil
 import sys
@@ -141,6 +144,48 @@ def test_cross_origin_fetch_follows_cors_origins(weights_file, tmp_path_factory)
                                                "(JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF)")
     finally:
         api.stop()
+
+
+def test_many_photos_run_as_a_job_with_progress_results_and_downloads(server, tmp_path):
+    """Several files chosen at once: the page submits one job, fills a progress bar, lists each photo's best
+    label as it arrives (a bad file in words) and offers CSV and JSONL downloads of the same answers."""
+    from conftest import PHOTOS, encode, photo
+
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"photo-{i:02d}.jpg"
+        path.write_bytes(encode(photo(PHOTOS[i % len(PHOTOS)]).convert("RGB").rotate(i * 7), "JPEG"))
+        paths.append(path)
+    broken = tmp_path / "notes.jpg"
+    broken.write_bytes(b"this is not a photo")
+    paths.append(broken)
+    files = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path in paths]
+    expected = httpx.post(f"{server.url}/predict/batch?k=5", files=files, timeout=60).json()["results"]
+
+    with browser_page() as page:
+        page.goto(server.url + "/")
+        page.set_input_files("#file", [str(path) for path in paths])
+        page.wait_for_selector("#downloads:not([hidden])", timeout=60_000)
+        assert page.locator("#job-progress").get_attribute("max") == "13"
+        assert page.eval_on_selector("#job-progress", "bar => bar.value") == 13
+        assert "13 of 13 photos (1 could not be classified)" in page.inner_text("#job-status")
+        rows = page.locator("#job-results li")
+        assert rows.count() == 13
+        for i, item in enumerate(expected[:12]):
+            best = item["predictions"][0]
+            assert rows.nth(i).inner_text().split("\n") == [item["filename"], f"{best['label']} ({best['score'] * 100:.1f}%)"]
+        assert rows.nth(12).inner_text().split("\n") == ["notes.jpg", "Could not be read as a photo"]
+
+        with page.expect_download() as download:
+            page.click("#download-jsonl")
+        lines = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
+        assert [line["filename"] for line in lines] == [path.name for path in paths]
+        assert [line["predictions"][0]["index"] for line in lines[:12]] == [e["predictions"][0]["index"] for e in expected[:12]]
+        with page.expect_download() as download:
+            page.click("#download-csv")
+        table = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+        assert [row["label"] for row in table[:12]] == [e["predictions"][0]["label"] for e in expected[:12]]
+        assert table[12]["error"] and table[12]["label"] == ""
 
 
 if __name__ == "__main__":
