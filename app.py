@@ -223,7 +223,6 @@ app = FastAPIOffline(
 app.state.ready = False
 app.state.job_worker = job_worker
 # Outermost last: Observe sees every response, CORS headers go on errors too, the gate runs before the body limits.
-memory.configure_allocator()
 app.add_middleware(memory.BodyLimits, max_body=settings.max_upload_bytes, budget=settings.max_body_buffer_bytes,
                    held=observability.BODY_BYTES_HELD, rejected=REJECTED,
                    larger={"/jobs": (settings.max_job_bytes, "MAX_JOB_BYTES")})

@@ -101,20 +101,12 @@ class BodyLimits:
 
 
 # glibc keeps freed memory in its heaps for reuse; for a server that sees bursts of large uploads that
-# means the burst's peak stays resident. Two levers, both measured by bench/burst.py:
-#  - a fixed mmap threshold: blocks over 1 MiB (every upload buffer, decoded photo and tensor) are mmapped
-#    and so unmapped the moment they are freed. By default glibc raises the threshold after each such free,
-#    and later large blocks land in the heaps instead.
-#  - malloc_trim(0) once 64 MiB of bodies have been let go: returns what the heaps hold free after a burst.
-_M_MMAP_THRESHOLD = -3
+# means the burst's peak stays resident. malloc_trim(0) once 64 MiB of bodies have been let go returns what
+# the heaps hold free (bench/burst.py measures it). glibc's mmap threshold is left to adapt as it does by
+# default: fixing it low (every block over 1 MiB mmapped, so returned at once) made each forward pass fault
+# in fresh pages for its activations, and cost 20 % of throughput (35 vs 44 req/s at c=8, bench/benchmark.py).
 _libc_path = ctypes.util.find_library("c")
 _libc = ctypes.CDLL(_libc_path) if _libc_path else None
-
-
-def configure_allocator(mmap_threshold: int = 1024 * 1024) -> None:
-    if _libc is not None and hasattr(_libc, "mallopt"):
-        if not _libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
-            log.warning("mallopt(M_MMAP_THRESHOLD) was refused; freed memory may stay resident after bursts")
 
 
 def release_freed_memory() -> None:
