@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 
 import httpx
 from sqlalchemy import Row
@@ -43,21 +44,28 @@ class JobWorker:
         self.webhook_first_retry_s = webhook_first_retry_s
         self._submitted = asyncio.Event()  # a job was stored: look for work now, not at the next poll
         self._ended = asyncio.Event()  # replaced each time a job ends, so waiters wake
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # the loops, the batches out, the webhooks being sent
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient()
-        self._tasks = [asyncio.create_task(self._classify_forever(), name="job worker"),
-                       asyncio.create_task(self._housekeeping_forever(), name="job housekeeping")]
+        self._spawn(self._classify_forever())
+        self._spawn(self._housekeeping_forever())
 
     async def stop(self) -> None:
         """Stop taking work. Images claimed but not recorded keep their state and are classified after a restart."""
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._client:
             await self._client.aclose()
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def submitted(self) -> None:
         self._submitted.set()
@@ -101,8 +109,7 @@ class JobWorker:
                 except TimeoutError:
                     pass
                 continue
-            task = asyncio.create_task(self._classify(images))
-            task.add_done_callback(lambda _: lanes.release())
+            self._spawn(self._classify(images)).add_done_callback(lambda _: lanes.release())
 
     async def _classify(self, images: list[ClaimedImage]) -> None:
         tried = [image for image in images if image.attempts <= MAX_ATTEMPTS]
@@ -142,7 +149,7 @@ class JobWorker:
                 JOB_OLDEST_PENDING_AGE.set(0 if backlog.oldest_queued_at is None else time.time() - backlog.oldest_queued_at)
                 if self.signer:
                     for job in await asyncio.to_thread(self.store.webhooks_due):
-                        asyncio.create_task(self._call_back(job))
+                        self._spawn(self._call_back(job))
                 if time.monotonic() - last_sweep > min(SWEEP_EVERY_S, self.store.ttl_s):
                     last_sweep = time.monotonic()
                     swept = await asyncio.to_thread(self.store.sweep)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # first: bench/jobs.py, not the service's jobs.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import service_env  # noqa: E402
-from jobs import photos  # noqa: E402
+from async_jobs import photos  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Asynchronous jobs beside the other two ways of serving, measured side by side in one run.
 
-    python bench/jobs.py [--images 500] [--seconds 10]
+    python bench/async_jobs.py [--images 500] [--seconds 10]
 
 1. The same images through `python -m classify` and as one job (POST /jobs) on an otherwise idle
    service: the job's rate from its started_at to its finished_at, and from the submission on.
