@@ -199,9 +199,7 @@ def drain_on_sigterm(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await asyncio.to_thread(job_worker.store.upgrade)
-    if job_worker.store.url.get_backend_name() == "sqlite":
-        await asyncio.to_thread(job_worker.store.release_leases)  # the file is this process's alone
+    await asyncio.to_thread(job_worker.store.open)
     await batcher.start()
     await job_worker.start()
     drain_on_sigterm(app)

@@ -140,6 +140,13 @@ class JobStore:
         self.reader = self.engine.execution_options(read_only=True)
         self._admission = threading.Lock()  # the pending-bytes check and the insert, as one step
 
+    def open(self) -> None:
+        """At start-up: the schema at its newest version; on SQLite, whose file is this process's alone,
+        the claims of a process that died are void."""
+        self.upgrade()
+        if self.url.get_backend_name() == "sqlite":
+            self.release_leases()
+
     def upgrade(self) -> None:
         """Create or migrate the schema to the newest version (migrations/versions)."""
         config = Config()
@@ -149,7 +156,7 @@ class JobStore:
             command.upgrade(config, "head")
 
     def release_leases(self) -> None:
-        """At start-up, with a store only this process uses: claims of a process that died are void."""
+        """Void every claim (start-up of a store only this process uses)."""
         with self.engine.begin() as connection:
             connection.execute(update(job_images).values(leased_until=None))
 
