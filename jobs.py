@@ -186,12 +186,23 @@ async def list_jobs(
     return JobList(jobs=page, next=f"/jobs?limit={limit}&before={page[-1].id}" if len(page) == limit else None)
 
 
-@router.get("/{job_id}", response_model=Job, responses=errors(401, 404), summary="A job's status and progress")
-async def get_job(request: Request, job_id: str) -> Job:
+@router.get("/{job_id}", response_model=Job, responses={200: {"headers": JOB_HEADERS}, **errors(401, 404)},
+            summary="A job's status and progress")
+async def get_job(
+    request: Request,
+    job_id: str,
+    prefer: Annotated[str | None, Header(description="wait=N: answer when the job ends, or after N ≤ 60 s")] = None,
+) -> JSONResponse:
+    """With `Prefer: wait=N`, a long poll: the answer comes when the job ends, or after N seconds as it is then."""
     row = await asyncio.to_thread(store(request).get, job_id)
     if row is None:
         raise not_found(job_id)
-    return Job.from_row(row)
+    waited = wait_preference(prefer)
+    if waited and row.status not in TERMINAL:
+        row = await worker(request).wait_until_ended(row.id, waited)
+        if row is None:
+            raise not_found(job_id)
+    return job_response(row, 200, waited)
 
 
 @router.get(

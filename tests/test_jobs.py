@@ -143,7 +143,13 @@ def test_prefer_wait_answers_202_when_the_job_outlasts_it(jobs_server):
     response = submit(jobs_server, variants(60), headers={"Prefer": "respond-async, wait=0.2"})
     assert response.status_code == 202 and response.json()["status"] in ("queued", "running")
     assert response.headers["preference-applied"] == "wait=0.2"
-    wait_for(jobs_server, response.json()["id"])
+    job_url = f"{jobs_server.url}/jobs/{response.json()['id']}"
+    # GET with Prefer: wait is a long poll: one request until the job ends, instead of many.
+    still_running = httpx.get(job_url, headers={"Prefer": "wait=0.1"})
+    assert still_running.status_code == 200 and still_running.headers["preference-applied"] == "wait=0.1"
+    assert still_running.json()["status"] in ("queued", "running")
+    ended = httpx.get(job_url, headers={"Prefer": "wait=60"}, timeout=90)
+    assert ended.json()["status"] == "succeeded" and ended.json()["done"] == 60
 
 
 def test_the_same_idempotency_key_returns_the_same_job(jobs_server):
