@@ -22,6 +22,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
@@ -165,7 +166,7 @@ batcher = Batcher(
 )
 observability.IN_FLIGHT.set_function(lambda: batcher.in_flight)
 try:
-    job_worker = JobWorker(JobStore(settings.jobs_database_url, settings.job_ttl_s), batcher,
+    job_worker = JobWorker(JobStore(settings.jobs_database_url, settings.job_ttl_s, settings.job_lease_s), batcher,
                            webhook_secret=settings.webhook_secret, webhook_first_retry_s=settings.webhook_first_retry_s)
 except Exception as error:  # an unknown driver, a malformed URL
     raise SystemExit(f"Cannot open the job store JOBS_DATABASE_URL: {error}") from None
@@ -199,7 +200,6 @@ def drain_on_sigterm(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await asyncio.to_thread(job_worker.store.open)
     await batcher.start()
     await job_worker.start()
     drain_on_sigterm(app)
@@ -345,6 +345,7 @@ async def predict_batch(
 
 
 app.include_router(jobs.router, dependencies=[Depends(api_key)])
+app.add_exception_handler(DBAPIError, jobs.database_unavailable)
 
 
 @app.get("/", response_class=HTMLResponse, include_in_schema=False)

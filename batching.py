@@ -109,6 +109,15 @@ class Batcher:
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
 
+    async def until_idle(self) -> None:
+        """Return once no online image is in flight and none has arrived for idle_s: the moment to take
+        background work (a job worker claims images only then, leaving a busy replica's share to idle ones)."""
+        while True:
+            quiet_for = time.monotonic() - self._online_seen
+            if not self.in_flight and quiet_for >= self.idle_s:
+                return
+            await asyncio.sleep(max(self.idle_s - quiet_for, self.idle_s))
+
     def full(self, images: int = 1) -> bool:
         return self.in_flight + images > self.max_queue
 

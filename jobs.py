@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -18,6 +19,7 @@ from starlette.concurrency import iterate_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from sqlalchemy.exc import DBAPIError
 from starlette.requests import ClientDisconnect
 
 import model
@@ -28,7 +30,10 @@ from observability import JOBS_FINISHED, JOBS_SUBMITTED, REJECTED
 from schemas import BatchItem, Job, TopKParameter, errors, result_line
 from settings import settings
 
-router = APIRouter(prefix="/jobs", tags=["asynchronous jobs"])
+# Every route reads the job database: while it is unreachable, each answers 503 (database_unavailable).
+router = APIRouter(prefix="/jobs", tags=["asynchronous jobs"], responses=errors(503))
+
+log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 60  # Prefer: wait=N is honoured up to this
 
@@ -67,6 +72,14 @@ def worker(request: Request) -> JobWorker:
 
 def store(request: Request) -> JobStore:
     return worker(request).store
+
+
+async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
+    """The job database cannot be reached (a restart, a failover): 503, and a retry soon. Online routes
+    do not use it and keep answering. Registered by app.py for DBAPIError."""
+    log.warning("%s %s: the job database is unavailable (%s)", request.method, request.url.path, type(error).__name__)
+    REJECTED.labels("database_unavailable").inc()
+    return JSONResponse({"detail": "the job database is unavailable; retry shortly"}, 503, headers={"Retry-After": "5"})
 
 
 def not_found(job_id: str) -> HTTPException:

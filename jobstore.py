@@ -9,12 +9,18 @@ start-up. Guarantees, each from one transaction:
 - an image's result is written in the same transaction that deletes the image, and (job, index) is
   the results' primary key, so every image gets exactly one result whatever crashes in between.
 Times are seconds since the epoch (UTC), which every database stores and compares the same way.
+
+On PostgreSQL any number of processes (replicas) share the store: an image is claimed by one of them at a
+time (FOR UPDATE SKIP LOCKED) under a lease its worker renews; a dead worker's leases run out and another
+claims the images again. Steps that must not run twice at once (the schema upgrade, the pending-bytes check
+and the insert) take a PostgreSQL advisory lock; on SQLite, BEGIN IMMEDIATE serializes every writer anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import zlib
 import threading
 import time
 from collections import Counter
@@ -54,6 +60,8 @@ jobs = Table(
     Column("webhook_last_status", Integer),
     Column("webhook_next_at", Double),  # when to try (again); null: nothing to send
     Index("jobs_newest_first", "created_at", "id"),
+    Index("jobs_webhook_due", "webhook_next_at"),
+    Index("jobs_expiry", "expires_at"),
 )
 job_images = Table(
     "job_images", metadata,
@@ -132,10 +140,13 @@ class JobStore:
         self.url = make_url(url)
         self.ttl_s = ttl_s
         self.lease_s = lease_s
-        if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
+        self.embedded = self.url.get_backend_name() == "sqlite"  # one process's file, not a shared server
+        if self.embedded and self.url.database not in (None, "", ":memory:"):
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(self.url, pool_pre_ping=True)
-        if self.url.get_backend_name() == "sqlite":
+        # pool_pre_ping: a connection the server dropped (a restart) is replaced, not handed out.
+        self.engine = create_engine(self.url, pool_pre_ping=True,
+                                    connect_args={} if self.embedded else {"connect_timeout": 5})
+        if self.embedded:
             _sqlite_pragmas(self.engine)
         self.reader = self.engine.execution_options(read_only=True)
         self._admission = threading.Lock()  # the pending-bytes check and the insert, as one step
@@ -144,7 +155,7 @@ class JobStore:
         """At start-up: the schema at its newest version; on SQLite, whose file is this process's alone,
         the claims of a process that died are void."""
         self.upgrade()
-        if self.url.get_backend_name() == "sqlite":
+        if self.embedded:
             self.release_leases()
 
     def upgrade(self) -> None:
@@ -152,6 +163,7 @@ class JobStore:
         config = Config()
         config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         with self.engine.begin() as connection:
+            self._one_at_a_time(connection, "upgrade")  # replicas starting together: one migrates, the rest wait
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
@@ -173,6 +185,7 @@ class JobStore:
         with self._admission:
             try:
                 with self.engine.begin() as connection:
+                    self._one_at_a_time(connection, "admission")  # other replicas' submissions
                     pending = connection.execute(select(func.coalesce(func.sum(job_images.c.size), 0))).scalar_one()
                     if size and pending + size > max_pending_bytes:
                         raise PendingFull(pending)
@@ -251,7 +264,8 @@ class JobStore:
     def sweep(self) -> int:
         """Delete the jobs whose results have expired; how many."""
         with self.engine.begin() as connection:
-            expired = connection.execute(select(jobs.c.id).where(jobs.c.expires_at <= time.time()).limit(500)).scalars().all()
+            expired = connection.execute(select(jobs.c.id).where(jobs.c.expires_at <= time.time()).limit(500)
+                                         .with_for_update(skip_locked=True)).scalars().all()  # another replica's sweep
             return self._delete(connection, expired) if expired else 0
 
     def backlog(self) -> Backlog:
@@ -286,6 +300,12 @@ class JobStore:
                 .order_by(job_images.c.queued_at, job_images.c.job_id, job_images.c.index)).all()
         return [ClaimedImage(*row) for row in rows]
 
+    def renew(self, keys: list[tuple[str, int]]) -> None:
+        """Extend the lease on images this worker still works on, so no one else claims them meanwhile."""
+        with self.engine.begin() as connection:
+            connection.execute(update(job_images).where(tuple_(job_images.c.job_id, job_images.c.index).in_(keys))
+                               .values(leased_until=time.time() + self.lease_s))
+
     def record(self, outcomes: list[Outcome]) -> list[str]:
         """Each outcome's result, and its image deleted, in one transaction. An image already gone (its job
         canceled or deleted, or another worker was first) gets no result. The ids of the jobs that finished."""
@@ -302,7 +322,7 @@ class JobStore:
                     answered[outcome.job_id] += 1
                     failed[outcome.job_id] += outcome.failed
             finished = []
-            for job_id, count in answered.items():
+            for job_id, count in sorted(answered.items()):  # rows locked in one order: no deadlock between replicas
                 connection.execute(update(jobs).where(jobs.c.id == job_id).values(
                     done=jobs.c.done + count, failed=jobs.c.failed + failed[job_id]))
                 left = connection.execute(select(func.count()).where(job_images.c.job_id == job_id)).scalar_one()
@@ -330,6 +350,11 @@ class JobStore:
                 webhook_delivered=delivered, webhook_next_at=None if delivered else retry_at))
 
     # Helpers, inside a caller's transaction
+
+    def _one_at_a_time(self, connection: Connection, step: str) -> None:
+        """On PostgreSQL, wait until no other process is in `step`, until this transaction ends."""
+        if not self.embedded:
+            connection.execute(select(func.pg_advisory_xact_lock(zlib.crc32(f"jobstore.{step}".encode()))))
 
     def _alive(self):  # noqa: ANN202 (a SQL expression)
         return or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > time.time())

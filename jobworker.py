@@ -3,8 +3,10 @@
     store.claim --> batcher.submit(background=True) --> store.record --> webhook
 
 Two batches of job images are out at a time: one in (or waiting for) the forward pass, the next being
-decoded, so the model never waits for a job's decoding. The batcher gives them only idle capacity.
-Beside that, once a second: backlog metrics, webhooks that are due, and (less often) expired jobs swept.
+decoded, so the model never waits for a job's decoding. Images are claimed only when the batcher is idle
+(no online image for a moment), and their lease is renewed until their results are stored, so with several
+replicas on one database the backlog goes to the idle ones. Beside that, once a second: backlog metrics,
+webhooks that are due, and (less often) expired jobs swept.
 """
 
 from __future__ import annotations
@@ -46,9 +48,32 @@ class JobWorker:
         self._ended = asyncio.Event()  # replaced each time a job ends, so waiters wake
         self._tasks: set[asyncio.Task[None]] = set()  # the loops, the batches out, the webhooks being sent
         self._client: httpx.AsyncClient | None = None
+        self._opened = False
 
     async def start(self) -> None:
+        """Open the store (see JobStore.open), then work in the background. An embedded store that cannot be
+        opened stops the start-up; an unreachable database server is retried while online traffic is served."""
+        try:
+            await asyncio.to_thread(self.store.open)
+        except DBAPIError as error:
+            if self.store.embedded:
+                raise
+            log.warning("the job database is unreachable (%s); job routes answer 503 until it is back",
+                        type(error).__name__)
+        else:
+            self._opened = True
         self._client = httpx.AsyncClient()
+        self._spawn(self._work())
+
+    async def _work(self) -> None:
+        while not self._opened:
+            await asyncio.sleep(5.0)
+            try:
+                await asyncio.to_thread(self.store.open)
+                self._opened = True
+                log.info("the job database is reachable again")
+            except DBAPIError:
+                pass
         self._spawn(self._classify_forever())
         self._spawn(self._housekeeping_forever())
 
@@ -95,6 +120,7 @@ class JobWorker:
         lanes = asyncio.Semaphore(LANES)
         while True:
             await lanes.acquire()
+            await self.batcher.until_idle()
             try:
                 images = await asyncio.to_thread(self.store.claim, self.batcher.max_batch_size)
             except DBAPIError as error:
@@ -112,6 +138,22 @@ class JobWorker:
             self._spawn(self._classify(images)).add_done_callback(lambda _: lanes.release())
 
     async def _classify(self, images: list[ClaimedImage]) -> None:
+        renewing = self._spawn(self._renew_leases([(image.job_id, image.index) for image in images]))
+        try:
+            await self._classify_and_record(images)
+        finally:
+            renewing.cancel()
+
+    async def _renew_leases(self, keys: list[tuple[str, int]]) -> None:
+        while True:
+            await asyncio.sleep(self.store.lease_s / 3)
+            try:
+                await asyncio.to_thread(self.store.renew, keys)
+            except DBAPIError as error:  # if the lease runs out meanwhile, another worker may take the images too;
+                # only the first result is stored
+                log.warning("renewing job image leases: the database is unavailable (%s)", type(error).__name__)
+
+    async def _classify_and_record(self, images: list[ClaimedImage]) -> None:
         tried = [image for image in images if image.attempts <= MAX_ATTEMPTS]
         answers = await asyncio.gather(*(self.batcher.submit(image.data, background=True) for image in tried),
                                        return_exceptions=True)

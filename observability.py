@@ -38,7 +38,8 @@ for status in ("succeeded", "failed", "canceled"):
 for outcome in ("classified", "error"):
     JOB_IMAGES.labels(outcome)
 REJECTED = Counter("rejected_requests_total", "Requests or images refused, by reason", ["reason"])
-for reason in ("overloaded", "memory", "jobs_full", "timeout", "too_large", "bad_image", "unauthorized", "shutting_down"):
+for reason in ("overloaded", "memory", "jobs_full", "database_unavailable", "timeout", "too_large", "bad_image",
+               "unauthorized", "shutting_down"):
     REJECTED.labels(reason)  # export every reason from the start, at 0
 
 # Every page this service serves (the web page, /docs, /redoc) needs nothing from another origin; the

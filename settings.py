@@ -124,6 +124,7 @@ class Settings:
     max_job_bytes: int
     jobs_max_pending_bytes: int
     job_ttl_s: float
+    job_lease_s: float
     webhook_secret: str | None = field(repr=False)
     webhook_allowed_hosts: list[str]
     webhook_first_retry_s: float
@@ -181,6 +182,7 @@ class Settings:
             max_job_bytes=_int(env, "MAX_JOB_BYTES", min(256 * 1024 * 1024, body_budget)),
             jobs_max_pending_bytes=_int(env, "JOBS_MAX_PENDING_BYTES", 2 * 1024**3),
             job_ttl_s=_float(env, "JOB_TTL_S", 86400, minimum=1),
+            job_lease_s=_float(env, "JOB_LEASE_S", 60, minimum=1),
             webhook_secret=_webhook_secret(env),
             webhook_allowed_hosts=[host.lower() for host in _list(env, "WEBHOOK_ALLOWED_HOSTS")],
             webhook_first_retry_s=_float(env, "WEBHOOK_FIRST_RETRY_S", 7.5, minimum=0.01),

@@ -229,3 +229,61 @@ def guarded(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     server = start_server(tmp, log=log, API_KEY=API_KEY, LOG_FORMAT="json", LOG_LEVEL="info")
     yield server, log
     server.stop()
+
+
+# --- PostgreSQL: a real server for the job store's tests and the replica tests -------------------------
+# Debian's postgresql package (make test installs it). initdb refuses to run as root, so as root the
+# server runs as the postgres user (runuser), in a temporary folder on a free port; pytest-postgresql
+# would run it as the current user, hence this small fixture of our own.
+
+
+@dataclass
+class Postgres:
+    bin: Path
+    data: Path
+    port: int
+    databases: int = 0
+
+    def run(self, tool: str, *args: str) -> subprocess.CompletedProcess:
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        return subprocess.run([*as_postgres, str(self.bin / tool), *args], check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.data.parent / "server.log"), "-w", "-o",
+                 f"-p {self.port} -k {self.data.parent} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self) -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def new_database(self) -> str:
+        """A fresh, empty database on this server: its SQLAlchemy URL."""
+        import psycopg
+
+        self.databases += 1
+        name = f"test_{self.databases}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+
+def postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: make test installs Debian's postgresql package")
+    return found[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="pg-"))  # not under pytest's 0700 folders: the postgres user works in it
+    server = Postgres(postgres_bin(), folder / "data", free_port())
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    server.run("initdb", "-D", str(server.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,21 +1,33 @@
-"""The job store on a real database file: atomic jobs, exactly one result per image, leases, expiry, limits."""
+"""The job store on real databases, SQLite and PostgreSQL, each test on both: atomic jobs, exactly one
+result per image, leases, expiry, limits."""
 
 from __future__ import annotations
 
-import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 
-@pytest.fixture
-def store(tmp_path: Path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
     from jobstore import JobStore
 
-    store = JobStore(f"sqlite:///{tmp_path / 'data' / 'jobs.sqlite3'}", ttl_s=3600, lease_s=60)
-    store.upgrade()
-    return store
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'data' / 'jobs.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres").new_database()
+    store = JobStore(url, ttl_s=3600, lease_s=60)
+    store.open()
+    yield store
+    store.engine.dispose()
+
+
+def count(store, table: str) -> int:
+    with store.engine.connect() as connection:
+        return connection.execute(text(f"select count(*) from {table}")).scalar_one()
 
 
 def images(count: int, size: int = 10):
@@ -37,11 +49,40 @@ def create(store, count=3, **options):
     return job
 
 
-def test_the_schema_is_created_in_a_new_folder_and_versioned(store, tmp_path):
-    with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:
-        assert db.execute("select version_num from alembic_version").fetchall() == [("0001",)]
-        assert db.execute("pragma journal_mode").fetchone() == ("wal",)
+def test_the_schema_is_created_and_versioned(store):
+    with store.engine.connect() as connection:
+        assert connection.execute(text("select version_num from alembic_version")).all() == [("0002",)]
+        if store.embedded:
+            assert connection.execute(text("pragma journal_mode")).one() == ("wal",)
     store.upgrade()  # a second start changes nothing
+
+
+def another_process(store):
+    """A second store on the same database, as another replica (or process) would have: its own engine."""
+    from jobstore import JobStore
+
+    return JobStore(store.url.render_as_string(hide_password=False), ttl_s=store.ttl_s, lease_s=store.lease_s)
+
+
+def test_stores_starting_together_migrate_once(tmp_path, postgres):
+    from jobstore import JobStore
+
+    for url in (f"sqlite:///{tmp_path / 'jobs.sqlite3'}", postgres.new_database()):
+        replicas = [JobStore(url, ttl_s=3600) for _ in range(4)]
+        errors = []
+
+        def start(replica) -> None:
+            try:
+                replica.upgrade()
+            except Exception as error:  # noqa: BLE001 (any failure fails the test below)
+                errors.append(error)
+
+        threads = [threading.Thread(target=start, args=(replica,)) for replica in replicas]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [], url
 
 
 def test_every_image_gets_exactly_one_result_however_often_it_is_recorded(store):
@@ -61,10 +102,64 @@ def test_claims_do_not_overlap_and_an_expired_lease_is_claimed_again(store):
     first, second = store.claim(3), store.claim(3)
     assert [i.index for i in first] == [0, 1, 2] and [i.index for i in second] == [3, 4]
     assert store.claim(3) == []
-    store.lease_s = -1  # as if the claims above had expired
-    store.release_leases()
+    store.release_leases()  # as at the start-up of a SQLite store: the claims above are void
     again = store.claim(10)
     assert [i.index for i in again] == [0, 1, 2, 3, 4] and {i.attempts for i in again} == {2}
+
+
+def test_a_lease_runs_out_unless_renewed(store):
+    create(store, 4)
+    store.lease_s = 0.3
+    kept, lapsed = store.claim(2), store.claim(2)
+    time.sleep(0.2)
+    store.renew([(image.job_id, image.index) for image in kept])
+    time.sleep(0.2)  # past the first lease: only the renewed images are still held
+    assert [image.index for image in store.claim(10)] == [image.index for image in lapsed]
+
+
+def test_concurrent_workers_claim_each_image_once(store):
+    """Eight threads claiming and recording at once (on PostgreSQL, FOR UPDATE SKIP LOCKED; on SQLite,
+    one writer at a time): every image is claimed by exactly one of them and gets exactly one result."""
+    jobs = [create(store, 40) for _ in range(3)]
+    claimed: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def work(worker) -> None:
+        while batch := worker.claim(4):
+            with lock:
+                claimed.extend((image.job_id, image.index) for image in batch)
+            worker.record(outcomes_for(batch))
+
+    threads = [threading.Thread(target=work, args=(another_process(store),)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted((job.id, index) for job in jobs for index in range(40))
+    for job in jobs:
+        finished = store.get(job.id)
+        assert (finished.status, finished.done) == ("succeeded", 40)
+        assert len(list(store.results(job.id))) == 40
+
+
+def test_the_pending_bytes_bound_holds_for_concurrent_submissions(store):
+    from jobstore import PendingFull
+
+    accepted, refused = [], []
+
+    def submit(replica) -> None:
+        try:
+            accepted.append(create(replica, 3, max_pending_bytes=100))
+        except PendingFull:
+            refused.append(True)
+
+    threads = [threading.Thread(target=submit, args=(another_process(store),)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(accepted) == 3 and len(refused) == 5  # 30 bytes each: three fit under 100
+    assert store.backlog().bytes == 90
 
 
 def test_results_come_in_upload_order_a_page_at_a_time(store):
@@ -74,15 +169,13 @@ def test_results_come_in_upload_order_a_page_at_a_time(store):
     assert list(store.results(job.id, page=2)) == [f'{{"index": {i}}}' for i in range(7)]
 
 
-def test_a_job_that_cannot_be_stored_whole_leaves_nothing(store, tmp_path):
+def test_a_job_that_cannot_be_stored_whole_leaves_nothing(store):
     from jobstore import NewImage
 
     broken = images(3) + [NewImage("bad.jpg", None, None)]  # a result entry may not be null: the insert fails
     with pytest.raises(Exception):
         store.create(5, broken, webhook_url=None, idempotency_key=None, max_pending_bytes=10**9)
-    with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as db:
-        assert db.execute("select count(*) from jobs").fetchone() == (0,)
-        assert db.execute("select count(*) from job_images").fetchone() == (0,)
+    assert count(store, "jobs") == count(store, "job_images") == 0
 
 
 def test_pending_bytes_are_bounded(store):
