@@ -6,7 +6,7 @@ PORT ?= 8000
 BIN := $(VENV)/bin
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean postgresql
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ $(BIN)/.installed: requirements.txt
 $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
+# The job store's tests also run on a real PostgreSQL server (Debian's package; the tests start their own).
+postgresql:
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+
 run: $(BIN)/.installed
 	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
 
-test: $(BIN)/.installed $(CHROMIUM)
+test: $(BIN)/.installed $(CHROMIUM) postgresql
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/.installed

@@ -60,6 +60,19 @@ def results(server: Server, job_id: str) -> list[dict]:
     return httpx.get(f"{server.url}/jobs/{job_id}/results", timeout=60).json()["results"]
 
 
+def assert_online_answers(server: Server, entries: list[dict], photos: list[tuple[str, bytes]]) -> None:
+    """A job's results are /predict/batch's answers for the same photos: labels, order, scores within 1e-6."""
+    online = []
+    for start in range(0, len(photos), 30):
+        batch = httpx.post(f"{server.url}/predict/batch?k=5", files=multipart(photos[start : start + 30]), timeout=60)
+        online += batch.json()["results"]
+    assert len(entries) == len(online) == len(photos)
+    for entry, answer, (name, _) in zip(entries, online, photos):
+        assert entry["filename"] == name == answer["filename"]
+        assert [p["index"] for p in entry["predictions"]] == [p["index"] for p in answer["predictions"]]
+        assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(entry["predictions"], answer["predictions"]))
+
+
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[tuple[str, list]]:
     """A local webhook receiver: answers 500 to a job's first delivery, 204 after; records every request."""
@@ -357,14 +370,7 @@ def test_a_job_survives_sigkill_with_exactly_one_result_per_image(weights_file, 
         assert (finished["status"], finished["done"], finished["failed"]) == ("succeeded", 240, 0)
         entries = results(second, job["id"])
         assert [entry["index"] for entry in entries] == list(range(240))
-        online = []
-        for start in range(0, 240, 30):
-            batch = httpx.post(f"{second.url}/predict/batch?k=5", files=multipart(photos[start : start + 30]), timeout=60)
-            online += batch.json()["results"]
-        for entry, answer, (name, data) in zip(entries, online, photos):
-            assert entry["filename"] == name == answer["filename"]
-            assert [p["index"] for p in entry["predictions"]] == [p["index"] for p in answer["predictions"]]
-            assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(entry["predictions"], answer["predictions"]))
+        assert_online_answers(second, entries, photos)
         assert_top_k(entries[7]["predictions"], reference(Image.open(io.BytesIO(photos[7][1]))), 5)
         with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
             assert db.execute("select count(*), count(distinct \"index\") from job_results").fetchone() == (240, 240)
