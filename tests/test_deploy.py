@@ -1,0 +1,114 @@
+"""deploy/: every manifest valid against the Kubernetes schemas, and consistent with what the service and
+the offline job actually serve and read (probe paths, ports, environment names, the shard arguments)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import REPO, Server
+
+DEPLOY = REPO / "deploy"
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # preStop's sleep action needs 1.30
+
+
+def manifests() -> dict[str, dict]:
+    found = {}
+    for path in sorted(DEPLOY.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            found[f"{document['kind']}/{document['metadata']['name']}"] = document
+    return found
+
+
+def settings_read() -> set[str]:
+    """The environment variables settings.py reads."""
+    source = (REPO / "settings.py").read_text()
+    return set(re.findall(r'env(?:\.get)?\(\s*"([A-Z0-9_]+)"', source)) | set(re.findall(r'\(env, "([A-Z0-9_]+)"', source))
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda path: path.name)
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_is_valid_against_the_kubernetes_schemas(path: Path, version: str):
+    for document in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(document, version, strict=True)  # raises on an unknown or misplaced field
+
+
+def test_strict_validation_catches_a_misspelt_field():
+    deployment = manifests()["Deployment/classifier"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/ready", "port": 8000}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_the_deployment_matches_the_service_it_runs(server: Server):
+    found = manifests()
+    pod = found["Deployment/classifier"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    command = container["command"]
+    assert command[:4] == ["python", "-m", "uvicorn", "app:app"]
+    assert int(command[command.index("--port") + 1]) == ports["http"]
+    assert found["Service/classifier"]["spec"]["ports"][0]["targetPort"] in ports
+
+    # The probes name paths this service answers 200 on, on its port.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["port"] in ports
+        assert httpx.get(f"{server.url}{get['path']}").status_code == 200, probe
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"  # 503 while starting and draining
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+
+    # Every variable set is one the service reads; secrets come from the Secret the example defines.
+    env = env_of(container)
+    assert set(env) - {"PYTHONDONTWRITEBYTECODE"} <= settings_read()
+    secret = found["Secret/classifier"]["stringData"]
+    for item in env.values():
+        if "valueFrom" in item:
+            assert item["valueFrom"]["secretKeyRef"]["key"] in secret
+    assert "JOBS_DATABASE_URL" in env and secret["jobs-database-url"].startswith("postgresql+psycopg://")
+
+    # The drain fits in the grace period: preStop, then SIGTERM's drain of SHUTDOWN_TIMEOUT_S.
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop + float(env["SHUTDOWN_TIMEOUT_S"]["value"]) < pod["terminationGracePeriodSeconds"]
+    # Threads are set to the pod's cores, not left to the node's CPU count.
+    assert int(env["THREADS"]["value"]) == int(container["resources"]["limits"]["cpu"])
+
+    security = container["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    mounts = {mount["name"] for mount in container["volumeMounts"]}
+    assert mounts == {volume["name"] for volume in pod["volumes"]}
+    assert env["MODEL_WEIGHTS"]["value"].startswith(next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "models"))
+
+
+def test_the_autoscaler_scales_the_deployment_on_a_metric_the_service_exports(server: Server):
+    found = manifests()
+    hpa = found["HorizontalPodAutoscaler/classifier"]["spec"]
+    assert f"{hpa['scaleTargetRef']['kind']}/{hpa['scaleTargetRef']['name']}" in found
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for metric in hpa["metrics"]:
+        if metric["type"] == "External":
+            assert re.search(rf"^{metric['external']['metric']['name']} ", metrics, re.M)
+
+
+def test_the_indexed_job_runs_one_shard_per_index(weights_file):
+    import classify
+
+    job = manifests()["Job/classify-photos"]["spec"]
+    assert job["completionMode"] == "Indexed"
+    (container,) = job["template"]["spec"]["containers"]
+    assert container["command"][:3] == ["python", "-m", "classify"]
+    assert set(env_of(container)) - {"PYTHONDONTWRITEBYTECODE"} <= settings_read()
+    for index in range(job["completions"]):  # as Kubernetes expands $(JOB_COMPLETION_INDEX) in each pod
+        argv = [part.replace("$(JOB_COMPLETION_INDEX)", str(index)) for part in container["command"][3:]]
+        args = classify.arguments(argv)
+        assert args.shard == (index, job["completions"])
+        assert args.out == Path(f"/results/part-{index}.jsonl")  # each pod its own file
