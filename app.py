@@ -37,6 +37,7 @@ observability.configure_logging(settings.log_level, settings.log_format)
 
 import jobs  # noqa: E402
 import model  # noqa: E402
+import protocol  # noqa: E402
 from batching import Batcher, Overloaded  # noqa: E402
 from jobstore import JobStore  # noqa: E402
 from jobworker import JobWorker  # noqa: E402
@@ -114,7 +115,7 @@ def overloaded() -> JSONResponse:
 
 class PredictGate:
     """Refuses requests that will not be served before their bodies are even read: a missing or wrong
-    API key (401) on /predict and /jobs; a new prediction or job while shutting down, or a prediction
+    API key (401) on /predict, /jobs and /v2/.../infer; a new prediction or job while shutting down, or a prediction
     while overloaded (503). Parsing uploads only to refuse them would hand the CPU to clients that are
     not served."""
 
@@ -123,7 +124,8 @@ class PredictGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        predict, jobs_route = path.startswith("/predict"), path == "/jobs" or path.startswith("/jobs/")
+        predict = path.startswith("/predict") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        jobs_route = path == "/jobs" or path.startswith("/jobs/")
         if scope["type"] == "http" and (predict or jobs_route):
             if not authorized(Headers(scope=scope)):
                 return await unauthorized()(scope, receive, send)
@@ -232,6 +234,7 @@ app.add_middleware(
     allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Idempotency-Key", "Prefer"],
     expose_headers=["X-Request-ID", "Retry-After", "Location", "Preference-Applied"],
 )
+app.add_middleware(protocol.ProtocolErrors)  # /v2 errors as {"error"}, whichever layer above refused
 app.add_middleware(observability.Observe)
 
 
@@ -270,18 +273,23 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def classify(request: Request, uploads: list[UploadFile]) -> list[torch.Tensor | Exception]:
-    """Uploaded files -> softmax probabilities [1000] each, or the exception that stopped that file.
+async def read_all(uploads: list[UploadFile]) -> list[bytes]:
+    images = []
+    for upload in uploads:
+        images.append(await upload.read())
+        await upload.close()  # its in-memory spool: one copy of the bytes is enough
+    return images
+
+
+async def classify(request: Request, images: list[bytes | torch.Tensor]) -> list[torch.Tensor | Exception]:
+    """Uploaded images (or already preprocessed ones, [3, 224, 224]) -> softmax probabilities [1000]
+    each, or the exception that stopped that image.
 
     The images go through the decoders and the batching worker together (sharing batches with other
     requests). A request that times out or whose client disconnects gives up all its images.
     """
     try:
-        with batcher.admit(len(uploads)):
-            images = []
-            for upload in uploads:
-                images.append(await upload.read())
-                await upload.close()  # its in-memory spool: one copy of the bytes is enough
+        with batcher.admit(len(images)):
             async with asyncio.timeout(settings.request_timeout_s):
                 work = asyncio.gather(*(batcher.submit(data) for data in images), return_exceptions=True)
                 watcher = asyncio.ensure_future(_until_disconnected(request))
@@ -300,7 +308,7 @@ async def classify(request: Request, uploads: list[UploadFile]) -> list[torch.Te
 
 
 async def classify_one(request: Request, upload: UploadFile) -> torch.Tensor:
-    [probabilities] = await classify(request, [upload])
+    [probabilities] = await classify(request, await read_all([upload]))
     if isinstance(probabilities, Exception):
         raise probabilities
     return probabilities
@@ -336,7 +344,7 @@ async def predict_batch(
         REJECTED.labels("too_large").inc()
         raise HTTPException(413, f"{len(files)} files in one request; at most {settings.max_batch_files} (MAX_BATCH_FILES)")
     results = []
-    for upload, outcome in zip(files, await classify(request, files)):
+    for upload, outcome in zip(files, await classify(request, await read_all(files))):
         if isinstance(outcome, Exception):
             results.append(BatchItem(filename=upload.filename, error=item_error(outcome)))
         else:
@@ -346,6 +354,9 @@ async def predict_batch(
 
 app.include_router(jobs.router, dependencies=[Depends(api_key)])
 app.add_exception_handler(DBAPIError, jobs.database_unavailable)
+app.state.classify = classify  # the Open Inference Protocol's routes classify through the same path
+app.include_router(protocol.router)
+app.include_router(protocol.inference, dependencies=[Depends(api_key)])
 
 
 @app.get("/", response_class=HTMLResponse, include_in_schema=False)

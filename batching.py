@@ -132,15 +132,19 @@ class Batcher:
         finally:
             self.in_flight -= images
 
-    async def submit(self, data: bytes, background: bool = False) -> torch.Tensor:
-        """Uploaded bytes -> their row of the model's output. Cancel the call to withdraw the image.
+    async def submit(self, data: bytes | torch.Tensor, background: bool = False) -> torch.Tensor:
+        """Uploaded bytes (or an image already prepared) -> its row of the model's output. Cancel the call
+        to withdraw the image.
 
         background: a job's image, classified only with capacity online images leave idle."""
         loop = asyncio.get_running_loop()
-        if background:
+        if not background:
+            self._online_seen = time.monotonic()
+        if isinstance(data, torch.Tensor):
+            image = data
+        elif background:
             image = await loop.run_in_executor(self._background_decoders, self.prepare, data)
         else:
-            self._online_seen = time.monotonic()
             self._decoding += 1
             try:
                 image = await loop.run_in_executor(self._decoders, self.prepare, data)
