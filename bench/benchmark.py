@@ -87,6 +87,12 @@ def ceiling(image_path: str, batch_size: int, seconds: float) -> dict:
     return {"images_per_s": batch_size * len(times) / sum(times), "batch_s_median": statistics.median(times)}
 
 
+def native_bf16() -> bool:
+    import model
+
+    return model.native_bf16()
+
+
 def draft_difference(image_paths: list[str]) -> dict:
     """What JPEG draft decoding changes on 12 MP photos: model input and softmax scores."""
     import model
@@ -107,6 +113,16 @@ def draft_difference(image_paths: list[str]) -> dict:
     return {"photos": len(image_paths), "input_mean_abs_difference": max(inputs), "score_max_abs_difference": max(scores),
             "same_top1": same_top1, "top5_overlap_of_5": top5_overlap / len(image_paths),
             "decode_ms_draft": 1000 * statistics.median(decode_s[True]), "decode_ms_full": 1000 * statistics.median(decode_s[False])}
+
+
+def cpu_description() -> str:
+    """The CPU's name and the vector extensions that decide these figures (AVX-512, native bfloat16)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+    present = set(flags.group(1).split()) if flags else set()
+    shown = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if flag in present]
+    return f"{name.group(1) if name else 'unknown'}, {' '.join(shown) or 'no AVX2'}"
 
 
 def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
@@ -270,7 +286,8 @@ def main() -> None:
         print(f"{name:48} {load.ok_per_s:6.1f} req/s  p50 {ms(load.percentile(50)):>7}  p99 {ms(load.percentile(99)):>7}"
               f"  {load.statuses}  {shown}", flush=True)
 
-    print(f"{threads} CPUs, weights {env['MODEL_WEIGHTS']}, {args.seconds:g} s per run\n", flush=True)
+    cpu = cpu_description()
+    print(f"{threads} CPUs ({cpu}), weights {env['MODEL_WEIGHTS']}, {args.seconds:g} s per run\n", flush=True)
 
     def measure_ceiling(backend_env: dict[str, str]) -> dict:
         return {"batch8": in_subprocess("ceiling", backend_env, str(small), 8, args.seconds / 2),
@@ -280,9 +297,12 @@ def main() -> None:
     # before and just after each backend's service runs, and averaged: these machines are noisy.
     # torch in bf16 (PRECISION=bf16) beside both, at c=1 and c=8.
     # (name, settings, {MAX_BATCH_SIZE: concurrencies})
-    configurations = (("torch", {"BACKEND": "torch"}, {"8": (1, 8, 32), "1": (8,)}),
-                      ("onnxruntime", {"BACKEND": "onnxruntime"}, {"8": (1, 8, 32), "1": (8,)}),
-                      ("torch bf16", {"BACKEND": "torch", "PRECISION": "bf16"}, {"8": (1, 8)}))
+    configurations = [("torch", {"BACKEND": "torch"}, {"8": (1, 8, 32), "1": (8,)}),
+                      ("onnxruntime", {"BACKEND": "onnxruntime"}, {"8": (1, 8, 32), "1": (8,)})]
+    if in_subprocess("native_bf16", env):
+        configurations.append(("torch bf16", {"BACKEND": "torch", "PRECISION": "bf16"}, {"8": (1, 8)}))
+    else:  # the service refuses PRECISION=bf16 here (emulated bf16 is slower than fp32): no rows to show
+        print("torch bf16: skipped, this CPU has no native bfloat16 instructions (AVX512_BF16 or AMX)\n", flush=True)
     ceilings = {}
     for backend, overrides, runs in configurations:
         backend_env = {**env, **overrides}
@@ -373,7 +393,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9))
-    args.out.write_text(json.dumps({"cpus": threads, "seconds_per_run": args.seconds, "ceilings": ceilings,
+    args.out.write_text(json.dumps({"cpus": threads, "cpu": cpu, "seconds_per_run": args.seconds, "ceilings": ceilings,
                                     "draft": draft, "rows": rows}, indent=1))
     print(f"\nwritten to {args.out}")
     shutil.rmtree(work)
@@ -404,10 +424,13 @@ def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> No
         ("overload: 503 within 100 ms (p99)", overload["p99_503_ms"] <= 100, f"{overload['p99_503_ms']} ms"),
         ("overload: only 200 and 503", set(overload["statuses"]) <= {"200", "503"}, str(overload["statuses"])),
         ("RSS growth over the soak < 5 %", soak["rss_growth_pct"] < 5, f"{soak['rss_growth_pct']} %"),
-        ("onnxruntime vs torch throughput, c=8", True, f"{ort_c8['ok_per_s'] / max(torch_c8['ok_per_s'], 1e-9):.2f}x"),
-        ("torch bf16 vs torch fp32 throughput, c=8", True,
-         f"{by_name['torch bf16 batch≤8 500x375 JPEG c=8']['ok_per_s'] / max(torch_c8['ok_per_s'], 1e-9):.2f}x"),
+        ("torch fp32 c=8 within 5 % of onnxruntime c=8", torch_c8["ok_per_s"] >= 0.95 * ort_c8["ok_per_s"],
+         f"{torch_c8['ok_per_s'] / max(ort_c8['ok_per_s'], 1e-9):.2f}x"),
     ]
+    bf16_c8 = by_name.get("torch bf16 batch≤8 500x375 JPEG c=8")
+    if bf16_c8:
+        checks.append(("torch bf16 vs torch fp32 throughput, c=8 (a trade, no target)", True,
+                       f"{bf16_c8['ok_per_s'] / max(torch_c8['ok_per_s'], 1e-9):.2f}x"))
     print("\ntargets")
     for name, met, value in checks:
         print(f"  {'met ' if met else 'MISS'}  {name:48} {value}")
