@@ -273,23 +273,25 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def read_all(uploads: list[UploadFile]) -> list[bytes]:
-    images = []
-    for upload in uploads:
-        images.append(await upload.read())
-        await upload.close()  # its in-memory spool: one copy of the bytes is enough
-    return images
+async def read(upload: UploadFile) -> bytes:
+    data = await upload.read()
+    await upload.close()  # its in-memory spool: one copy of the bytes is enough
+    return data
 
 
-async def classify(request: Request, images: list[bytes | torch.Tensor]) -> list[torch.Tensor | Exception]:
-    """Uploaded images (or already preprocessed ones, [3, 224, 224]) -> softmax probabilities [1000]
-    each, or the exception that stopped that image.
+async def classify(
+    request: Request, images: list[UploadFile] | list[bytes | torch.Tensor]
+) -> list[torch.Tensor | Exception]:
+    """Uploaded files (or images already read, or already preprocessed to [3, 224, 224]) -> softmax
+    probabilities [1000] each, or the exception that stopped that image.
 
     The images go through the decoders and the batching worker together (sharing batches with other
-    requests). A request that times out or whose client disconnects gives up all its images.
+    requests). A request that times out or whose client disconnects gives up all its images. Uploads are
+    read only once admitted: a refused request never copies its files.
     """
     try:
         with batcher.admit(len(images)):
+            images = [image if isinstance(image, (bytes, torch.Tensor)) else await read(image) for image in images]
             async with asyncio.timeout(settings.request_timeout_s):
                 work = asyncio.gather(*(batcher.submit(data) for data in images), return_exceptions=True)
                 watcher = asyncio.ensure_future(_until_disconnected(request))
@@ -308,7 +310,7 @@ async def classify(request: Request, images: list[bytes | torch.Tensor]) -> list
 
 
 async def classify_one(request: Request, upload: UploadFile) -> torch.Tensor:
-    [probabilities] = await classify(request, await read_all([upload]))
+    [probabilities] = await classify(request, [upload])
     if isinstance(probabilities, Exception):
         raise probabilities
     return probabilities
@@ -344,7 +346,7 @@ async def predict_batch(
         REJECTED.labels("too_large").inc()
         raise HTTPException(413, f"{len(files)} files in one request; at most {settings.max_batch_files} (MAX_BATCH_FILES)")
     results = []
-    for upload, outcome in zip(files, await classify(request, await read_all(files))):
+    for upload, outcome in zip(files, await classify(request, files)):
         if isinstance(outcome, Exception):
             results.append(BatchItem(filename=upload.filename, error=item_error(outcome)))
         else:
