@@ -211,8 +211,10 @@ def parse(body: bytes, headers: Headers) -> tuple[InferenceRequest, list[bytes] 
 
     count = tensor.shape[0] if tensor.shape else 0
     if not 1 <= count <= settings.max_batch_files:
-        REJECTED.labels("too_large").inc()
-        raise HTTPException(413 if count > settings.max_batch_files else 400,
+        too_large = count > settings.max_batch_files
+        if too_large:
+            REJECTED.labels("too_large").inc()
+        raise HTTPException(413 if too_large else 400,
                             f"input {tensor.name!r}: {count} elements; from 1 to {settings.max_batch_files} (MAX_BATCH_FILES)")
     if tensor.name == "image":
         expect(tensor, "BYTES", [count])
@@ -261,7 +263,7 @@ def fp32_batch(tensor: RequestInput, binary: bytes | None, count: int) -> torch.
     if binary is not None:
         if len(binary) != expected * 4:
             raise bad_request(f"input 'input': {len(binary)} bytes of binary data; [{count}, 3, 224, 224] FP32 is {expected * 4}")
-        values = np.frombuffer(binary, dtype="<f4")
+        values = np.frombuffer(binary, dtype="<f4").copy()  # writable, and free of the request body
     else:
         try:
             values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
@@ -271,7 +273,7 @@ def fp32_batch(tensor: RequestInput, binary: bytes | None, count: int) -> torch.
             raise bad_request(f"input 'input': {values.size} numbers in 'data'; [{count}, 3, 224, 224] is {expected}")
     if not np.isfinite(values).all():
         raise bad_request("input 'input': the values must be finite numbers (no NaN or infinity)")
-    return torch.from_numpy(values.astype(np.float32)).reshape(count, *IMAGE_SHAPE)
+    return torch.from_numpy(values).reshape(count, *IMAGE_SHAPE)
 
 
 def requested_outputs(request: InferenceRequest) -> list[Requested]:
@@ -337,8 +339,7 @@ async def infer(request: Request, name: ModelName, version: str | None = None) -
     classify: Classify = request.app.state.classify
     answers = await classify(request, list(images) if isinstance(images, torch.Tensor) else images)
     for index, answer in enumerate(answers):
-        if isinstance(answer, model.ImageError):
-            REJECTED.labels("bad_image").inc()
+        if isinstance(answer, model.ImageError):  # image_error_status counts it, as on /predict
             raise HTTPException(image_error_status(answer), f"element {index} of input 'image': {answer}")
         if isinstance(answer, Exception):
             raise answer
@@ -399,10 +400,7 @@ class ProtocolErrors:
 
 def error_message(body: bytes) -> str:
     try:
-        detail = json.loads(body).get("detail")
-    except (ValueError, AttributeError):
+        return str(json.loads(body)["detail"])  # app.py's handlers write every error, validation too, as a string
+    except (ValueError, TypeError, KeyError):
         return body.decode(errors="replace") or "error"
-    if isinstance(detail, list):  # FastAPI's validation errors
-        return "; ".join(f"{'.'.join(map(str, item.get('loc', [])))}: {item.get('msg')}" for item in detail)
-    return str(detail)
 

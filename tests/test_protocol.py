@@ -20,6 +20,7 @@ from torchvision.models import ResNet18_Weights
 from tritonclient.utils import InferenceServerException
 
 from conftest import API_KEY, PHOTOS, Server, corrupt_png, large_jpeg, photo, photo_bytes, start_server, upload
+from test_operations import metric
 
 MODEL = "resnet18"
 
@@ -88,9 +89,13 @@ def test_classification_strings_equal_predict_topk(server: Server):
 
 def test_errors_in_the_protocols_shape(server: Server):
     client = client_for(server)
+    before = httpx.get(f"{server.url}/metrics").text
     with pytest.raises(InferenceServerException) as bad:
         probabilities(server, [photo_bytes("chelsea.png"), b"not an image", photo_bytes("coffee.png")])
     assert bad.value.status() == "400" and "element 1 of input 'image'" in bad.value.message()
+    after = httpx.get(f"{server.url}/metrics").text
+    bad_images = [metric(text, "rejected_requests_total", reason="bad_image") for text in (before, after)]
+    assert bad_images[1] - bad_images[0] == 1  # counted once, as on /predict
     with pytest.raises(InferenceServerException) as broken:
         probabilities(server, [corrupt_png()])
     assert broken.value.status() == "400"
