@@ -301,6 +301,9 @@ async def classify(
                     watcher.cancel()
                     if not work.done():
                         work.cancel()  # the client left or time ran out: its images are not computed
+                        # A cancelled gather ends holding a CancelledError; collect it, or asyncio logs it as an
+                        # ERROR with a traceback ("exception was never retrieved") for what is normal traffic.
+                        work.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
                 if not work.done() or work.cancelled():
                     raise _busy("the client disconnected")
                 return work.result()
@@ -355,7 +358,7 @@ async def predict_batch(
 
 
 app.include_router(jobs.router, dependencies=[Depends(api_key)])
-app.add_exception_handler(DBAPIError, jobs.database_unavailable)
+app.add_exception_handler(DBAPIError, jobs.database_error)
 app.state.classify = classify  # the Open Inference Protocol's routes classify through the same path
 app.include_router(protocol.router)
 app.include_router(protocol.inference, dependencies=[Depends(api_key)])

@@ -30,7 +30,7 @@ from observability import JOBS_FINISHED, JOBS_SUBMITTED, REJECTED
 from schemas import BatchItem, Job, TopKParameter, errors, result_line
 from settings import settings
 
-# Every route reads the job database: while it is unreachable, each answers 503 (database_unavailable).
+# Every route reads the job database: while it is unreachable, each answers 503 (database_error).
 router = APIRouter(prefix="/jobs", tags=["asynchronous jobs"], responses=errors(503))
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,15 @@ def store(request: Request) -> JobStore:
     return worker(request).store
 
 
-async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
-    """The job database cannot be reached (a restart, a failover): 503, and a retry soon. Online routes
-    do not use it and keep answering. Registered by app.py for DBAPIError."""
-    log.warning("%s %s: the job database is unavailable (%s)", request.method, request.url.path, type(error).__name__)
+async def database_error(request: Request, error: DBAPIError) -> JSONResponse:
+    """The job store failed. Its disk is full: 507 Insufficient Storage, retry later (an operator must free or
+    grow it). It cannot be reached (a restart, a failover): 503, retry soon. Online routes do not use it and
+    keep answering. Registered by app.py for DBAPIError."""
+    full, cause = worker(request).store_failed(error)
+    log.warning("%s %s: %s", request.method, request.url.path, cause)
+    if full:
+        REJECTED.labels("store_full").inc()
+        return JSONResponse({"detail": "the job store is out of disk space; retry later"}, 507, headers={"Retry-After": "60"})
     REJECTED.labels("database_unavailable").inc()
     return JSONResponse({"detail": "the job database is unavailable; retry shortly"}, 503, headers={"Retry-After": "5"})
 
@@ -129,7 +134,7 @@ async def read_submission(request: Request) -> tuple[list[UploadFile], str | Non
 @router.post("", status_code=202, response_model=Job, openapi_extra=SUBMISSION,
              responses={202: {"headers": JOB_HEADERS},
                         200: {"model": Job, "description": "The job already existed (Idempotency-Key), or ended within Prefer: wait"},
-                        **errors(400, 401, 413, 422, 503)},
+                        **errors(400, 401, 413, 422, 503, 507)},
              summary="Submit many images; classified in the background")
 async def submit(
     request: Request,

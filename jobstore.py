@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-import zlib
+import sqlite3
 import threading
+import zlib
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from alembic.config import Config
 from sqlalchemy import (Boolean, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData, Row, String, Table,
                         Text, and_, case, create_engine, delete, event, func, insert, make_url, or_, select, tuple_, update)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,13 @@ job_results = Table(
     Column("failed", Boolean, nullable=False),
     Column("entry", Text, nullable=False),  # the JSON line the API returns, index included
 )
+
+
+def disk_full(error: DBAPIError) -> bool:
+    """Whether the database refused a write for lack of space: SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100).
+    Any other database error means it cannot be reached (a restart, a failover) or is failing."""
+    cause = error.orig
+    return getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or getattr(cause, "sqlstate", None) == "53100"
 
 
 class PendingFull(Exception):
@@ -143,6 +151,9 @@ class JobStore:
         self.embedded = self.url.get_backend_name() == "sqlite"  # one process's file, not a shared server
         if self.embedded and self.url.database not in (None, "", ":memory:"):
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        # Where its bytes live, for an operator told that disk is full: the file, or the server (no password).
+        self.location = (str(Path(self.url.database or ":memory:").absolute()) if self.embedded
+                         else f"the PostgreSQL server {self.url.host}:{self.url.port or 5432}, database {self.url.database}")
         # pool_pre_ping: a connection the server dropped (a restart) is replaced, not handed out.
         self.engine = create_engine(self.url, pool_pre_ping=True,
                                     connect_args={} if self.embedded else {"connect_timeout": 5})
@@ -189,6 +200,11 @@ class JobStore:
                     pending = connection.execute(select(func.coalesce(func.sum(job_images.c.size), 0))).scalar_one()
                     if size and pending + size > max_pending_bytes:
                         raise PendingFull(pending)
+                    if idempotency_key:  # an expired job is gone for its client: its key starts a new job
+                        expired = connection.execute(select(jobs.c.id).where(
+                            jobs.c.idempotency_key == idempotency_key, ~self._alive())).scalars().all()
+                        if expired:
+                            self._delete(connection, expired)
                     connection.execute(insert(jobs).values(
                         id=job_id, status="queued", k=k, total=len(images), done=len(answered),
                         failed=len(answered), created_at=now, idempotency_key=idempotency_key, webhook_url=webhook_url))

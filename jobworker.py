@@ -23,8 +23,9 @@ from standardwebhooks.webhooks import Webhook
 
 import webhooks
 from batching import Batcher
-from jobstore import MAX_ATTEMPTS, TERMINAL, ClaimedImage, JobStore, Outcome
-from observability import JOB_IMAGES, JOB_IMAGES_PENDING, JOB_OLDEST_PENDING_AGE, JOB_PENDING_BYTES, JOBS_FINISHED
+from jobstore import MAX_ATTEMPTS, TERMINAL, ClaimedImage, JobStore, Outcome, disk_full
+from observability import (JOB_IMAGES, JOB_IMAGES_PENDING, JOB_IMAGES_RETRIED, JOB_OLDEST_PENDING_AGE, JOB_PENDING_BYTES,
+                           JOB_STORE_DISK_FULL, JOBS_FINISHED)
 from schemas import Job, result_line
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ SWEEP_EVERY_S = 30  # or JOB_TTL_S, when shorter
 
 class GaveUp(Exception):
     """An image that stopped the service every time it was tried."""
+
+    status = 500
 
 
 class JobWorker:
@@ -94,6 +97,18 @@ class JobWorker:
 
     def submitted(self) -> None:
         self._submitted.set()
+        self.store_written()
+
+    def store_failed(self, error: DBAPIError) -> tuple[bool, str]:
+        """What a failed store operation means: (whether its disk is full, a sentence for the log). A full disk
+        raises the job_store_disk_full gauge until a write succeeds again."""
+        if disk_full(error):
+            JOB_STORE_DISK_FULL.set(1)
+            return True, f"the job store's disk is full: {self.store.location}"
+        return False, f"the job database is unavailable ({type(error).__name__})"
+
+    def store_written(self) -> None:
+        JOB_STORE_DISK_FULL.set(0)
 
     def ended(self) -> None:
         """A job reached a terminal status in this process: wake whoever waits (Prefer: wait)."""
@@ -135,6 +150,7 @@ class JobWorker:
                 except TimeoutError:
                     pass
                 continue
+            JOB_IMAGES_RETRIED.inc(sum(image.attempts > 1 for image in images))
             self._spawn(self._classify(images)).add_done_callback(lambda _: lanes.release())
 
     async def _classify(self, images: list[ClaimedImage]) -> None:
@@ -172,6 +188,7 @@ class JobWorker:
                 break
             except DBAPIError as error:  # the answers are kept and stored when the database is back
                 await self._pause("storing job results", error)
+        self.store_written()
         failed = sum(outcome.failed for outcome in outcomes)
         JOB_IMAGES.labels("error").inc(failed)
         JOB_IMAGES.labels("classified").inc(len(outcomes) - failed)
@@ -198,7 +215,7 @@ class JobWorker:
                     if swept:
                         log.info("swept %d expired jobs", swept)
             except DBAPIError as error:
-                log.warning("job housekeeping: the database is unavailable (%s)", type(error).__name__)
+                log.warning("job housekeeping: %s", self.store_failed(error)[1])
             await asyncio.sleep(1.0)
 
     async def _call_back(self, job: Row) -> None:
@@ -216,7 +233,6 @@ class JobWorker:
         except DBAPIError as error:  # the lease runs out and the delivery is tried again
             log.warning("webhook of job %s: could not record the attempt (%s)", job.id, type(error).__name__)
 
-    @staticmethod
-    async def _pause(doing: str, error: DBAPIError) -> None:
-        log.warning("%s: the database is unavailable (%s); retrying in 1 s", doing, type(error).__name__)
+    async def _pause(self, doing: str, error: DBAPIError) -> None:
+        log.warning("%s: %s; retrying in 1 s", doing, self.store_failed(error)[1])
         await asyncio.sleep(1.0)

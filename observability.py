@@ -29,16 +29,20 @@ BODY_BYTES_HELD = Gauge("request_body_bytes_held", "Bytes of request bodies bein
 JOBS_SUBMITTED = Counter("jobs_submitted_total", "Asynchronous jobs accepted")
 JOBS_FINISHED = Counter("jobs_finished_total", "Asynchronous jobs that ended, by status", ["status"])
 JOB_IMAGES = Counter("job_images_total", "Job images answered, by outcome", ["outcome"])
+JOB_IMAGES_RETRIED = Counter("job_images_retried_total", "Job images claimed again because an earlier claim ended without "
+                             "a result (its worker died, or its lease ran out)")
 JOB_IMAGES_PENDING = Gauge("job_images_pending", "Job images stored and not yet classified (the backlog)")
 JOB_PENDING_BYTES = Gauge("job_pending_bytes", "Bytes of stored, unclassified job images (JOBS_MAX_PENDING_BYTES bounds them)")
 JOB_OLDEST_PENDING_AGE = Gauge("job_oldest_pending_image_age_seconds",
                                "Age of the oldest unclassified job image; 0 when there is none (a signal to scale on)")
+JOB_STORE_DISK_FULL = Gauge("job_store_disk_full",
+                            "1 while the job store's disk is full (its last write failed for lack of space), else 0")
 for status in ("succeeded", "failed", "canceled"):
     JOBS_FINISHED.labels(status)
 for outcome in ("classified", "error"):
     JOB_IMAGES.labels(outcome)
 REJECTED = Counter("rejected_requests_total", "Requests or images refused, by reason", ["reason"])
-for reason in ("overloaded", "memory", "jobs_full", "database_unavailable", "timeout", "too_large", "bad_image",
+for reason in ("overloaded", "memory", "jobs_full", "database_unavailable", "store_full", "timeout", "too_large", "bad_image",
                "unauthorized", "shutting_down"):
     REJECTED.labels(reason)  # export every reason from the start, at 0
 

@@ -77,6 +77,8 @@ def top_k(probabilities: torch.Tensor, k: int) -> list[Prediction]:
 def item_error(error: Exception) -> ItemError:
     if isinstance(error, model.ImageError):
         return ItemError(status=image_error_status(error), detail=str(error))
+    if isinstance(getattr(error, "status", None), int):  # a failure that names its own status (jobworker.GaveUp)
+        return ItemError(status=error.status, detail=str(error))
     log.error("unexpected error on one file of a batch", exc_info=error)
     return ItemError(status=500, detail="internal error; it has been logged")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.resources
 import io
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -219,14 +220,15 @@ def server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 API_KEY = "s3cret-key-for-tests"
+ALLOWED_ORIGIN = "https://app.example.com"
 
 
 @pytest.fixture(scope="session")
 def guarded(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
-    """A server with an API key and JSON logs, its output in a file."""
+    """A server with an API key, a web origin allowed (CORS) and JSON logs, its output in a file."""
     tmp = tmp_path_factory.mktemp("guarded")
     log = tmp / "server.log"
-    server = start_server(tmp, log=log, API_KEY=API_KEY, LOG_FORMAT="json", LOG_LEVEL="info")
+    server = start_server(tmp, log=log, API_KEY=API_KEY, LOG_FORMAT="json", LOG_LEVEL="info", CORS_ORIGINS=ALLOWED_ORIGIN)
     yield server, log
     server.stop()
 
@@ -255,14 +257,22 @@ class Postgres:
     def stop(self) -> None:
         self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
-    def new_database(self) -> str:
-        """A fresh, empty database on this server: its SQLAlchemy URL."""
+    def new_database(self, location: Path | None = None) -> str:
+        """A fresh, empty database on this server: its SQLAlchemy URL. location: a folder for its files (a
+        tablespace there), instead of the server's data folder."""
         import psycopg
 
         self.databases += 1
         name = f"test_{self.databases}"
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as db:
-            db.execute(f"CREATE DATABASE {name}")
+            if location is None:
+                db.execute(f"CREATE DATABASE {name}")
+            else:
+                location.mkdir(exist_ok=True)
+                if os.geteuid() == 0:
+                    shutil.chown(location, "postgres", "postgres")
+                db.execute(f"CREATE TABLESPACE space_{name} LOCATION '{location}'")
+                db.execute(f"CREATE DATABASE {name} TABLESPACE space_{name}")
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
 
@@ -275,7 +285,6 @@ def postgres_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
-    import shutil
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="pg-"))  # not under pytest's 0700 folders: the postgres user works in it
@@ -287,3 +296,28 @@ def postgres() -> Iterator[Postgres]:
     yield server
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- A small disk: a tmpfs the test fills, then grows (mount needs root, as make test does) ------------
+
+
+@dataclass
+class SmallDisk:
+    path: Path
+
+    def resize(self, megabytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={megabytes}m", str(self.path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A 4 MB tmpfs, not under pytest's 0700 folders (the postgres user writes in it too)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="small-disk-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0777", "tmpfs", str(path)], check=True)
+    try:
+        yield SmallDisk(path)
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+        path.rmdir()

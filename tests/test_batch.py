@@ -142,6 +142,16 @@ def test_job_resume_skips_what_is_done_and_repairs_a_torn_line(app, folder, tmp_
     assert len(out.read_text().splitlines()) == 5
 
 
+def test_job_resume_skips_recorded_errors_too(app, folder, tmp_path):
+    """An image whose error is recorded is done: --resume does not try it again (delete its line to retry it)."""
+    out = tmp_path / "results.jsonl"
+    assert run_job(app, folder, "--out", out) == 1
+    before = out.read_text()
+    assert "error" in read_jsonl(out)[str(folder / "corrupt.jpg")]
+    assert run_job(app, folder, "--out", out, "--resume") == 0  # nothing left to do, so nothing failed
+    assert out.read_text() == before
+
+
 def test_job_refuses_to_overwrite_without_resume(app, folder, tmp_path):
     out = tmp_path / "results.jsonl"
     out.write_text("precious\n")

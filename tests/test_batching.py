@@ -25,14 +25,22 @@ def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, p
                    max_queue=max_queue, decode_workers=2, idle_s=idle_s)
 
 
+async def until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.005)
+
+
 def test_online_images_go_before_background_ones_and_never_share_their_batch():
     """Background (job) images queued first still wait: online images get the next forward pass, and a
     batch holds only one kind."""
     batches = []
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
-        gate.wait(5)
+        entered.set()
+        gate.wait(30)
         batches.append(sorted(int(value) for value in batch[:, 0].tolist()))
         return batch
 
@@ -41,12 +49,12 @@ def test_online_images_go_before_background_ones_and_never_share_their_batch():
         await batcher.start()
         try:
             first = asyncio.ensure_future(batcher.submit(b"1000", background=True))  # occupies the forward pass
-            await asyncio.sleep(0.1)
+            await until(entered.is_set)
             background = [asyncio.ensure_future(batcher.submit(str(1001 + i).encode(), background=True)) for i in range(6)]
-            await asyncio.sleep(0.1)  # decoded and queued before the online ones arrive
+            await until(lambda: batcher._background.qsize() == 6)  # decoded and queued before the online ones arrive
             with batcher.admit(3):
                 online = [asyncio.ensure_future(batcher.submit(str(i).encode())) for i in range(3)]
-                await asyncio.sleep(0.1)
+                await until(lambda: batcher._queue.qsize() == 3)
                 gate.set()
                 await asyncio.gather(first, *background, *online)
         finally:
@@ -159,10 +167,10 @@ def test_a_withdrawn_image_is_not_computed():
             while not seen:  # the worker is now busy with image 1
                 await asyncio.sleep(0.01)
             withdrawn = asyncio.create_task(batcher.submit(b"2"))
-            await asyncio.sleep(0.1)  # image 2 is decoded and queued
+            await until(lambda: batcher._queue.qsize() == 1)  # image 2 is decoded and queued
             withdrawn.cancel()
             kept = asyncio.create_task(batcher.submit(b"3"))
-            await asyncio.sleep(0.1)
+            await until(lambda: batcher._queue.qsize() == 2)
             release.set()
             await asyncio.gather(first, kept)
         finally:
@@ -248,10 +256,11 @@ def test_a_disconnected_client_is_not_computed(client, app, monkeypatch):
 
     async def call():
         await app.app(scope, receive, send)
-        await asyncio.sleep(0.5)  # time enough for a forward pass, had the image been queued
 
     client.portal.call(call)
-    assert computed == []
+    # Batches run in arrival order: once a later image is answered, the withdrawn one would have been computed.
+    assert client.post("/predict", files=upload(photo_bytes("coffee.png"))).status_code == 200
+    assert computed == [1]
 
 
 def jpeg_of_size(width: int, height: int) -> bytes:

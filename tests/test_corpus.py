@@ -1,6 +1,7 @@
 """A corpus of hostile and unusual uploads, sent over real HTTP to a running server.
 
-Each has its expected status; after all of them the server answers normally and has written nothing.
+Each has its expected status, and each photo among them gets the reference pipeline's answer for the
+picture it shows; after all of them the server answers normally and has written nothing.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import io
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageOps
 
-from conftest import corrupt_png, decompression_bomb, encode, photo, photo_bytes, png
+from conftest import TOLERANCE, corrupt_png, decompression_bomb, encode, photo, photo_bytes, png
 
 BASE = photo("astronaut.png").convert("RGB").resize((320, 240))
 
@@ -44,46 +46,85 @@ def multipage_tiff() -> bytes:
     return encode(BASE, "TIFF", save_all=True, append_images=[BASE.convert("L"), BASE.rotate(45)])
 
 
-GOOD = photo_bytes("coffee.png")
+def palette_with_transparency() -> tuple[bytes, Image.Image]:
+    """A palette PNG whose colour 0 is transparent, and what it shows: those pixels white."""
+    palette = BASE.convert("P")
+    shown = np.asarray(palette.convert("RGB")).copy()
+    shown[np.asarray(palette) == 0] = 255
+    return encode(palette, transparency=0), Image.fromarray(shown)
 
-# name: (field, filename, body bytes or a whole-request override, expected status)
-CORPUS: dict[str, tuple[str, str, bytes, int]] = {
-    "empty file": ("file", "empty.jpg", b"", 400),
-    "plain text": ("file", "notes.txt", b"hello, this is not a photo\n" * 20, 400),
-    "random bytes": ("file", "noise.bin", np.random.default_rng(7).bytes(30_000), 400),
-    "truncated JPEG": ("file", "half.jpg", photo_bytes("rocket.jpg")[:5000], 400),
-    "corrupt PNG": ("file", "corrupt.png", corrupt_png(), 400),
-    "JPEG header only": ("file", "header.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", 400),
-    "PNG decompression bomb": ("file", "bomb.png", decompression_bomb(), 413),
-    "PNG claiming 100000x100000": ("file", "huge.png", png(100_000, 100_000, b""), 413),
-    "SVG": ("file", "drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', 415),
-    "PDF": ("file", "doc.pdf", b"%PDF-1.4\n1 0 obj <<>> endobj\n", 415),
-    "HEIC": ("file", "phone.heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", 415),
-    "EPS (would run Ghostscript)": ("file", "art.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 415),
-    "path traversal filename": ("file", "../../../../etc/passwd", GOOD, 200),
+
+def phone_mpo() -> bytes:
+    """A phone's multi-picture JPEG: the photo, then a second picture (a depth map, a preview), EXIF-rotated."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(BASE.transpose(Image.Transpose.ROTATE_90), "MPO", save_all=True, append_images=[BASE.convert("L").convert("RGB")],
+                  exif=exif, quality=90)
+
+
+def animated_webp() -> bytes:
+    return encode(BASE, "WEBP", save_all=True, append_images=[BASE.rotate(90), BASE.rotate(180)], duration=50, lossless=True)
+
+
+def decoded(data: bytes) -> Image.Image:
+    """What a lossy file holds once decoded: the reference pipeline sees these pixels."""
+    return Image.open(io.BytesIO(data))
+
+
+def upright(data: bytes) -> Image.Image:
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+
+
+GOOD = photo_bytes("coffee.png")
+COFFEE = photo("coffee.png")
+PALETTE_PNG, PALETTE_SHOWN = palette_with_transparency()
+CMYK_JPEG, YCBCR_JPEG, EXIF_JPEG, GIF, WEBP, AVIF, MPO, ANIMATED_WEBP = (
+    in_mode("CMYK", "JPEG"), in_mode("YCbCr", "JPEG"), exif_rotated(), animated_gif(), encode(BASE, "WEBP"),
+    encode(BASE, "AVIF"), phone_mpo(), animated_webp())
+
+# name: (field, filename, body bytes, expected status, and for a 200 the picture the reference pipeline sees)
+CORPUS: dict[str, tuple[str, str, bytes, int, Image.Image | None]] = {
+    "empty file": ("file", "empty.jpg", b"", 400, None),
+    "plain text": ("file", "notes.txt", b"hello, this is not a photo\n" * 20, 400, None),
+    "random bytes": ("file", "noise.bin", np.random.default_rng(7).bytes(30_000), 400, None),
+    "truncated JPEG": ("file", "half.jpg", photo_bytes("rocket.jpg")[:5000], 400, None),
+    "corrupt PNG": ("file", "corrupt.png", corrupt_png(), 400, None),
+    "JPEG header only": ("file", "header.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", 400, None),
+    "PNG decompression bomb": ("file", "bomb.png", decompression_bomb(), 413, None),
+    "PNG claiming 100000x100000": ("file", "huge.png", png(100_000, 100_000, b""), 413, None),
+    "SVG": ("file", "drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', 415, None),
+    "PDF": ("file", "doc.pdf", b"%PDF-1.4\n1 0 obj <<>> endobj\n", 415, None),
+    "HEIC": ("file", "phone.heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", 415, None),
+    "HEIF": ("file", "photo.heif", b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1heic", 415, None),
+    "Photoshop PSD": ("file", "layers.psd", b"8BPS\x00\x01" + bytes(6) + b"\x00\x03" + bytes(8) + b"\x00\x08\x00\x03", 415, None),
+    "JPEG 2000": ("file", "photo.jp2", encode(BASE, "JPEG2000"), 415, None),
+    "EPS (would run Ghostscript)": ("file", "art.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 415, None),
+    "path traversal filename": ("file", "../../../../etc/passwd", GOOD, 200, COFFEE),
     # python-multipart refuses part headers over 4 KB: a clear 400, long before any decoding.
-    "10,000-character filename": ("file", "a" * 10_000 + ".png", GOOD, 400),
-    "250-character filename": ("file", "a" * 250 + ".png", GOOD, 200),
-    "filename with NUL and newline": ("file", "evil\x00name\n.png", GOOD, 200),
-    "wrong field name": ("image", "photo.png", GOOD, 422),
-    "mode 1 (bilevel)": ("file", "1.png", in_mode("1"), 200),
-    "mode L": ("file", "l.png", in_mode("L"), 200),
-    "mode LA": ("file", "la.png", in_mode("LA"), 200),
-    "mode P": ("file", "p.png", in_mode("P"), 200),
-    "palette with transparency": ("file", "ptrns.png", encode(BASE.convert("P"), transparency=0), 200),
-    "mode RGBA": ("file", "rgba.png", in_mode("RGBA"), 200),
-    "mode CMYK JPEG": ("file", "cmyk.jpg", in_mode("CMYK", "JPEG"), 200),
-    "mode YCbCr JPEG": ("file", "ycbcr.jpg", in_mode("YCbCr", "JPEG"), 200),
-    "mode I;16 PNG": ("file", "16bit.png", sixteen_bit(), 200),
-    "mode F TIFF": ("file", "float.tif", float_tiff(), 200),
-    "EXIF rotation": ("file", "rotated.jpg", exif_rotated(), 200),
-    "animated GIF": ("file", "anim.gif", animated_gif(), 200),
-    "multi-page TIFF": ("file", "pages.tif", multipage_tiff(), 200),
-    "WebP": ("file", "photo.webp", encode(BASE, "WEBP"), 200),
-    "AVIF": ("file", "photo.avif", encode(BASE, "AVIF"), 200),
-    "BMP": ("file", "photo.bmp", encode(BASE, "BMP"), 200),
-    "1x1 image": ("file", "dot.png", encode(Image.new("RGB", (1, 1), "red")), 200),
-    "1x20000 image": ("file", "strip.png", encode(Image.new("RGB", (1, 20000))), 400),
+    "10,000-character filename": ("file", "a" * 10_000 + ".png", GOOD, 400, None),
+    "250-character filename": ("file", "a" * 250 + ".png", GOOD, 200, COFFEE),
+    "filename with NUL and newline": ("file", "evil\x00name\n.png", GOOD, 200, COFFEE),
+    "wrong field name": ("image", "photo.png", GOOD, 422, None),
+    "mode 1 (bilevel)": ("file", "1.png", in_mode("1"), 200, BASE.convert("1")),
+    "mode L": ("file", "l.png", in_mode("L"), 200, BASE.convert("L")),
+    "mode LA": ("file", "la.png", in_mode("LA"), 200, BASE.convert("L")),  # opaque: its grey
+    "mode P": ("file", "p.png", in_mode("P"), 200, BASE.convert("P")),
+    "palette with transparency": ("file", "ptrns.png", PALETTE_PNG, 200, PALETTE_SHOWN),
+    "mode RGBA": ("file", "rgba.png", in_mode("RGBA"), 200, BASE),
+    "mode CMYK JPEG": ("file", "cmyk.jpg", CMYK_JPEG, 200, decoded(CMYK_JPEG)),
+    "mode YCbCr JPEG": ("file", "ycbcr.jpg", YCBCR_JPEG, 200, decoded(YCBCR_JPEG)),
+    "mode I;16 PNG": ("file", "16bit.png", sixteen_bit(), 200, BASE.convert("L")),  # its top eight bits
+    "mode F TIFF": ("file", "float.tif", float_tiff(), 200, BASE.convert("L")),
+    "EXIF rotation": ("file", "rotated.jpg", EXIF_JPEG, 200, upright(EXIF_JPEG)),
+    "animated GIF": ("file", "anim.gif", GIF, 200, decoded(GIF)),  # its first frame
+    "multi-page TIFF": ("file", "pages.tif", multipage_tiff(), 200, BASE),  # its first page
+    "phone MPO JPEG": ("file", "phone.jpg", MPO, 200, upright(MPO)),  # the first picture, upright
+    "animated WebP": ("file", "anim.webp", ANIMATED_WEBP, 200, BASE),  # its first frame (lossless)
+    "WebP": ("file", "photo.webp", WEBP, 200, decoded(WEBP)),
+    "AVIF": ("file", "photo.avif", AVIF, 200, decoded(AVIF)),
+    "BMP": ("file", "photo.bmp", encode(BASE, "BMP"), 200, BASE),
+    "1x1 image": ("file", "dot.png", encode(Image.new("RGB", (1, 1), "red")), 200, Image.new("RGB", (1, 1), "red")),
+    "1x20000 image": ("file", "strip.png", encode(Image.new("RGB", (1, 20000))), 400, None),
 }
 
 
@@ -92,13 +133,19 @@ def test_the_corpus_has_at_least_25_cases():
 
 
 @pytest.mark.parametrize("case", CORPUS)
-def test_corpus_upload(server, case):
-    field, filename, data, status = CORPUS[case]
-    response = httpx.post(f"{server.url}/predict", files={field: (filename, data, "application/octet-stream")}, timeout=60)
+def test_corpus_upload(server, reference, case):
+    field, filename, data, status, shown = CORPUS[case]
+    response = httpx.post(f"{server.url}/predict/topk?k=1000", files={field: (filename, data, "application/octet-stream")},
+                          timeout=60)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     if status != 200:
         assert isinstance(response.json()["detail"], str)
+        return
+    answer = torch.zeros(1000)
+    for prediction in response.json()["predictions"]:
+        answer[prediction["index"]] = prediction["score"]
+    assert (answer - reference(shown)).abs().max().item() < TOLERANCE
 
 
 @pytest.mark.parametrize(
@@ -120,7 +167,7 @@ def test_corpus_request(server, request_options, status):
 
 def test_after_the_corpus_the_server_answers_normally_and_wrote_nothing(server):
     for case in CORPUS.values():
-        field, filename, data, _ = case
+        field, filename, data, _, _ = case
         httpx.post(f"{server.url}/predict", files={field: (filename, data)}, timeout=60)
     response = httpx.post(f"{server.url}/predict/topk?k=3", files={"file": ("coffee.png", io.BytesIO(GOOD))}, timeout=60)
     assert response.status_code == 200

@@ -94,9 +94,10 @@ def test_the_autoscaler_scales_the_deployment_on_a_metric_the_service_exports(se
     hpa = found["HorizontalPodAutoscaler/classifier"]["spec"]
     assert f"{hpa['scaleTargetRef']['kind']}/{hpa['scaleTargetRef']['name']}" in found
     metrics = httpx.get(f"{server.url}/metrics").text
-    for metric in hpa["metrics"]:
-        if metric["type"] == "External":
-            assert re.search(rf"^{metric['external']['metric']['name']} ", metrics, re.M)
+    assert {metric["type"] for metric in hpa["metrics"]} == {"Resource", "External"}
+    (external,) = [metric["external"] for metric in hpa["metrics"] if metric["type"] == "External"]
+    assert external["metric"]["name"] == "job_images_pending"
+    assert re.search(rf"^{external['metric']['name']} ", metrics, re.M)  # a gauge the service exports
 
 
 def test_the_indexed_job_runs_one_shard_per_index(weights_file):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from conftest import ALLOWED_ORIGIN
 from conftest import API_KEY as KEY
 from conftest import Server, encode, photo, photo_bytes, start_server, upload
 
@@ -79,9 +81,14 @@ def test_request_id_is_echoed_or_made_and_logged_as_json(guarded):
     refused = predict(server, {"X-Request-ID": "on-a-401"})
     assert refused.status_code == 401 and refused.headers["x-request-id"] == "on-a-401"
 
-    time.sleep(0.2)
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    access = {line["request_id"]: line for line in lines if line["logger"] == "access"}
+    deadline = time.monotonic() + 30
+    while True:  # the access line is written once the response has gone
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        access = {line["request_id"]: line for line in lines if line["logger"] == "access"}
+        if {"client-id-42", "on-an-error", "on-a-401", made.headers["x-request-id"]} <= set(access):
+            break
+        assert time.monotonic() < deadline, "access lines missing"
+        time.sleep(0.02)
     assert access["client-id-42"] | {"duration_ms": 0, "time": 0} == {
         "time": 0, "level": "info", "logger": "access", "request_id": "client-id-42", "duration_ms": 0,
         "message": access["client-id-42"]["message"], "method": "POST", "path": "/predict", "status": 200,
@@ -96,9 +103,33 @@ def test_request_id_is_echoed_or_made_and_logged_as_json(guarded):
 
 
 def test_security_headers_on_every_response(guarded):
+    from observability import CONTENT_SECURITY_POLICY
+
     server, _ = guarded
     for response in (httpx.get(f"{server.url}/health"), httpx.get(f"{server.url}/nowhere"), predict(server)):
         assert response.headers["x-content-type-options"] == "nosniff"
+        assert "content-security-policy" not in response.headers  # JSON needs none
+    for page in ("/", "/docs", "/redoc"):
+        policy = httpx.get(f"{server.url}{page}").headers["content-security-policy"]
+        assert policy == CONTENT_SECURITY_POLICY
+        directives = dict(part.strip().split(" ", 1) for part in policy.split(";"))
+        assert directives["default-src"] == "'self'" and directives["frame-ancestors"] == "'self'"
+        assert not any("http" in sources for sources in directives.values())  # no other origin, no CDN
+
+
+def test_a_web_page_elsewhere_may_call_with_its_key(guarded):
+    """CORS: the allowed origin's preflight for a request carrying Authorization is answered yes; others no."""
+    server, _ = guarded
+    preflight = {"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, x-request-id"}
+    allowed = httpx.options(f"{server.url}/predict", headers=preflight)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert {"authorization", "x-request-id"} <= {h.strip().lower() for h in allowed.headers["access-control-allow-headers"].split(",")}
+    elsewhere = httpx.options(f"{server.url}/predict", headers={**preflight, "Origin": "https://evil.example"})
+    assert elsewhere.status_code == 400 and "access-control-allow-origin" not in elsewhere.headers
+    answered = predict(server, {"Origin": ALLOWED_ORIGIN, "Authorization": f"Bearer {KEY}"})
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "x-request-id" in answered.headers["access-control-expose-headers"].lower()
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -136,21 +167,94 @@ def test_metrics_count_requests_batches_and_rejections(client):
     assert "process_resident_memory_bytes" in after
 
 
+def in_flight(server: Server) -> float:
+    return metric(httpx.get(f"{server.url}/metrics").text, "images_in_flight")
+
+
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(weights_file, tmp_path):
-    server = start_server(tmp_path, JPEG_DRAFT="false", SHUTDOWN_TIMEOUT_S="15", MAX_BATCH_SIZE="2")
+    server = start_server(tmp_path, SHUTDOWN_TIMEOUT_S="60", REQUEST_TIMEOUT_S="120", MAX_BATCH_SIZE="2")
     big = encode(photo("astronaut.png").convert("RGB").resize((3000, 2250)), "JPEG", quality=95)
     with ThreadPoolExecutor(12) as pool:
         accepted = [pool.submit(predict, server, None, big) for _ in range(12)]
-        time.sleep(0.5)  # all twelve are in: uploaded, decoding or queued
+        deadline = time.monotonic() + 120
+        # All twelve admitted: each is in flight (decoding, queued, in a forward pass) or already answered.
+        while in_flight(server) + sum(f.done() for f in accepted) < 12:
+            assert time.monotonic() < deadline, "the twelve uploads were never all admitted"
+            time.sleep(0.02)
         assert not all(f.done() for f in accepted), "the work finished before SIGTERM; make it bigger"
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        assert httpx.get(f"{server.url}/ready").status_code == 503
+        while httpx.get(f"{server.url}/ready").status_code != 503:
+            assert time.monotonic() < signalled + 10, "/ready never turned 503"
+            time.sleep(0.01)
         late = predict(server)
         assert late.status_code == 503 and "shutting down" in late.json()["detail"]
-        statuses = [f.result(60).status_code for f in accepted]
+        job = httpx.post(f"{server.url}/jobs", files={"files": ("a.png", photo_bytes("coffee.png"))})
+        assert job.status_code == 503 and "shutting down" in job.json()["detail"]
+        statuses = [f.result(120).status_code for f in accepted]
+        answered = time.monotonic()
     assert statuses == [200] * 12
-    returncode = server.process.wait(20)
-    assert returncode in (0, -signal.SIGTERM)
-    assert time.monotonic() - signalled < 15 + 2
+    assert server.process.wait(60) in (0, -signal.SIGTERM)
+    assert time.monotonic() - signalled < 60  # it left once the last was answered, not at SHUTDOWN_TIMEOUT_S
+    assert answered >= signalled
+
+
+def test_clients_that_leave_leave_no_error_in_the_log(weights_file, tmp_path):
+    """Clients giving up mid-request are normal traffic: their work is dropped quietly (the access line and
+    rejected_requests_total say what happened), never an ERROR with a traceback."""
+    log = tmp_path / "server.log"
+    server = start_server(tmp_path, log=log, LOG_LEVEL="info")
+    twelve_megapixels = encode(photo("astronaut.png").convert("RGB").resize((4000, 3000)), "JPEG", quality=95)
+
+    def leave_early(_: int) -> str:
+        try:
+            return str(predict_with_timeout(server, twelve_megapixels, 0.3).status_code)
+        except httpx.TimeoutException:
+            return "left"
+
+    with ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(leave_early, range(12)))
+    assert "left" in outcomes
+    deadline = time.monotonic() + 60
+    while in_flight(server) > 0:  # every abandoned image withdrawn or finished
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for _ in range(5):  # later traffic is served (and gives the collector its turns)
+        assert predict(server).status_code == 200
+    assert server.stop() in (0, -signal.SIGTERM)
+    text = log.read_text()
+    assert "Traceback" not in text and "never retrieved" not in text and " ERROR " not in text, text[-3000:]
+
+
+def predict_with_timeout(server: Server, data: bytes, timeout: float) -> httpx.Response:
+    return httpx.post(f"{server.url}/predict", files=upload(data), timeout=timeout)
+
+
+def test_a_full_queue_refuses_an_upload_before_reading_it(weights_file, tmp_path):
+    """With MAX_QUEUE images in flight, a new /predict is answered 503 while its body is still unsent: the
+    service spends nothing on uploads it will not serve."""
+    server = start_server(tmp_path, MAX_QUEUE="2", MAX_BATCH_FILES="2", MAX_BATCH_SIZE="1")
+    big = encode(photo("astronaut.png").convert("RGB").resize((4000, 3000)), "JPEG", quality=95)
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        for _ in range(10):  # each try needs the queue still full when the request arrives
+            with ThreadPoolExecutor(1) as pool:
+                filling = pool.submit(httpx.post, f"{server.url}/predict/batch",
+                                      files=[("files", ("a.jpg", big)), ("files", ("b.jpg", big))], timeout=120)
+                while in_flight(server) < 2 and not filling.done():
+                    time.sleep(0.005)
+                with socket.create_connection((host, int(port)), timeout=5) as sock:
+                    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: {20 * 1024 * 1024}\r\n"
+                                 "Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode() + b"--x\r\n")
+                    answer = ""  # 19.99 MB of the body are never sent
+                    try:
+                        while "MAX_QUEUE" not in answer and (received := sock.recv(65536)):
+                            answer += received.decode(errors="replace")
+                    except TimeoutError:
+                        answer = ""  # the queue had room again: the server waits for the body
+                assert filling.result(120).status_code == 200
+            if answer:
+                break
+        assert answer.startswith("HTTP/1.1 503") and "MAX_QUEUE" in answer, answer
+    finally:
+        server.stop()

@@ -111,16 +111,32 @@ def test_errors_in_the_protocols_shape(server: Server):
         client.infer(MODEL, [wrong])
     assert wrong_input.value.status() == "400" and "unknown input 'pixels'" in wrong_input.value.message()
 
-    # The same, raw: every error body is {"error": "<message>"}.
-    for response in (
-        httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b"{not json"),
-        httpx.post(f"{server.url}/v2/models/resnet50/infer", json={"inputs": []}),
-        *(httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=json.dumps(
-            {"inputs": [{"name": "input", "shape": [1, 3, 224, 224], "datatype": "FP32", "data": [value] * 150528}]}))
-          for value in (float("nan"), 1e39)),  # NaN (Python's JSON writes it), and a number beyond FP32
-        httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b'{"inputs": []}', headers={"Inference-Header-Content-Length": "999"}),
+    # The same, raw: every error body is {"error": "<message>"}, each with its one status.
+    infer = f"{server.url}/v2/models/{MODEL}/infer"
+    for response, status, fragment in (
+        (httpx.post(infer, content=b"{not json"), 400, "not a valid inference request"),
+        (httpx.post(f"{server.url}/v2/models/resnet50/infer", json={"inputs": []}), 404, "unknown model 'resnet50'"),
+        (httpx.post(f"{server.url}/v2/models/{MODEL}/versions/2/infer", json={"inputs": []}), 404, "version '2'"),
+        *((httpx.post(infer, content=json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 3, 224, 224], "datatype": "FP32", "data": [value] * 150528}]})),
+           400, fragment)  # NaN (Python's JSON writes it), and a number beyond FP32
+          for value, fragment in ((float("nan"), "finite"), (1e39, "finite"))),
+        (httpx.post(infer, content=b'{"inputs": []}', headers={"Inference-Header-Content-Length": "999"}), 400,
+         "Inference-Header-Content-Length"),
     ):
-        assert response.status_code in (400, 404) and set(response.json()) == {"error"}, response.text
+        assert response.status_code == status and set(response.json()) == {"error"}, response.text
+        assert fragment in response.json()["error"], response.text
+
+
+def test_the_versioned_routes_answer_like_the_plain_ones(server: Server, reference):
+    versioned = f"{server.url}/v2/models/{MODEL}/versions/1"
+    assert httpx.get(versioned).json() == httpx.get(f"{server.url}/v2/models/{MODEL}").json()
+    assert httpx.get(f"{versioned}/ready").status_code == 200
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/7/ready").status_code == 404
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(photo_bytes("rocket.jpg")).decode()]}]}
+    answer = httpx.post(f"{versioned}/infer", json=body, timeout=60).json()
+    assert (answer["model_name"], answer["model_version"]) == (MODEL, "1")
+    assert np.abs(np.array(answer["outputs"][0]["data"]) - reference(photo("rocket.jpg")).numpy()).max() < 1e-5
 
 
 def test_a_bad_photo_fails_only_its_own_request(server: Server, reference):
@@ -166,9 +182,13 @@ def small_queue(weights_file: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_the_api_key_and_overload(small_queue: Server):
     client = client_for(small_queue)
-    with pytest.raises(InferenceServerException) as anonymous:
-        client.infer(MODEL, [photos_input([photo_bytes("chelsea.png")])])
-    assert anonymous.value.status() == "401"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": API_KEY + "x"}):
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(MODEL, [photos_input([photo_bytes("chelsea.png")])], headers=headers)
+        assert refused.value.status() == "401" and "API key" in refused.value.message()
+    versioned = httpx.post(f"{small_queue.url}/v2/models/{MODEL}/versions/1/infer", json={"inputs": []},
+                           headers={"Authorization": "Bearer wrong"})
+    assert versioned.status_code == 401 and set(versioned.json()) == {"error"}
     key = {"X-API-Key": API_KEY}
     result = client.infer(MODEL, [photos_input([photo_bytes("chelsea.png")])], headers=dict(key))  # it adds to the dict
     assert result.as_numpy("probabilities").shape == (1, 1000)
@@ -181,8 +201,11 @@ def test_the_api_key_and_overload(small_queue: Server):
                             "data": [base64.b64encode(data).decode() for data in four]}]}
         return httpx.post(f"{small_queue.url}/v2/models/{MODEL}/infer", json=body, headers=key, timeout=60)
 
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(send, range(8)))
+    for _ in range(10):  # 8 requests of 4 images at once against a queue of 4: the overlap is what is tested
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(send, range(8)))
+        if any(r.status_code == 503 for r in responses):
+            break
     refused = [r for r in responses if r.status_code == 503]
     assert refused and all(r.headers["retry-after"] and "MAX_QUEUE" in r.json()["error"] for r in refused)
     assert {r.status_code for r in responses} == {200, 503}

@@ -27,6 +27,11 @@ def classified_by(server: Server) -> float:
     return float(re.search(r'^job_images_total\{outcome="classified"\} (\S+)$', metrics, re.M).group(1))
 
 
+def retried_by(server: Server) -> float:
+    metrics = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(r'^job_images_retried_total (\S+)$', metrics, re.M).group(1))
+
+
 def job_when(server: Server, job_id: str, until, timeout: float = 180) -> dict:
     """Polls the job (answers 503 while the database is away are waited out) until `until(job)`."""
     deadline = time.monotonic() + timeout
@@ -67,6 +72,7 @@ def test_two_replicas_share_a_job_and_one_killed_loses_nothing(tmp_path: Path, w
         second.process.wait(10)
         at_kill = httpx.get(f"{first.url}/jobs/{job['id']}").json()
         assert at_kill["done"] < 240
+        assert retried_by(first) == 0  # nothing taken over yet
 
         finished = job_when(first, job["id"], ended)
         assert (finished["status"], finished["done"], finished["failed"]) == ("succeeded", 240, 0)
@@ -74,6 +80,7 @@ def test_two_replicas_share_a_job_and_one_killed_loses_nothing(tmp_path: Path, w
         assert [entry["index"] for entry in entries] == list(range(240))
         assert_online_answers(first, entries, photos)
         assert stored(database, job["id"]) == (240, 240, 0)
+        assert retried_by(first) > 0  # the survivor claimed the images whose lease the dead replica held
     finally:
         first.stop()
         if second.process.poll() is None:
@@ -106,7 +113,10 @@ def test_a_database_restart_fails_no_online_request_and_the_job_finishes(tmp_pat
             refused = submit(server, photos[:2])
             assert refused.status_code == 503 and refused.headers["retry-after"]
             assert httpx.get(f"{server.url}/ready").status_code == 200  # still ready for online traffic
-            time.sleep(3)  # the worker meets the outage: claims, renewals and results fail and are retried
+            deadline = time.monotonic() + 60  # online answers go on while the worker's claims and results fail
+            while len(online) - answered_before < 5:
+                assert time.monotonic() < deadline, f"online answers during the outage: {online[answered_before:]}"
+                time.sleep(0.05)
             answered_while_away = len(online) - answered_before
         finally:
             postgres.start()
@@ -120,3 +130,29 @@ def test_a_database_restart_fails_no_online_request_and_the_job_finishes(tmp_pat
     finally:
         stop.set()
         server.stop()
+
+
+def test_a_replica_started_while_the_database_is_down_serves_online_and_takes_jobs_once_it_is_back(
+        tmp_path: Path, weights_file, postgres: Postgres):
+    database = postgres.new_database()
+    postgres.stop()
+    down, server = True, None
+    try:
+        server = replica(tmp_path / "server", database)  # ready although its job store cannot be opened
+        assert httpx.post(f"{server.url}/predict", files=upload(photo_bytes("coffee.png")), timeout=30).status_code == 200
+        away = httpx.get(f"{server.url}/jobs")
+        assert away.status_code == 503 and "database" in away.json()["detail"]
+        postgres.start()
+        down = False
+        deadline = time.monotonic() + 60
+        while (response := submit(server, variants(3))).status_code != 202:  # the worker opens the store within 5 s
+            assert response.status_code == 503 and response.headers["retry-after"], response.text
+            assert time.monotonic() < deadline, "the job store was never opened"
+            time.sleep(0.2)
+        finished = job_when(server, response.json()["id"], ended)
+        assert (finished["status"], finished["done"]) == ("succeeded", 3)
+    finally:
+        if down:
+            postgres.start()
+        if server is not None:
+            server.stop()

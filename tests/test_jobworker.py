@@ -1,0 +1,108 @@
+"""The job worker with a real store and a real batcher: the poison-image rule and the lease it renews."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import photo_bytes
+
+
+def numbers(data: bytes) -> torch.Tensor:
+    return torch.full((2,), float(len(data)))
+
+
+async def started(store, predict):
+    """A batcher whose forward pass is `predict`, and a job worker on `store`, both running."""
+    from batching import Batcher
+    from jobworker import JobWorker
+
+    batcher = Batcher(numbers, predict, max_batch_size=4, max_delay_s=0, max_queue=8, decode_workers=1)
+    await batcher.start()
+    worker = JobWorker(store, batcher, webhook_secret=None, webhook_first_retry_s=1)
+    await worker.start()
+    return batcher, worker
+
+
+async def until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.02)
+
+
+def test_an_image_that_stopped_three_workers_gets_an_error_not_a_fourth_try(weights_file, tmp_path: Path):
+    from jobstore import MAX_ATTEMPTS, JobStore, NewImage
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}", ttl_s=3600)
+    store.open()
+    job, _ = store.create(5, [NewImage("poison.jpg", b"kills the worker"), NewImage("fine.png", photo_bytes("coffee.png"))],
+                          webhook_url=None, idempotency_key=None, max_pending_bytes=10**9)
+    for _ in range(MAX_ATTEMPTS):  # three workers claimed the first image and died with it
+        assert store.claim(1)[0].index == 0
+        store.release_leases()
+    forwarded = []
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        forwarded.append(len(batch))
+        return torch.softmax(torch.zeros(len(batch), 1000), 1)
+
+    async def scenario() -> None:
+        batcher, worker = await started(store, predict)
+        try:
+            await until(lambda: store.get(job.id).status == "succeeded")
+        finally:
+            await worker.stop()
+            await batcher.stop(timeout_s=1)
+
+    asyncio.run(scenario())
+    poison, fine = (json.loads(line) for line in store.results(job.id))
+    assert poison["error"]["status"] == 500 and f"{MAX_ATTEMPTS} times" in poison["error"]["detail"]
+    assert "predictions" in fine and forwarded == [1]  # only the fine image reached the forward pass
+    assert (store.get(job.id).done, store.get(job.id).failed) == (2, 1)
+
+
+def test_the_worker_renews_its_lease_while_the_forward_pass_runs(weights_file, tmp_path: Path):
+    """A forward pass that outlasts the lease: the worker keeps renewing it, so another replica never takes
+    the images meanwhile, and the one result is stored once the pass ends."""
+    from jobstore import JobStore, NewImage
+
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    store = JobStore(url, ttl_s=3600, lease_s=0.6)
+    store.open()
+    job, _ = store.create(5, [NewImage("slow.png", photo_bytes("coffee.png"))], webhook_url=None, idempotency_key=None,
+                          max_pending_bytes=10**9)
+    other_replica = JobStore(url, ttl_s=3600, lease_s=0.6)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_predict(batch: torch.Tensor) -> torch.Tensor:
+        entered.set()
+        assert release.wait(60)
+        return torch.softmax(torch.zeros(len(batch), 1000), 1)
+
+    def lease_end() -> float | None:
+        with store.engine.connect() as connection:
+            return connection.exec_driver_sql("select leased_until from job_images").scalar()
+
+    async def scenario() -> None:
+        batcher, worker = await started(store, slow_predict)
+        try:
+            await until(entered.is_set)
+            first_lease = await asyncio.to_thread(lease_end)
+            await until(lambda: time.time() > first_lease + 0.6)  # long past the first lease...
+            assert await asyncio.to_thread(lease_end) > time.time()  # ...still held, renewed
+            assert await asyncio.to_thread(other_replica.claim, 10) == []
+            release.set()
+            await until(lambda: store.get(job.id).status == "succeeded")
+        finally:
+            release.set()
+            await worker.stop()
+            await batcher.stop(timeout_s=1)
+
+    asyncio.run(scenario())
+    assert len(list(store.results(job.id))) == 1
