@@ -275,6 +275,15 @@ class Postgres:
                 db.execute(f"CREATE DATABASE {name} TABLESPACE space_{name}")
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
+    def drop_database(self, url: str) -> None:
+        """Drop a database new_database made, and its tablespace if it has one (before its folder goes away)."""
+        import psycopg
+
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as db:
+            db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            db.execute(f"DROP TABLESPACE IF EXISTS space_{name}")
+
 
 def postgres_bin() -> Path:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))

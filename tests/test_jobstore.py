@@ -342,14 +342,15 @@ def test_a_full_disk_is_told_apart_and_writes_resume_once_it_grows(database, sma
 
     from jobstore import JobStore, NewImage, disk_full
 
-    if database == "sqlite":
+    postgres = request.getfixturevalue("postgres") if database == "postgresql" else None
+    if postgres is None:
         url = f"sqlite:///{small_disk.path / 'jobs.sqlite3'}"
     else:
         small_disk.resize(24)  # a new database's own catalogs take about 8 MB
-        url = request.getfixturevalue("postgres").new_database(small_disk.path / "space")
+        url = postgres.new_database(small_disk.path / "space")
     store = JobStore(url, ttl_s=3600)
-    store.open()
     try:
+        store.open()
         with pytest.raises(DBAPIError) as full:
             for _ in range(100):  # 100 MB, incompressible: far more than the disk holds
                 store.create(5, [NewImage("a.jpg", os.urandom(1_000_000))], webhook_url=None, idempotency_key=None,
@@ -363,6 +364,8 @@ def test_a_full_disk_is_told_apart_and_writes_resume_once_it_grows(database, sma
         assert store.backlog().images == 0 and count(store, "job_results") == stored + 1
     finally:
         store.engine.dispose()
+        if postgres is not None:  # before the disk goes: the shared server must not keep a tablespace on it
+            postgres.drop_database(url)
 
 
 def test_an_unreachable_database_is_not_a_full_disk(postgres):
