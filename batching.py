@@ -201,7 +201,7 @@ class Batcher:
             if not batch:
                 continue
             started = time.monotonic()
-            rows = await loop.run_in_executor(self._inference, self._predict_each, [job.image for job in batch])
+            rows = await loop.run_in_executor(self._inference, predict_each, self.predict, [job.image for job in batch])
             if not background:
                 self._online_seen = time.monotonic()
             for job, row in zip(batch, rows):
@@ -219,18 +219,20 @@ class Batcher:
                 except Exception:  # an observer's bug must not stop the worker
                     log.exception("on_batch failed")
 
-    def _predict_each(self, images: list[torch.Tensor]) -> list[torch.Tensor | BaseException]:
-        """One forward pass for all; if that fails, one per image, so a bad input fails only its caller."""
+
+def predict_each(predict: Callable[[torch.Tensor], torch.Tensor],
+                 images: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
+    """One forward pass for all; if that fails, one per image, so a bad input fails only its own answer."""
+    try:
+        return list(predict(torch.stack(images)))
+    except Exception as error:
+        if len(images) == 1:
+            return [error]
+        log.warning("a batch of %d failed (%s); retrying its images one by one", len(images), error)
+    results: list[torch.Tensor | Exception] = []
+    for image in images:
         try:
-            return list(self.predict(torch.stack(images)))
+            results.append(predict(image.unsqueeze(0))[0])
         except Exception as error:
-            if len(images) == 1:
-                return [error]
-            log.warning("a batch of %d failed (%s); retrying its images one by one", len(images), error)
-        results: list[torch.Tensor | BaseException] = []
-        for image in images:
-            try:
-                results.append(self.predict(image.unsqueeze(0))[0])
-            except Exception as error:
-                results.append(error)
-        return results
+            results.append(error)
+    return results

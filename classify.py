@@ -4,15 +4,17 @@
                       [--format jsonl|csv] [--resume] [--shard i/n]
 
 One line per image, appended and flushed as each batch finishes, so a crash loses at most one batch and
-`--resume` carries on where the file ends. Exit status: 0 when every image was classified, 1 when any
-failed (each failure is a line of the output too), 2 for a usage error.
+`--resume` carries on where the file ends. Each line is an image's outcome as the API gives it:
+{"path", "predictions": [{label, index, score}, ...]} or {"path", "error": {"status", "detail"}} (CSV: the
+columns path, status, error, then label/index/score by rank). Decoding and the forward pass are the service's
+(model.prepare, batching.predict_each: a batch that fails is retried image by image). Exit status: 0 when
+every image was classified, 1 when any failed, 2 for a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -116,21 +118,25 @@ class Results:
 
     def columns(self) -> list[str]:
         ranked = [f"{name}_{rank}" for rank in range(1, self.k + 1) for name in ("label", "index", "score")]
-        return ["path", "error", *ranked]
+        return ["path", "status", "error", *ranked]
 
     def flat(self, line: dict) -> dict:
-        row = {"path": line["path"], "error": line.get("error", "")}
+        error = line.get("error", {})
+        row = {"path": line["path"], "status": error.get("status", ""), "error": error.get("detail", "")}
         for rank, prediction in enumerate(line.get("predictions", []), start=1):
             row.update({f"{name}_{rank}": value for name, value in prediction.items()})
         return row
 
 
-def read_and_prepare(path: Path):
+def read_and_prepare(path: Path):  # noqa: ANN201 (the model's input [3, 224, 224], or why there is none)
+    import images
     import model
 
     try:
         return model.prepare(path.read_bytes())
-    except (OSError, model.ImageError) as error:
+    except OSError as error:
+        return images.NotAnImage(f"the file could not be read ({error.strerror or type(error).__name__})")
+    except images.ImageError as error:
         return error
 
 
@@ -154,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    import model  # loads the weights: MODEL_WEIGHTS, TORCH_HOME, THREADS and BACKEND apply as for the service
+    import model  # loads the weights: the service's settings apply (MODEL_WEIGHTS, BACKEND, PRECISION, ...)
+    from batching import predict_each
+    from outcomes import outcome
 
     images, others = find_images(args.inputs)
     images = [path for path in images if in_shard(path, args.shard)]
@@ -169,16 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress:
         for paths, prepared in batches(todo, pool, args.batch_size):
             good = [i for i, item in enumerate(prepared) if isinstance(item, torch.Tensor)]
-            probabilities = model.predict(torch.stack([prepared[i] for i in good])) if good else []
-            rows = dict(zip(good, probabilities))
-            lines = []
-            for i, path in enumerate(paths):
-                if i in rows:
-                    predictions = [dataclasses.asdict(p) for p in model.top_k(rows[i], args.k)]
-                    lines.append({"path": str(path), "predictions": predictions})
-                else:
-                    lines.append({"path": str(path), "error": f"{type(prepared[i]).__name__}: {prepared[i]}"})
-                    failed += 1
+            results_of = dict(zip(good, predict_each(model.predict, [prepared[i] for i in good]) if good else []))
+            lines = [{"path": str(path), **outcome(results_of.get(i, prepared[i]), args.k)} for i, path in enumerate(paths)]
+            failed += sum("error" in line for line in lines)
             results.append(lines)
             progress.update(len(paths))
     elapsed = time.perf_counter() - started

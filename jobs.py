@@ -22,13 +22,14 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from sqlalchemy.exc import DBAPIError
 from starlette.requests import ClientDisconnect
 
-import model
 import webhooks
+from images import ImageTooLarge
 from jobstore import TERMINAL, JobStore, NewImage, PendingFull
 from jobworker import JobWorker
 from observability import JOBS_FINISHED, JOBS_SUBMITTED, REJECTED
 from schemas import BatchItem, Job, TopKParameter, errors, result_line
-from settings import settings
+from service import service, too_many
+from settings import get_settings
 
 # Every route reads the job database: while it is unreachable, each answers 503 (database_error).
 router = APIRouter(prefix="/jobs", tags=["asynchronous jobs"], responses=errors(503))
@@ -58,7 +59,7 @@ SUBMISSION = {"requestBody": {"required": True, "content": {"multipart/form-data
     "required": ["files"],
     "properties": {
         "files": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"},
-                  "description": f"1 to {settings.max_job_files} photos (MAX_JOB_FILES), field repeated"},
+                  "description": f"1 to {get_settings().max_job_files} photos (MAX_JOB_FILES), field repeated"},
         "webhook": {"type": "string", "format": "uri",
                     "description": "Called with the job when it ends, signed (Standard Webhooks); host must be in WEBHOOK_ALLOWED_HOSTS"},
     },
@@ -66,19 +67,19 @@ SUBMISSION = {"requestBody": {"required": True, "content": {"multipart/form-data
 JOB_HEADERS = {"Location": {"description": "/jobs/{id}", "schema": {"type": "string"}}}
 
 
-def worker(request: Request) -> JobWorker:
-    return request.app.state.job_worker
+def worker() -> JobWorker:
+    return service.jobs
 
 
-def store(request: Request) -> JobStore:
-    return worker(request).store
+def store() -> JobStore:
+    return service.jobs.store
 
 
 async def database_error(request: Request, error: DBAPIError) -> JSONResponse:
     """The job store failed. Its disk is full: 507 Insufficient Storage, retry later (an operator must free or
     grow it). It cannot be reached (a restart, a failover): 503, retry soon. Online routes do not use it and
     keep answering. Registered by app.py for DBAPIError."""
-    full, cause = worker(request).store_failed(error)
+    full, cause = worker().store_failed(error)
     log.warning("%s %s: %s", request.method, request.url.path, cause)
     if full:
         REJECTED.labels("store_full").inc()
@@ -115,14 +116,14 @@ async def read_submission(request: Request) -> tuple[list[UploadFile], str | Non
     files are counted against MAX_JOB_FILES and their bytes never spill to a temporary file on disk."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise HTTPException(422, "send the images as multipart/form-data, field 'files' repeated")
+    settings = get_settings()
     parser = MultiPartParser(request.headers, request.stream(), max_files=settings.max_job_files, max_fields=8)
     parser.spool_max_size = settings.max_job_bytes  # the body limit: every part stays in memory
     try:
         form = await parser.parse()
     except MultiPartException as error:
         if error.message.startswith("Too many files"):
-            REJECTED.labels("too_large").inc()
-            raise HTTPException(413, f"more than {settings.max_job_files} files in one job (MAX_JOB_FILES)") from None
+            raise too_many(None, settings.max_job_files, "MAX_JOB_FILES") from None
         raise HTTPException(400, f"the multipart body could not be read: {error.message}") from None
     except ClientDisconnect:
         raise HTTPException(400, "the upload was cut off") from None
@@ -134,7 +135,7 @@ async def read_submission(request: Request) -> tuple[list[UploadFile], str | Non
 @router.post("", status_code=202, response_model=Job, openapi_extra=SUBMISSION,
              responses={202: {"headers": JOB_HEADERS},
                         200: {"model": Job, "description": "The job already existed (Idempotency-Key), or ended within Prefer: wait"},
-                        **errors(400, 401, 413, 422, 503, 507)},
+                        **errors(400, 413, 422, 503, 507)},
              summary="Submit many images; classified in the background")
 async def submit(
     request: Request,
@@ -144,7 +145,8 @@ async def submit(
 ) -> JSONResponse:
     """Answers 202 with the job at once. Each image gets a result like a `/predict/batch` entry: its top k,
     or an error of its own (a bad image does not fail the job)."""
-    jobs = store(request)
+    settings = get_settings()
+    jobs = store()
     if idempotency_key and (existing := await asyncio.to_thread(jobs.by_idempotency_key, idempotency_key)):
         return job_response(existing, 200)
     declared = request.headers.get("content-length", "")
@@ -162,7 +164,7 @@ async def submit(
         data = await upload.read()
         await upload.close()
         if len(data) > settings.max_upload_bytes:  # answered now, like /predict would, and never stored
-            too_large = model.ImageTooLarge(f"the file is larger than {settings.max_upload_bytes:,} bytes (MAX_UPLOAD_BYTES)")
+            too_large = ImageTooLarge(f"the file is larger than {settings.max_upload_bytes:,} bytes (MAX_UPLOAD_BYTES)")
             images.append(NewImage(upload.filename, None, result_line(index, upload.filename, too_large, k)))
         else:
             images.append(NewImage(upload.filename, data))
@@ -177,34 +179,34 @@ async def submit(
     JOBS_SUBMITTED.inc()
     if row.status in TERMINAL:
         JOBS_FINISHED.labels(row.status).inc()
-    worker(request).submitted()
+    worker().submitted()
     waited = wait_preference(prefer)
     if waited and row.status not in TERMINAL:
-        row = await worker(request).wait_until_ended(row.id, waited) or row
+        row = await worker().wait_until_ended(row.id, waited) or row
     return job_response(row, 200 if waited is not None and row.status in TERMINAL else 202, waited)
 
 
 def jobs_full(pending: int) -> HTTPException:
     REJECTED.labels("jobs_full").inc()
     return HTTPException(503, f"the job store holds {pending:,} bytes of images waiting to be classified, too near its "
-                              f"limit of {settings.jobs_max_pending_bytes:,} (JOBS_MAX_PENDING_BYTES); retry later",
+                              f"limit of {get_settings().jobs_max_pending_bytes:,} (JOBS_MAX_PENDING_BYTES); retry later",
                          headers={"Retry-After": "30"})
 
 
-@router.get("", response_model=JobList, responses=errors(401, 404), summary="Jobs, newest first")
+@router.get("", response_model=JobList, responses=errors(404), summary="Jobs, newest first")
 async def list_jobs(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     before: Annotated[str | None, Query(description="A job id: the page after it")] = None,
 ) -> JobList:
-    rows = await asyncio.to_thread(store(request).newest, limit, before)
+    rows = await asyncio.to_thread(store().newest, limit, before)
     if rows is None:
         raise not_found(before or "")
     page = [Job.from_row(row) for row in rows]
     return JobList(jobs=page, next=f"/jobs?limit={limit}&before={page[-1].id}" if len(page) == limit else None)
 
 
-@router.get("/{job_id}", response_model=Job, responses={200: {"headers": JOB_HEADERS}, **errors(401, 404)},
+@router.get("/{job_id}", response_model=Job, responses={200: {"headers": JOB_HEADERS}, **errors(404)},
             summary="A job's status and progress")
 async def get_job(
     request: Request,
@@ -212,12 +214,12 @@ async def get_job(
     prefer: Annotated[str | None, Header(description="wait=N: answer when the job ends, or after N ≤ 60 s")] = None,
 ) -> JSONResponse:
     """With `Prefer: wait=N`, a long poll: the answer comes when the job ends, or after N seconds as it is then."""
-    row = await asyncio.to_thread(store(request).get, job_id)
+    row = await asyncio.to_thread(store().get, job_id)
     if row is None:
         raise not_found(job_id)
     waited = wait_preference(prefer)
     if waited and row.status not in TERMINAL:
-        row = await worker(request).wait_until_ended(row.id, waited)
+        row = await worker().wait_until_ended(row.id, waited)
         if row is None:
             raise not_found(job_id)
     return job_response(row, 200, waited)
@@ -226,7 +228,7 @@ async def get_job(
 @router.get(
     "/{job_id}/results",
     response_model=JobResults,
-    responses={200: {"content": {"application/x-ndjson": {}}}, **errors(401, 404)},
+    responses={200: {"content": {"application/x-ndjson": {}}}, **errors(404)},
     summary="The results so far, in upload order",
 )
 async def get_results(
@@ -236,7 +238,7 @@ async def get_results(
 ) -> StreamingResponse:
     """Streamed from the store a page at a time, so a large job's results never sit in memory whole.
     `?format=jsonl` or `Accept: application/x-ndjson` gives one JSON entry per line."""
-    jobs = store(request)
+    jobs = store()
     row = await asyncio.to_thread(jobs.get, job_id)
     if row is None:
         raise not_found(job_id)
@@ -261,23 +263,23 @@ async def json_document(head: str, lines: AsyncIterator[str]) -> AsyncIterator[s
     yield "]}"
 
 
-@router.post("/{job_id}/cancel", response_model=Job, responses=errors(401, 404),
+@router.post("/{job_id}/cancel", response_model=Job, responses=errors(404),
              summary="Drop the images not yet classified")
 async def cancel_job(request: Request, job_id: str) -> Job:
     """A finished job is returned unchanged."""
-    row, canceled = await asyncio.to_thread(store(request).cancel, job_id)
+    row, canceled = await asyncio.to_thread(store().cancel, job_id)
     if row is None:
         raise not_found(job_id)
     if canceled:
         JOBS_FINISHED.labels("canceled").inc()
-        worker(request).ended()
+        worker().ended()
     return Job.from_row(row)
 
 
-@router.delete("/{job_id}", status_code=204, response_class=Response, responses=errors(401, 404),
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=errors(404),
                summary="Cancel if needed, then delete the job, its images and results")
 async def delete_job(request: Request, job_id: str) -> Response:
     await cancel_job(request, job_id)  # 404 for an unknown job
-    await asyncio.to_thread(store(request).delete, job_id)
+    await asyncio.to_thread(store().delete, job_id)
     return Response(status_code=204)
 

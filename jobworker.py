@@ -23,6 +23,7 @@ from standardwebhooks.webhooks import Webhook
 
 import webhooks
 from batching import Batcher
+from images import ImageError
 from jobstore import MAX_ATTEMPTS, TERMINAL, ClaimedImage, JobStore, Outcome, disk_full
 from observability import (JOB_IMAGES, JOB_IMAGES_PENDING, JOB_IMAGES_RETRIED, JOB_OLDEST_PENDING_AGE, JOB_PENDING_BYTES,
                            JOB_STORE_DISK_FULL, JOBS_FINISHED)
@@ -34,8 +35,8 @@ LANES = 2  # job batches out at once
 SWEEP_EVERY_S = 30  # or JOB_TTL_S, when shorter
 
 
-class GaveUp(Exception):
-    """An image that stopped the service every time it was tried."""
+class GaveUp(ImageError):
+    """An image that stopped the service every time it was tried: it gets this answer, not another try."""
 
     status = 500
 

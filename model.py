@@ -1,28 +1,27 @@
-"""ResNet18: load the weights, turn uploaded bytes into its input, classify. No HTTP here.
+"""ResNet18: load the weights, turn a decoded picture into its input, classify. No HTTP here.
 
 The model is loaded once, when this module is first imported, and warmed up with one forward pass.
+Decoding uploads (formats, limits, EXIF, errors) is images.py's.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.fx.experimental.optimization import fuse
 from torchvision.models import ResNet18_Weights, resnet18
 
+import images
 from labels import LABELS
-from settings import settings
+from settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -33,144 +32,19 @@ WEIGHTS = ResNet18_Weights.DEFAULT
 preprocess = WEIGHTS.transforms()
 RESIZE_SIZE: int = preprocess.resize_size[0]
 CROP_SIZE: int = preprocess.crop_size[0]
-# JPEG_DRAFT never decodes a photo smaller than this (shorter side): twice what the resize keeps.
-DRAFT_MIN_SIDE = 2 * RESIZE_SIZE
-
-# Pillow may only parse these. Everything else (EPS, which runs Ghostscript, and dozens of exotic
-# plugins) is refused before any of its code sees the bytes.
-# (Multi-picture JPEGs from phones open through the JPEG plugin.)
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
-
-# Recognisable files we deliberately do not decode, so the client hears "unsupported", not "garbage".
-_UNSUPPORTED_SIGNATURES = (
-    (b"%PDF", "PDF"),
-    (b"%!PS", "PostScript/EPS"),
-    (b"8BPS", "Photoshop (PSD)"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (b"\xff\x4f\xff\x51", "JPEG 2000"),
-)
-_ISO_MEDIA_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF"}
-
-_WHITE = (255, 255, 255, 255)
-
-
-class ImageError(ValueError):
-    """An upload that cannot be classified. The message is safe to show to the client."""
-
-
-class NotAnImage(ImageError):
-    """Empty, corrupt or truncated data, or bytes that are no image at all."""
-
-
-class UnsupportedImage(ImageError):
-    """A recognisable image format that this service does not decode (SVG, PDF, HEIC...)."""
-
-
-class ImageTooLarge(ImageError):
-    """More pixels than MAX_IMAGE_PIXELS, decided from the header before decoding."""
 
 
 class ModelLoadError(RuntimeError):
     """The weights could not be loaded; the message says how to fix it."""
 
 
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    index: int
-    score: float
+def decode(data: bytes, draft: bool | None = None) -> Image.Image:
+    """Uploaded bytes -> the upright RGB picture this model's preprocessing takes (images.decode)."""
+    return images.decode(data, RESIZE_SIZE, draft)
 
 
-def _sniff_unsupported(data: bytes) -> str | None:
-    head = data[:512]
-    for signature, name in _UNSUPPORTED_SIGNATURES:
-        if head.startswith(signature):
-            return name
-    if head[4:8] == b"ftyp" and head[8:12] in _ISO_MEDIA_BRANDS:
-        return _ISO_MEDIA_BRANDS[head[8:12]]
-    text = head.lstrip().lower()
-    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
-        return "SVG"
-    return None
-
-
-def _check_size(width: int, height: int) -> None:
-    if width * height > settings.max_image_pixels:
-        raise ImageTooLarge(
-            f"the image is {width}x{height} = {width * height:,} pixels; "
-            f"at most {settings.max_image_pixels:,} are accepted (MAX_IMAGE_PIXELS)"
-        )
-    # The shorter side is scaled to RESIZE_SIZE before cropping, so a 1x20000 strip would become a
-    # 256x5,120,000 image: refuse shapes whose resized size would exceed the pixel limit.
-    short, long = sorted((width, height))
-    if RESIZE_SIZE * RESIZE_SIZE * long > settings.max_image_pixels * short:
-        raise NotAnImage(
-            f"the image is {width}x{height}: too elongated to classify "
-            f"(at most {settings.max_image_pixels // (RESIZE_SIZE * RESIZE_SIZE)}:1)"
-        )
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB. Transparent pixels are composited over white, as a viewer shows them."""
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        # 16-bit greyscale: keep the top 8 bits. convert("RGB") would clip everything above 255 to white.
-        eight_bit = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-        image = Image.fromarray(eight_bit)
-    if image.has_transparency_data:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image.convert("RGBA"))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def decode(data: bytes, draft: bool = settings.jpeg_draft) -> Image.Image:
-    """Uploaded bytes -> an upright RGB image: EXIF orientation applied, first frame of animations.
-
-    draft: let big JPEGs decode at a reduced scale (see _draft). Off by default: the image is decoded
-    in full, exactly as torchvision's reference pipeline sees it.
-    """
-    if not data:
-        raise NotAnImage("the file is empty")
-    try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError:
-        unsupported = _sniff_unsupported(data)
-        if unsupported:
-            raise UnsupportedImage(
-                f"{unsupported} files are not supported; send JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF"
-            ) from None
-        raise NotAnImage("the file is not an image this service can read (JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF)") from None
-    except Image.DecompressionBombError as error:
-        raise ImageTooLarge(str(error)) from None
-    except Exception as error:  # Pillow's plugins raise many types on malformed headers
-        raise NotAnImage(f"the image data is corrupt or truncated ({type(error).__name__})") from None
-    _check_size(*image.size)
-    if draft and image.format in ("JPEG", "MPO"):
-        _draft(image)
-    try:
-        # In place and without needless copies: a decoded 24 MP photo is 72 MB, and every copy counts.
-        ImageOps.exif_transpose(image, in_place=True)
-        return to_rgb(image)
-    except Image.DecompressionBombError as error:
-        raise ImageTooLarge(str(error)) from None
-    except Exception as error:
-        raise NotAnImage(f"the image data is corrupt or truncated ({type(error).__name__})") from None
-
-
-def _draft(image: Image.Image) -> None:
-    """Opt-in (JPEG_DRAFT): let libjpeg decode big photos at 1/2, 1/4 or 1/8 scale (DCT scaling).
-
-    The decoded image keeps a shorter side of at least DRAFT_MIN_SIDE, twice the size the preprocessing
-    resizes to, so the antialiased resize still does the last reduction: a 12 MP photo decodes about 5x
-    faster and its scores barely move (bench/accuracy.py measures how much). Photos whose shorter side is
-    under twice DRAFT_MIN_SIDE cannot be reduced and decode exactly as without it.
-    """
-    width, height = image.size
-    scale = DRAFT_MIN_SIDE / min(width, height)
-    if scale <= 0.5:
-        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-
-
-def prepare(data: bytes, draft: bool = settings.jpeg_draft) -> torch.Tensor:
-    """Uploaded bytes -> the model's input for one image, a float tensor [3, 224, 224]."""
+def prepare(data: bytes, draft: bool | None = None) -> torch.Tensor:
+    """Uploaded bytes -> the model's input for one image, a float tensor [3, 224, 224]. draft: JPEG_DRAFT if None."""
     return preprocess(decode(data, draft))
 
 
@@ -299,7 +173,7 @@ def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], tolerance: flo
     with torch.inference_mode():
         difference = (torch.softmax(forward(probe), 1) - torch.softmax(model(probe), 1)).abs().max().item()
     if difference > tolerance:
-        raise ModelLoadError(f"the {settings.backend} backend on {device.type} in {precision} differs from fp32 torch "
+        raise ModelLoadError(f"the {backend} backend on {device.type} in {precision} differs from fp32 torch "
                              f"on the CPU by {difference:.2e} > {tolerance:.0e}")
     return difference
 
@@ -316,7 +190,7 @@ def init_inference_thread() -> None:
     torch's thread count is per thread once a thread has run a parallel op, but set_num_threads also
     sets the default for threads that have not: so this thread takes THREADS first, then decoders take 1.
     """
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(get_settings().threads)
     predict(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE))
 
 
@@ -335,30 +209,19 @@ def init_decode_thread() -> None:
         log.warning("could not lower the decode threads' CPU priority; the forward pass may be slowed by decoding")
 
 
-def top_k(probabilities: torch.Tensor, k: int) -> list[Prediction]:
-    """One image's probabilities [1000] -> its k most likely classes, best first."""
-    scores, indices = probabilities.topk(k)
-    return [Prediction(LABELS[i], i, s) for s, i in zip(scores.tolist(), indices.tolist())]
-
-
-torch.set_num_threads(settings.threads)
-Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-# decode() refuses such images with a clear 413; Pillow's own warning about them is noise.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 # fp32 on a GPU means fp32: no TensorFloat-32 shortcuts in convolutions or matrix products.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
-precision = settings.precision
+# What is being served, fixed at import: the settings that chose it are read once, here.
+backend, precision = get_settings().backend, get_settings().precision
+torch.set_num_threads(get_settings().threads)
 try:
-    device = torch.device("cpu") if settings.backend == "onnxruntime" else pick_device(settings.device)
-    problem = precision_problem(device.type, precision, native_bf16(), settings.force_precision)
+    device = torch.device("cpu") if backend == "onnxruntime" else pick_device(get_settings().device)
+    problem = precision_problem(device.type, precision, native_bf16(), get_settings().force_precision)
     if problem:
         raise ModelLoadError(problem)
-    model, weights_source = load_model(settings.model_weights)
-    if settings.backend == "torch":
-        forward = torch_forward(model, device, precision)
-    else:
-        forward = onnx_forward(model, settings.threads)
+    model, weights_source = load_model(get_settings().model_weights)
+    forward = torch_forward(model, device, precision) if backend == "torch" else onnx_forward(model, get_settings().threads)
     backend_difference = check_parity(forward, 1e-4 if precision == "fp32" else 1e-2)
 except ModelLoadError as error:
     raise SystemExit(f"Cannot load the model: {error}") from None
@@ -367,4 +230,4 @@ device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "
 DEFAULT_BATCH_SIZE = 32 if device.type == "cuda" else 8
 predict(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE))
 log.info("ResNet18 loaded from %s, backend %s on %s (%s) in %s, scores within %.1e of fp32 torch on the CPU, %d threads",
-         weights_source, settings.backend, device.type, device_name, precision, backend_difference, settings.threads)
+         weights_source, backend, device.type, device_name, precision, backend_difference, torch.get_num_threads())

@@ -8,11 +8,12 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching import BatchStats
@@ -112,8 +113,14 @@ def _endpoint(scope: Scope) -> str:
     """The route's path template (bounded label values), also for requests refused before routing."""
     route = scope.get("route")
     if route is None and "app" in scope:
-        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] != Match.NONE), None)
+        route = next((r for r in _flattened(scope["app"].router.routes) if r.matches(scope)[0] != Match.NONE), None)
     return getattr(route, "path", "unmatched")
+
+
+def _flattened(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI keeps an included router whole
+        yield from (_flattened(included.routes) if included is not None else (route,))
 
 
 class Observe:

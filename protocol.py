@@ -2,7 +2,7 @@
 decoders, batcher and forward pass, limits, API key and error statuses.
 
     body --parse (JSON header + binary tensors)--> images or preprocessed inputs
-         --classify (app.py's, through the batcher)--> probabilities --encode--> outputs (JSON or binary)
+         --classify (service.py's, through the batcher)--> probabilities --encode--> outputs (JSON or binary)
 
 Supported extensions: binary tensor data (`Inference-Header-Content-Length`, `binary_data_size`,
 `binary_data`, `binary_data_output`) and classification (`parameters: {"classification": k}` on the output).
@@ -16,7 +16,6 @@ import binascii
 import json
 import math
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -30,9 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import model
 from labels import LABELS
-from observability import REJECTED
-from schemas import image_error_status
-from settings import settings
+from outcomes import failure
+from service import service, too_many
+from settings import get_settings
 
 MODEL_NAME = "resnet18"
 MODEL_VERSION = "1"
@@ -148,8 +147,8 @@ async def live() -> Response:
 
 
 @router.get("/health/ready", response_class=Response, responses=protocol_errors(503), summary="Readiness: what /ready means")
-async def ready(request: Request) -> Response:
-    if not request.app.state.ready:
+async def ready() -> Response:
+    if not service.ready:
         raise HTTPException(503, "the model is not ready")
     return Response(status_code=200)
 
@@ -164,9 +163,9 @@ async def model_metadata(name: ModelName, version: str | None = None) -> ModelMe
 
 @router.get("/models/{name}/ready", response_class=Response, responses=protocol_errors(404, 503), summary="Model readiness")
 @router.get("/models/{name}/versions/{version}/ready", response_class=Response, responses=protocol_errors(404, 503), include_in_schema=False)
-async def model_ready(request: Request, name: ModelName, version: str | None = None) -> Response:
+async def model_ready(name: ModelName, version: str | None = None) -> Response:
     known_model(name, version)
-    return await ready(request)
+    return await ready()
 
 
 # --- Inference -----------------------------------------------------------------------------------------
@@ -210,12 +209,10 @@ def parse(body: bytes, headers: Headers) -> tuple[InferenceRequest, list[bytes] 
         raise bad_request(f"input {tensor.name!r} has no data: send 'data', or binary data with binary_data_size")
 
     count = tensor.shape[0] if tensor.shape else 0
-    if not 1 <= count <= settings.max_batch_files:
-        too_large = count > settings.max_batch_files
-        if too_large:
-            REJECTED.labels("too_large").inc()
-        raise HTTPException(413 if too_large else 400,
-                            f"input {tensor.name!r}: {count} elements; from 1 to {settings.max_batch_files} (MAX_BATCH_FILES)")
+    if count > get_settings().max_batch_files:
+        raise too_many(count, get_settings().max_batch_files, "MAX_BATCH_FILES")
+    if count < 1:
+        raise bad_request(f"input {tensor.name!r}: {count} elements; send at least 1")
     if tensor.name == "image":
         expect(tensor, "BYTES", [count])
         return request, (split_bytes(binary, count) if size is not None else base64_elements(tensor.data, count))
@@ -311,12 +308,9 @@ def encode(probabilities: torch.Tensor, requested: Requested) -> tuple[dict[str,
     return {**output, "data": strings}, None
 
 
-Classify = Callable[[Request, list], Awaitable[list]]
-
-
 @inference.post(
     "/models/{name}/infer",
-    responses={200: {"content": {"application/octet-stream": {}}}, **protocol_errors(400, 401, 404, 413, 415, 503)},
+    responses={200: {"content": {"application/octet-stream": {}}}, **protocol_errors(400, 404, 413, 415, 503)},
     summary="Inference: encoded photos (BYTES) or preprocessed images (FP32) -> probabilities",
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": inlined(InferenceRequest.model_json_schema())},
@@ -336,13 +330,11 @@ async def infer(request: Request, name: ModelName, version: str | None = None) -
         async with _large_body_parsing:
             inference, images = await asyncio.to_thread(parse, body, request.headers)
     requested = requested_outputs(inference)
-    classify: Classify = request.app.state.classify
-    answers = await classify(request, list(images) if isinstance(images, torch.Tensor) else images)
+    answers = await service.classify(request, list(images) if isinstance(images, torch.Tensor) else images)
     for index, answer in enumerate(answers):
-        if isinstance(answer, model.ImageError):  # image_error_status counts it, as on /predict
-            raise HTTPException(image_error_status(answer), f"element {index} of input 'image': {answer}")
-        if isinstance(answer, Exception):
-            raise answer
+        if isinstance(answer, Exception):  # the first bad image fails the request, counted as on /predict
+            refused = failure(answer)
+            raise HTTPException(refused.status, f"element {index} of input {inference.inputs[0].name!r}: {refused.detail}")
     probabilities = torch.stack(answers)
 
     outputs, binary = [], []

@@ -1,10 +1,8 @@
-"""The API's response models that more than one surface returns, and how an image's outcome becomes one."""
+"""The API's response models that more than one surface returns."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -13,26 +11,12 @@ from fastapi import Query
 from pydantic import BaseModel, Field
 from sqlalchemy import Row
 
-import model
 from labels import LABELS
-from observability import REJECTED
-
-log = logging.getLogger("app")
-
-
-class Prediction(BaseModel):
-    label: str = Field(description="ImageNet class name", examples=["tabby"])
-    index: int = Field(ge=0, lt=len(LABELS), description="Class index in the model's output", examples=[281])
-    score: float = Field(ge=0, le=1, description="Softmax probability", examples=[0.4213])
+from outcomes import ItemError, Prediction, outcome
 
 
 class TopK(BaseModel):
     predictions: list[Prediction] = Field(description="The k most likely classes, best first")
-
-
-class ItemError(BaseModel):
-    status: int = Field(description="The status this file alone would have got", examples=[400])
-    detail: str = Field(examples=["the file is not an image this service can read"])
 
 
 class BatchItem(BaseModel):
@@ -49,40 +33,12 @@ class Error(BaseModel):
     detail: str = Field(examples=["the file is not an image this service can read"])
 
 
-IMAGE_ERROR_STATUS: dict[type[model.ImageError], int] = {
-    model.NotAnImage: 400,
-    model.ImageTooLarge: 413,
-    model.UnsupportedImage: 415,
-}
-
-
 TopKParameter = Annotated[int, Query(ge=1, le=len(LABELS), description="How many labels")]
 
 
 def errors(*codes: int) -> dict[int | str, dict]:
     """The `responses` of a route that can answer these statuses with an Error."""
     return {code: {"model": Error} for code in codes}
-
-
-def image_error_status(error: model.ImageError) -> int:
-    status = IMAGE_ERROR_STATUS[type(error)]
-    REJECTED.labels("too_large" if status == 413 else "bad_image").inc()
-    return status
-
-
-def top_k(probabilities: torch.Tensor, k: int) -> list[Prediction]:
-    return [Prediction(**dataclasses.asdict(p)) for p in model.top_k(probabilities, k)]
-
-
-def item_error(error: Exception) -> ItemError:
-    if isinstance(error, model.ImageError):
-        return ItemError(status=image_error_status(error), detail=str(error))
-    if isinstance(getattr(error, "status", None), int):  # a failure that names its own status (jobworker.GaveUp)
-        return ItemError(status=error.status, detail=str(error))
-    log.error("unexpected error on one file of a batch", exc_info=error)
-    return ItemError(status=500, detail="internal error; it has been logged")
-
-
 
 
 class WebhookState(BaseModel):
@@ -120,10 +76,7 @@ class Job(BaseModel):
                    results_url=f"/jobs/{row.id}/results", webhook=webhook)
 
 
-def result_line(index: int, filename: str | None, outcome: torch.Tensor | Exception, k: int) -> str:
+def result_line(index: int, filename: str | None, result: torch.Tensor | Exception, k: int) -> str:
     """One image's entry of a job's results: a /predict/batch entry and its index, as one line of JSON."""
-    if isinstance(outcome, Exception):
-        item = BatchItem(filename=filename, error=item_error(outcome))
-    else:
-        item = BatchItem(filename=filename, predictions=top_k(outcome, k))
-    return json.dumps({"index": index, **item.model_dump(exclude_none=True)})
+    named = {"filename": filename} if filename is not None else {}
+    return json.dumps({"index": index, **named, **outcome(result, k)})

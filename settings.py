@@ -1,15 +1,26 @@
-"""Every setting of the service, read from environment variables in one place."""
+"""Every setting of the service: one declaration each (its environment variable, type, default, bounds and
+meaning), read from the environment once, read by the code at call time through get_settings().
+
+The environment variable is the field's name in capitals (MAX_QUEUE for max_queue). An empty variable means
+the default. An invalid value stops start-up with one line that names the variable and what it accepts.
+"""
 
 from __future__ import annotations
 
 import base64
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
 
 
-def _cores() -> int:
-    # sched_getaffinity respects container CPU sets; cpu_count() does not.
+def cores() -> int:
+    """The CPUs this process may run on: sched_getaffinity respects container CPU sets; cpu_count() does not."""
     return len(os.sched_getaffinity(0))
 
 
@@ -28,168 +39,179 @@ def cgroup_memory_limit() -> int | None:
 def default_body_budget() -> int:
     """MAX_BODY_BUFFER_BYTES: a quarter of the container's memory limit; 512 MiB where there is no limit."""
     limit = cgroup_memory_limit()
-    return 512 * 1024 * 1024 if limit is None else max(16 * 1024 * 1024, limit // 4)
+    return 512 * MiB if limit is None else max(16 * MiB, limit // 4)
+
+
+Names = Annotated[list[str], NoDecode]  # comma-separated in the environment, not JSON
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, env_ignore_empty=True, case_sensitive=False, extra="ignore")
+
+    # The model
+    model_weights: Path | None = Field(None, description="A ResNet18 state_dict file; unset: torchvision's cache under TORCH_HOME")
+    backend: Literal["torch", "onnxruntime"] = Field("torch", description="What runs the forward pass")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the forward pass runs; auto: a GPU if torch sees one")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Number type of the forward pass; bf16 and fp16 trade exactness for speed (measured at start-up)")
+    force_precision: bool = Field(False, description="Run PRECISION=bf16 even on a CPU without native bfloat16 (slower)")
+
+    # CPU and batching
+    threads: int = Field(default_factory=cores, ge=1, description="Threads of the forward pass (default: the CPUs this process may use)")
+    decode_workers: int = Field(default_factory=cores, ge=1, description="Threads that decode and preprocess uploads (default: the CPUs)")
+    jpeg_draft: bool = Field(False, description="Decode large JPEGs at a reduced scale: faster, answers change slightly (measured)")
+    max_batch_size: int | None = Field(None, ge=1, description="Most images in one forward pass (default: 8 on a CPU, 32 on a GPU)")
+    max_batch_delay_ms: float = Field(5, ge=0, description="How long a batch waits for images still being decoded")
+    max_queue: int = Field(64, ge=1, description="Most images in flight (decoding, queued or in a forward pass); beyond it, 503")
+    max_batch_files: int = Field(32, ge=1, description="Most images in one /predict/batch or /v2 request")
+    request_timeout_s: float = Field(10, ge=0.01, description="Longest an online request may wait for its answer; then 503")
+
+    # Uploads and memory
+    max_upload_bytes: int = Field(20 * MiB, ge=1, description="Largest request body (and image) online; beyond it, 413")
+    max_body_buffer_bytes: int = Field(default_factory=default_body_budget, ge=1,
+                                       description="Most bytes of request bodies held at once (default: a quarter of the container's memory limit, else 512 MiB); beyond it, 503")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Largest image in pixels, read from its header before decoding; beyond it, 413")
+
+    # HTTP
+    cors_origins: Names = Field([], description="Web origins allowed to call the API from a browser, comma-separated")
+    api_key: str | None = Field(None, repr=False, description="When set, the key every prediction and job route requires")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe log level written")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object each")
+    shutdown_timeout_s: float = Field(20, ge=0, description="On SIGTERM, how long accepted requests may take to finish")
+
+    # Asynchronous jobs
+    jobs_database_url: str = Field("sqlite:///data/jobs.sqlite3",
+                                   description="The job store: SQLite (one replica) or postgresql+psycopg://... (shared by replicas)")
+    max_job_files: int = Field(1000, ge=1, description="Most images in one job")
+    max_job_bytes: int = Field(default_factory=lambda data: min(256 * MiB, data["max_body_buffer_bytes"]), ge=1,
+                               description="Largest job submission (default: 256 MiB, or MAX_BODY_BUFFER_BYTES if smaller)")
+    jobs_max_pending_bytes: int = Field(2 * 1024 * MiB, ge=1,
+                                        description="Most bytes of stored, unclassified job images; beyond it, submissions get 503")
+    job_ttl_s: float = Field(86400, ge=1, description="How long a finished job's results are kept")
+    job_lease_s: float = Field(60, ge=1, description="How long a claimed job image is held by its replica without renewal")
+    webhook_secret: str | None = Field(None, repr=False,
+                                       description="Signs webhooks (Standard Webhooks): whsec_ followed by base64 of at least 16 random bytes")
+    webhook_allowed_hosts: Names = Field([], description="Hosts (or host:port) a job's webhook may call, comma-separated; empty: none")
+    webhook_first_retry_s: float = Field(7.5, ge=0.01, description="Wait before a failed webhook's first retry; each later wait is 4x")
+
+    @field_validator("backend", "device", "precision", "log_level", "log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("model_weights", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value else None
+
+    @field_validator("cors_origins", "webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+    @field_validator("webhook_allowed_hosts", mode="after")
+    @classmethod
+    def _host_names_are_case_blind(cls, hosts: list[str]) -> list[str]:
+        return [host.lower() for host in hosts]
+
+    @field_validator("api_key", "webhook_secret", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return (value.strip() or None) if isinstance(value, str) else value
+
+    @field_validator("webhook_secret", mode="after")
+    @classmethod
+    def _standard_webhooks_secret(cls, secret: str | None) -> str | None:
+        if secret is None:
+            return None
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_") + "==", validate=True)
+        except ValueError:
+            key = b""
+        if len(key) < 16:
+            raise ValueError("WEBHOOK_SECRET must be whsec_ followed by at least 16 base64-encoded random bytes "
+                             "(python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(24)).decode())\")")
+        return secret
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.backend == "onnxruntime" and (self.device == "cuda" or self.precision != "fp32"):
+            raise ValueError("BACKEND=onnxruntime runs in fp32 on the CPU: DEVICE=cuda and PRECISION need BACKEND=torch")
+        for name, limit in (("MAX_UPLOAD_BYTES", self.max_upload_bytes), ("MAX_JOB_BYTES", self.max_job_bytes)):
+            if limit > self.max_body_buffer_bytes:
+                what = "upload" if name == "MAX_UPLOAD_BYTES" else "job"
+                raise ValueError(f"{name}={limit} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
+                                 f"the largest accepted {what} could never be received")
+        if self.webhook_allowed_hosts and not self.webhook_secret:
+            raise ValueError("WEBHOOK_ALLOWED_HOSTS is set but WEBHOOK_SECRET is not: webhooks are always signed")
+        if self.max_batch_files > self.max_queue:
+            raise ValueError(f"MAX_BATCH_FILES={self.max_batch_files} must not exceed MAX_QUEUE={self.max_queue}: "
+                             "a full batch request could never be admitted")
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings from these environment variables (default: the process's). Raises SettingsError."""
+        try:
+            if env is None:
+                return cls()
+            given = {name.lower(): value for name, value in env.items() if name.lower() in cls.model_fields and value.strip()}
+            return _Given(**given)
+        except ValidationError as error:
+            raise SettingsError(_sentence(error)) from None
+
+
+class _Given(Settings):
+    """Settings from the variables a caller gives (Settings.from_env(mapping)), the process's environment unread."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **environment_and_files):  # noqa: ANN001, ANN206
+        return (init_settings,)
 
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
-def _int(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise SettingsError(f"{name}={value} must be at least {minimum}")
-    return value
+def _sentence(error: ValidationError) -> str:
+    """Pydantic's report -> one line that names the variable and what it accepts, e.g. THREADS=0 must be at least 1."""
+    for problem in error.errors():
+        kind, raw, context = problem["type"], problem.get("input"), problem.get("ctx") or {}
+        name = str(problem["loc"][0]).upper() if problem["loc"] else ""
+        if kind == "default_factory_not_called":  # a consequence of another field's error
+            continue
+        if kind == "value_error":
+            return str(context.get("error", problem["msg"]))
+        if kind in ("int_parsing", "int_from_float"):
+            return f"{name}={raw!r} is not a whole number"
+        if kind == "float_parsing":
+            return f"{name}={raw!r} is not a number"
+        if kind == "bool_parsing":
+            return f"{name}={raw!r} must be true or false"
+        if kind in ("greater_than_equal", "finite_number"):
+            return f"{name}={raw} must be at least {context.get('ge', 0):g}"
+        if kind == "literal_error":
+            return f"{name}={raw!r} must be one of {context['expected'].replace(' or ', ', ')}"
+        return f"{name}={raw!r}: {problem['msg']}"
+    return str(error)
 
 
-def _float(env: dict[str, str], name: str, default: float, minimum: float = 0) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not value >= minimum:  # also refuses nan
-        raise SettingsError(f"{name}={raw} must be at least {minimum}")
-    return value
+_current: Settings | None = None
 
 
-def _choice(env: dict[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = env.get(name, "").strip().lower() or default
-    if value not in choices:
-        raise SettingsError(f"{name}={value!r} must be one of {', '.join(choices)}")
-    return value
+def get_settings() -> Settings:
+    """The service's settings, read from the environment on first use. An invalid one stops the process with
+    one line. Modules call this when they need a value, never keep a copy: tests replace them with use()."""
+    global _current
+    if _current is None:
+        try:
+            _current = Settings.from_env()
+        except SettingsError as error:
+            raise SystemExit(f"Invalid setting: {error}") from None
+    return _current
 
 
-def _bool(env: dict[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise SettingsError(f"{name}={raw!r} must be true or false")
-    return raw in ("1", "true", "yes", "on")
-
-
-def _webhook_secret(env: dict[str, str]) -> str | None:
-    """WEBHOOK_SECRET, in the Standard Webhooks form: whsec_ followed by base64 (e.g. 24 random bytes)."""
-    raw = env.get("WEBHOOK_SECRET", "").strip()
-    if not raw:
-        return None
-    try:
-        key = base64.b64decode(raw.removeprefix("whsec_") + "==", validate=True)
-    except ValueError:
-        key = b""
-    if len(key) < 16:
-        raise SettingsError("WEBHOOK_SECRET must be whsec_ followed by at least 16 base64-encoded random bytes "
-                            "(python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(24)).decode())\")")
-    return raw
-
-
-def _list(env: dict[str, str], name: str) -> list[str]:
-    return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
-
-
-@dataclass(frozen=True)
-class Settings:
-    model_weights: Path | None
-    backend: str
-    device: str
-    precision: str
-    force_precision: bool
-    threads: int
-    decode_workers: int
-    jpeg_draft: bool
-    max_batch_size: int | None  # None: the device's default (model.DEFAULT_BATCH_SIZE)
-    max_batch_delay_s: float
-    max_queue: int
-    max_batch_files: int
-    request_timeout_s: float
-    max_upload_bytes: int
-    max_body_buffer_bytes: int
-    max_image_pixels: int
-    cors_origins: list[str]
-    api_key: str | None = field(repr=False)
-    log_level: str
-    log_format: str
-    shutdown_timeout_s: float
-    jobs_database_url: str
-    max_job_files: int
-    max_job_bytes: int
-    jobs_max_pending_bytes: int
-    job_ttl_s: float
-    job_lease_s: float
-    webhook_secret: str | None = field(repr=False)
-    webhook_allowed_hosts: list[str]
-    webhook_first_retry_s: float
-
-    def __post_init__(self) -> None:
-        if self.backend == "onnxruntime" and (self.device == "cuda" or self.precision != "fp32"):
-            raise SettingsError("BACKEND=onnxruntime runs in fp32 on the CPU: DEVICE=cuda and PRECISION need BACKEND=torch")
-        if self.max_upload_bytes > self.max_body_buffer_bytes:
-            raise SettingsError(
-                f"MAX_UPLOAD_BYTES={self.max_upload_bytes} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
-                "the largest accepted upload could never be received"
-            )
-        if self.max_job_bytes > self.max_body_buffer_bytes:
-            raise SettingsError(
-                f"MAX_JOB_BYTES={self.max_job_bytes} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
-                "the largest accepted job could never be received"
-            )
-        if self.webhook_allowed_hosts and not self.webhook_secret:
-            raise SettingsError("WEBHOOK_ALLOWED_HOSTS is set but WEBHOOK_SECRET is not: webhooks are always signed")
-        if self.max_batch_files > self.max_queue:
-            raise SettingsError(
-                f"MAX_BATCH_FILES={self.max_batch_files} must not exceed MAX_QUEUE={self.max_queue}: "
-                "a full batch request could never be admitted"
-            )
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
-        weights = env.get("MODEL_WEIGHTS", "").strip()
-        body_budget = _int(env, "MAX_BODY_BUFFER_BYTES", default_body_budget())
-        return cls(
-            model_weights=Path(weights).expanduser() if weights else None,
-            backend=_choice(env, "BACKEND", "torch", ("torch", "onnxruntime")),
-            device=_choice(env, "DEVICE", "auto", ("auto", "cpu", "cuda")),
-            precision=_choice(env, "PRECISION", "fp32", ("fp32", "bf16", "fp16")),
-            force_precision=_bool(env, "FORCE_PRECISION", False),
-            threads=_int(env, "THREADS", _cores()),
-            decode_workers=_int(env, "DECODE_WORKERS", _cores()),
-            jpeg_draft=_bool(env, "JPEG_DRAFT", False),
-            max_batch_size=_int(env, "MAX_BATCH_SIZE", 0) or None,
-            max_batch_delay_s=_float(env, "MAX_BATCH_DELAY_MS", 5) / 1000,
-            max_queue=_int(env, "MAX_QUEUE", 64),
-            max_batch_files=_int(env, "MAX_BATCH_FILES", 32),
-            request_timeout_s=_float(env, "REQUEST_TIMEOUT_S", 10, minimum=0.01),
-            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
-            max_body_buffer_bytes=body_budget,
-            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000),
-            cors_origins=_list(env, "CORS_ORIGINS"),
-            api_key=env.get("API_KEY", "").strip() or None,
-            log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
-            log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
-            shutdown_timeout_s=_float(env, "SHUTDOWN_TIMEOUT_S", 20),
-            jobs_database_url=env.get("JOBS_DATABASE_URL", "").strip() or "sqlite:///data/jobs.sqlite3",
-            max_job_files=_int(env, "MAX_JOB_FILES", 1000),
-            max_job_bytes=_int(env, "MAX_JOB_BYTES", min(256 * 1024 * 1024, body_budget)),
-            jobs_max_pending_bytes=_int(env, "JOBS_MAX_PENDING_BYTES", 2 * 1024**3),
-            job_ttl_s=_float(env, "JOB_TTL_S", 86400, minimum=1),
-            job_lease_s=_float(env, "JOB_LEASE_S", 60, minimum=1),
-            webhook_secret=_webhook_secret(env),
-            webhook_allowed_hosts=[host.lower() for host in _list(env, "WEBHOOK_ALLOWED_HOSTS")],
-            webhook_first_retry_s=_float(env, "WEBHOOK_FIRST_RETRY_S", 7.5, minimum=0.01),
-        )
-
-
-try:
-    settings = Settings.from_env()
-except SettingsError as error:
-    raise SystemExit(f"Invalid setting: {error}") from None
+def use(settings: Settings | None) -> None:
+    """Replace the settings every module reads (None: read the environment again on next use)."""
+    global _current
+    _current = settings

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import REPO, service_env  # noqa: E402
+from harness import REPO, service_env  # noqa: E402
 
 if TYPE_CHECKING:
     import torch  # the model's own import, at start-up, loads it; here only for annotations
@@ -135,7 +135,7 @@ def measure_draft(photos: list[tuple[str, bytes]], reference) -> dict:
             timings[draft].append(time.perf_counter() - started)
         drafted.append(model.prepare(data, draft=True))
     candidate = logits_of(drafted)
-    big = [i for i, (name, _) in enumerate(photos) if min(map(int, name.rsplit(":", 1)[1].split("x"))) >= 2 * model.DRAFT_MIN_SIDE]
+    big = [i for i, (name, _) in enumerate(photos) if min(map(int, name.rsplit(":", 1)[1].split("x"))) >= 4 * model.RESIZE_SIZE]
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference)),
             "decoded_smaller": len(big),
             "decode_ms_full_median_big": 1000 * statistics.median(timings[False][i] for i in big) if big else None,
@@ -187,7 +187,7 @@ def main() -> None:
     report(f"JPEG_DRAFT=true vs exact, sharpened x{draft['sharpened']['temperature']:.0f} like trained weights",
            draft["sharpened"], photos)
     if draft["decoded_smaller"]:
-        print(f"{draft['decoded_smaller']} photos with a shorter side >= {2 * model.DRAFT_MIN_SIDE} px decode at a reduced "
+        print(f"{draft['decoded_smaller']} photos with a shorter side >= {4 * model.RESIZE_SIZE} px decode at a reduced "
               f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
 
     print()

@@ -26,7 +26,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark import REPO, hey, imagenet_size_jpeg, jpeg, multipart, photo, service_env, start_service  # noqa: E402
+from harness import REPO, hey, imagenet_size_jpeg, jpeg, multipart, photo, service_env, start_server  # noqa: E402
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
@@ -77,7 +77,7 @@ def measure(images: int, seconds: float) -> list[dict]:
                              env=env, cwd=REPO, capture_output=True, text=True, check=True)
     offline_rate = float(re.search(r"([\d.]+) images/s", offline.stderr).group(1))
 
-    service = start_service(env)
+    service = start_server(env)
     try:
         submitted = time.perf_counter()
         job = wait(service.url, submit(service.url, data)["id"])

@@ -12,54 +12,21 @@ the values of the weights.
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.resources
-import io
 import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-import numpy as np
-from PIL import Image
-
-REPO = Path(__file__).resolve().parent.parent
-BOUNDARY = "benchmark-boundary"
-
-
-def photo(name: str) -> Image.Image:
-    return Image.open(importlib.resources.files("skimage") / "data" / name).convert("RGB")
-
-
-def jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def imagenet_size_jpeg() -> bytes:
-    return jpeg(photo("chelsea.png").resize((500, 375), Image.BICUBIC))
-
-
-def phone_size_jpeg(name: str = "astronaut.png", seed: int = 0) -> bytes:
-    """12 megapixels with a little sensor-like noise, so it weighs (and decodes) like a phone photo."""
-    big = np.asarray(photo(name).resize((4000, 3000), Image.BICUBIC), dtype=np.float32)
-    noise = np.random.default_rng(seed).normal(0, 3, big.shape)
-    return jpeg(Image.fromarray(np.clip(big + noise, 0, 255).astype(np.uint8)))
-
-
-def multipart(data: bytes, filename: str = "photo.jpg") -> bytes:
-    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-    return head.encode() + b"Content-Type: image/jpeg\r\n\r\n" + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from async_jobs import measure as measure_jobs, report as report_jobs  # noqa: E402
+from harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart,  # noqa: E402
+                     phone_size_jpeg, service_env, start_server)
 
 
 # --- the in-process ceiling: decode + preprocess + forward in a tight loop, no HTTP -------------------
@@ -115,16 +82,6 @@ def draft_difference(image_paths: list[str]) -> dict:
             "decode_ms_draft": 1000 * statistics.median(decode_s[True]), "decode_ms_full": 1000 * statistics.median(decode_s[False])}
 
 
-def cpu_description() -> str:
-    """The CPU's name and the vector extensions that decide these figures (AVX-512, native bfloat16)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
-    present = set(flags.group(1).split()) if flags else set()
-    shown = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if flag in present]
-    return f"{name.group(1) if name else 'unknown'}, {' '.join(shown) or 'no AVX2'}"
-
-
 def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
     """Call a function of this file in a fresh process (the model loads at import, with env's settings)."""
     code = (
@@ -137,115 +94,6 @@ def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
 
 
 # --- the service -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_mib(pid: int, field_name: str = "VmRSS") -> float:
-    """A process's resident memory (VmRSS), or its peak (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-@dataclass
-class Service:
-    url: str
-    process: subprocess.Popen
-    startup_s: float
-
-    def rss_mib(self, field_name: str = "VmRSS") -> float:
-        return rss_mib(self.process.pid, field_name)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-def start_service(env: dict[str, str]) -> Service:
-    port = free_port()
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=REPO, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"the service exited with {process.returncode}; see its output above")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return Service(url, process, time.perf_counter() - started)
-        except httpx.TransportError:
-            time.sleep(0.1)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Load:
-    requests: int = 0
-    seconds: float = 0
-    cpu_s: float | None = None  # the service's CPU time during the run, when its pid was given
-    statuses: dict[str, int] = field(default_factory=dict)
-    latencies_s: dict[str, list[float]] = field(default_factory=dict)  # by status
-
-    @property
-    def ok_per_s(self) -> float:
-        return self.statuses.get("200", 0) / self.seconds if self.seconds else 0.0
-
-    def percentile(self, q: float, status: str = "200") -> float:
-        values = sorted(self.latencies_s.get(status, []))
-        if not values:
-            return float("nan")
-        return values[min(len(values) - 1, int(q / 100 * len(values)))]
-
-
-def hey(url: str, concurrency: int, *, seconds: float | None = None, requests: int | None = None,
-        body: Path | None = None, pid: int | None = None) -> Load:
-    """Drive url with hey; per-request results come back as CSV. pid: the service's, to measure its CPU time."""
-    command = ["hey", "-c", str(concurrency), "-o", "csv", "-t", "60"]
-    command += ["-z", f"{seconds}s"] if seconds else ["-n", str(requests)]
-    if body:
-        command += ["-m", "POST", "-D", str(body), "-T", f"multipart/form-data; boundary={BOUNDARY}"]
-    started, cpu_started = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
-    output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
-    load = Load(seconds=time.perf_counter() - started, cpu_s=cpu_seconds(pid) - cpu_started if pid else None)
-    for row in csv.DictReader(io.StringIO(output)):
-        status = row["status-code"]
-        load.requests += 1
-        load.statuses[status] = load.statuses.get(status, 0) + 1
-        load.latencies_s.setdefault(status, []).append(float(row["response-time"]))
-    return load
-
-
-def ms(seconds: float) -> str:
-    return "-" if seconds != seconds else f"{seconds * 1000:.0f} ms"
-
-
-def service_env(work: Path) -> dict[str, str]:
-    """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work."""
-    env = {**os.environ, "LOG_LEVEL": "warning"}
-    if not env.get("MODEL_WEIGHTS"):
-        import torch
-        from torchvision.models import resnet18
-
-        torch.manual_seed(0)
-        torch.save(resnet18().state_dict(), work / "resnet18-random.pth")
-        env["MODEL_WEIGHTS"] = str(work / "resnet18-random.pth")
-    return env
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -309,7 +157,7 @@ def main() -> None:
         before = measure_ceiling(backend_env)
         services = []
         for batch_size, concurrencies in runs.items():
-            service = start_service({**backend_env, "MAX_BATCH_SIZE": batch_size})
+            service = start_server({**backend_env, "MAX_BATCH_SIZE": batch_size})
             for concurrency in concurrencies:
                 load = hey(f"{service.url}/predict", concurrency, seconds=args.seconds, body=small_body, pid=service.process.pid)
                 services.append((batch_size, concurrency, load))
@@ -341,15 +189,13 @@ def main() -> None:
 
     # Asynchronous jobs (bench/async_jobs.py): a 500-photo job beside python -m classify on the same photos,
     # and online /predict c=1 with and without a job running.
-    from async_jobs import measure as measure_jobs, report as report_jobs
-
     job_rows = measure_jobs(500, args.seconds)
     report_jobs(job_rows)
     rows.extend(job_rows)
 
     # 2: 12-megapixel JPEG, exact by default and with the opt-in draft decode.
     for draft in ("true", "false"):
-        service = start_service({**env, "JPEG_DRAFT": draft})
+        service = start_server({**env, "JPEG_DRAFT": draft})
         load = hey(f"{service.url}/predict", 8, seconds=args.seconds, body=large_body, pid=service.process.pid)
         row(f"torch 12 MP JPEG c=8 {'JPEG_DRAFT=true' if draft == 'true' else 'default (exact)'}", load)
         service.stop()
@@ -366,7 +212,7 @@ def main() -> None:
           f" {draft['decode_ms_full']:.1f} ms", flush=True)
 
     # 4 and 6: /health while saturated; RSS over many requests; start-up time.
-    service = start_service(env)
+    service = start_server(env)
     hey(f"{service.url}/predict", 32, seconds=args.seconds, body=small_body)  # warm-up: every batch size occurs
     rss_warm = service.rss_mib()
     saturate = subprocess.Popen(["hey", "-c", "32", "-z", f"{args.seconds + 2}s", "-m", "POST", "-D", str(small_body),
@@ -384,7 +230,7 @@ def main() -> None:
     service.stop()
 
     # 5: overload: concurrency far above MAX_QUEUE.
-    service = start_service({**env, "MAX_QUEUE": "16", "MAX_BATCH_FILES": "16", "REQUEST_TIMEOUT_S": "5"})
+    service = start_server({**env, "MAX_QUEUE": "16", "MAX_BATCH_FILES": "16", "REQUEST_TIMEOUT_S": "5"})
     overload = hey(f"{service.url}/predict", 128, seconds=args.seconds, body=small_body)
     share = overload.statuses.get("503", 0) / max(overload.requests, 1)
     row("overload c=128, MAX_QUEUE=16", overload, share_503=round(share, 2),

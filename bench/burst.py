@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import BOUNDARY, imagenet_size_jpeg, multipart, photo, rss_mib, service_env, start_service  # noqa: E402
+from harness import BOUNDARY, imagenet_size_jpeg, multipart, photo, rss_mib, service_env, start_server  # noqa: E402
 
 
 def phone_photo_19mb() -> bytes:
@@ -104,7 +104,7 @@ def main() -> None:
     env["MAX_BODY_BUFFER_BYTES"] = str(args.budget_mib * 1024 * 1024)
     photo_bytes = phone_photo_19mb()
     body, small = multipart(photo_bytes), multipart(imagenet_size_jpeg())
-    service = start_service(env)
+    service = start_server(env)
     try:
         for _ in range(20):  # warm-up: every code path has run once
             httpx.post(f"{service.url}/predict", content=small,

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import service_env  # noqa: E402
+from harness import service_env  # noqa: E402
 from async_jobs import photos  # noqa: E402
 
 

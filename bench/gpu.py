@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import hey, imagenet_size_jpeg, ms, multipart, service_env, start_service  # noqa: E402
+from harness import hey, imagenet_size_jpeg, ms, multipart, service_env, start_server  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     body.write_bytes(multipart(imagenet_size_jpeg()))
     print(f"{len(os.sched_getaffinity(0))} CPUs, {args.seconds:g} s per run", flush=True)
     for precision in ("fp32", "fp16", "bf16"):
-        service = start_service({**env, "PRECISION": precision})
+        service = start_server({**env, "PRECISION": precision})
         info = httpx.get(f"{service.url}/model").json()
         print(f"{info['device']}, {precision}, batch <= {info['max_batch_size']}, "
               f"score difference from fp32 CPU {info['max_score_difference']:.1e}", flush=True)

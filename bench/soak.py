@@ -24,7 +24,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import BOUNDARY, hey, imagenet_size_jpeg, multipart, service_env, start_service  # noqa: E402
+from harness import BOUNDARY, hey, imagenet_size_jpeg, multipart, service_env, start_server  # noqa: E402
 
 LUA = r"""
 local bodies, threads = {}, {}
@@ -107,7 +107,7 @@ def main() -> None:
     script = work / "soak.lua"
     script.write_text(LUA)
 
-    service = start_service(env)
+    service = start_server(env)
     rss_started = service.rss_mib()
     hey(f"{service.url}/predict", args.concurrency, requests=500, body=bodies[0])  # warm-up
     rss_warm = service.rss_mib()

@@ -13,19 +13,16 @@ import importlib.resources
 import io
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -33,6 +30,9 @@ from PIL import Image
 from torchvision.models import ResNet18_Weights, resnet18
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import harness  # noqa: E402
+from harness import free_port  # noqa: E402
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
 TOLERANCE = 1e-5  # parity of scores with the reference pipeline
 
@@ -132,6 +132,16 @@ def client(app) -> Iterator:
         yield client
 
 
+@pytest.fixture
+def override_settings(app) -> Iterator[Callable[..., None]]:
+    """override_settings(name=value, ...): the settings every module reads, changed until the test ends."""
+    import settings
+
+    original = settings.get_settings()
+    yield lambda **changes: settings.use(original.model_copy(update=changes))
+    settings.use(original)
+
+
 def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> None:
     """predictions are a correct top-k of the expected probabilities, best first."""
     labels = ResNet18_Weights.DEFAULT.meta["categories"]
@@ -150,66 +160,33 @@ def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> Non
 def block_the_worker(app, monkeypatch) -> tuple[threading.Event, threading.Event]:
     """Make the next forward pass wait: (started, release) events for the test to watch and end it."""
     started, release = threading.Event(), threading.Event()
-    real_predict = app.batcher.predict
+    real_predict = app.service.batcher.predict
 
     def blocked_predict(batch):
         started.set()
         assert release.wait(30), "the test never released the forward pass"
         return real_predict(batch)
 
-    monkeypatch.setattr(app.batcher, "predict", blocked_predict)
+    monkeypatch.setattr(app.service.batcher, "predict", blocked_predict)
     return started, release
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    workdir: Path  # the server's current directory
-    tmpdir: Path  # the server's TMPDIR
-
-    def stop(self, timeout: float = 30) -> int:
-        self.process.terminate()
-        return self.process.wait(timeout)
+class Server(harness.Server):
+    workdir: Path = REPO  # the server's current directory
+    tmpdir: Path = REPO  # the server's TMPDIR
 
 
 def start_server(tmp: Path, log: Path | None = None, **env: str) -> Server:
-    """`uvicorn app:app` in a subprocess, started from an empty folder, waited on until /ready.
-
-    log: a file for the server's output (its logs); by default it goes to the test's own output.
-    """
+    """The service in a subprocess (bench/harness.py), started from an empty folder with an empty TMPDIR of its
+    own, waited on until /ready. log: a file for the server's output (its logs); by default the test's output."""
     workdir, tmpdir = tmp / "cwd", tmp / "tmp"
     workdir.mkdir(parents=True)
     tmpdir.mkdir()
     env.setdefault("JOBS_DATABASE_URL", f"sqlite:///{tmp / 'jobs.sqlite3'}")
-    port = free_port()
-    output = log.open("w") if log else None
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(REPO), "--port", str(port)],
-        cwd=workdir,
-        env={**os.environ, "TMPDIR": str(tmpdir), "PYTHONDONTWRITEBYTECODE": "1", "LOG_LEVEL": "warning", **env},
-        stdout=output,
-        stderr=output,
-    )
-    server = Server(f"http://127.0.0.1:{port}", process, workdir, tmpdir)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
-        try:
-            if httpx.get(f"{server.url}/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not become ready in time")
+    environment = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONDONTWRITEBYTECODE": "1", "LOG_LEVEL": "warning", **env}
+    started = harness.start_server(environment, cwd=workdir, output=log.open("w") if log else None)
+    return Server(started.url, started.process, started.startup_s, workdir, tmpdir)
 
 
 @pytest.fixture(scope="session")

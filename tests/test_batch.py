@@ -54,7 +54,9 @@ def test_batch_default_k_is_five(client):
 
 
 def test_too_many_files_is_413(client, app):
-    too_many = app.settings.max_batch_files + 1
+    from settings import get_settings
+
+    too_many = get_settings().max_batch_files + 1
     response = client.post("/predict/batch", files=batch_files(*[("x.png", b"x")] * too_many))
     assert response.status_code == 413
     assert "MAX_BATCH_FILES" in response.json()["detail"]
@@ -120,7 +122,8 @@ def test_job_classifies_a_folder_recursively_like_the_reference(app, folder, tmp
     assert set(lines) == {str(folder / name) for name in [*SOURCES, "corrupt.jpg"]}
     for name, source in SOURCES.items():
         assert_top_k(lines[str(folder / name)]["predictions"], reference(photo(source)), 5)
-    assert "truncated" in lines[str(folder / "corrupt.jpg")]["error"]
+    assert lines[str(folder / "corrupt.jpg")]["error"]["status"] == 400
+    assert "truncated" in lines[str(folder / "corrupt.jpg")]["error"]["detail"]
     assert not any("notes.txt" in path for path in lines)
 
 
@@ -140,6 +143,30 @@ def test_job_resume_skips_what_is_done_and_repairs_a_torn_line(app, folder, tmp_
     assert {json.loads(line)["path"] for line in lines[3:]} == {json.loads(first[3])["path"], str(folder / "new.png")}
     assert run_job(app, folder, "--out", out, "--resume") == 0
     assert len(out.read_text().splitlines()) == 5
+
+
+def test_job_survives_a_forward_pass_that_fails_for_one_image(app, folder, tmp_path, monkeypatch, reference):
+    """As the service's batcher does: a batch whose forward pass fails is retried image by image, so only the
+    image that breaks it gets an error line."""
+    import torch
+
+    (folder / "corrupt.jpg").unlink()
+    breaking = app.model.prepare(photo_bytes("chelsea.png"))
+    real_predict = app.model.predict
+
+    def predict(batch):
+        if any(torch.equal(image, breaking) for image in batch):
+            raise RuntimeError("this image breaks the forward pass")
+        return real_predict(batch)
+
+    monkeypatch.setattr(app.model, "predict", predict)
+    out = tmp_path / "results.jsonl"
+    assert run_job(app, folder, "--out", out, "--batch-size", "4") == 1
+    lines = read_jsonl(out)
+    assert lines[str(folder / "chelsea.png")]["error"] == {"status": 500, "detail": "internal error; it has been logged"}
+    for name, source in SOURCES.items():
+        if source != "chelsea.png":
+            assert_top_k(lines[str(folder / name)]["predictions"], reference(photo(source)), 5)
 
 
 def test_job_resume_skips_recorded_errors_too(app, folder, tmp_path):
@@ -166,7 +193,7 @@ def test_job_writes_csv(app, folder, tmp_path, reference):
     (folder / "corrupt.jpg").unlink()
     assert run_job(app, folder, "--out", out, "--format", "csv", "--k", "2") == 0
     rows = {row["path"]: row for row in csv.DictReader(out.open())}
-    assert list(next(iter(rows.values()))) == ["path", "error", "label_1", "index_1", "score_1", "label_2", "index_2", "score_2"]
+    assert list(next(iter(rows.values()))) == ["path", "status", "error", "label_1", "index_1", "score_1", "label_2", "index_2", "score_2"]
     expected = reference(photo("coffee.png"))
     row = rows[str(folder / "nested" / "coffee.png")]
     assert float(row["score_1"]) == pytest.approx(expected[int(row["index_1"])].item(), abs=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -183,13 +182,13 @@ def test_a_withdrawn_image_is_not_computed():
 def test_different_photos_at_once_equal_their_single_answers(client, app, monkeypatch):
     singles = {name: client.post("/predict/topk?k=10", files=upload(photo_bytes(name))).json() for name in PHOTOS}
     sizes = []
-    real_predict = app.batcher.predict
+    real_predict = app.service.batcher.predict
 
     def recording_predict(batch):
         sizes.append(len(batch))
         return real_predict(batch)
 
-    monkeypatch.setattr(app.batcher, "predict", recording_predict)
+    monkeypatch.setattr(app.service.batcher, "predict", recording_predict)
     names = list(PHOTOS) * 4
     with ThreadPoolExecutor(len(names)) as pool:
         answers = list(pool.map(lambda n: client.post("/predict/topk?k=10", files=upload(photo_bytes(n))).json(), names))
@@ -202,14 +201,14 @@ def test_different_photos_at_once_equal_their_single_answers(client, app, monkey
 
 def test_overload_is_503_with_retry_after(client, app, monkeypatch):
     started, release = block_the_worker(app, monkeypatch)
-    monkeypatch.setattr(app.batcher, "max_queue", 2)
+    monkeypatch.setattr(app.service.batcher, "max_queue", 2)
     data = photo_bytes("coffee.png")
     with ThreadPoolExecutor(2) as pool:
         accepted = [pool.submit(client.post, "/predict", files=upload(data)) for _ in range(2)]
         try:
             assert started.wait(30)
             deadline = time.monotonic() + 30
-            while app.batcher.in_flight < 2 and time.monotonic() < deadline:
+            while app.service.batcher.in_flight < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             refused = client.post("/predict", files=upload(data))
         finally:
@@ -220,9 +219,9 @@ def test_overload_is_503_with_retry_after(client, app, monkeypatch):
     assert "MAX_QUEUE" in refused.json()["detail"]
 
 
-def test_waiting_longer_than_the_timeout_is_503(client, app, monkeypatch):
+def test_waiting_longer_than_the_timeout_is_503(client, app, monkeypatch, override_settings):
     started, release = block_the_worker(app, monkeypatch)
-    monkeypatch.setattr(app, "settings", dataclasses.replace(app.settings, request_timeout_s=0.3))
+    override_settings(request_timeout_s=0.3)
     try:
         response = client.post("/predict", files=upload(photo_bytes("coffee.png")))
     finally:
@@ -235,8 +234,8 @@ def test_waiting_longer_than_the_timeout_is_503(client, app, monkeypatch):
 
 def test_a_disconnected_client_is_not_computed(client, app, monkeypatch):
     computed = []
-    real_predict = app.batcher.predict
-    monkeypatch.setattr(app.batcher, "predict", lambda batch: computed.append(len(batch)) or real_predict(batch))
+    real_predict = app.service.batcher.predict
+    monkeypatch.setattr(app.service.batcher, "predict", lambda batch: computed.append(len(batch)) or real_predict(batch))
     boundary = "x-boundary"
     body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'.encode()
             + photo_bytes("astronaut.png") + f"\r\n--{boundary}--\r\n".encode())
@@ -277,7 +276,9 @@ def test_draft_decode_leaves_photos_under_twice_its_floor_bit_identical(app, siz
 
 def test_draft_decode_is_off_by_default(app):
     data = large_jpeg("chelsea.png", 1200)
-    assert app.settings.jpeg_draft is False
+    from settings import get_settings
+
+    assert get_settings().jpeg_draft is False
     assert min(app.model.decode(data).size) == 1200
 
 
@@ -331,7 +332,7 @@ def test_onnxruntime_backend_matches_torchvision_reference(weights_file, referen
         "import json, sys, importlib.resources as r, model;"
         "files = [(r.files('skimage') / 'data' / n).read_bytes() for n in sys.argv[1:]];"
         "import torch; p = model.predict(torch.stack([model.prepare(f) for f in files]));"
-        "print(json.dumps({'backend': model.settings.backend, 'difference': model.backend_difference, 'p': p.tolist()}))"
+        "print(json.dumps({'backend': model.backend, 'difference': model.backend_difference, 'p': p.tolist()}))"
     )
     result = subprocess.run([sys.executable, "-c", code, *PHOTOS], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "BACKEND": "onnxruntime", "MODEL_WEIGHTS": str(weights_file)})

@@ -25,7 +25,7 @@ def test_health_answers_while_inference_is_in_flight(client, app, monkeypatch):
 def test_forward_passes_never_overlap(client, app, monkeypatch):
     running, most = 0, 0
     lock = threading.Lock()
-    real_predict = app.batcher.predict
+    real_predict = app.service.batcher.predict
 
     def counting_predict(batch):
         nonlocal running, most
@@ -38,7 +38,7 @@ def test_forward_passes_never_overlap(client, app, monkeypatch):
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(app.batcher, "predict", counting_predict)
+    monkeypatch.setattr(app.service.batcher, "predict", counting_predict)
     photos = [photo_bytes(name) for name in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")] * 3
     with ThreadPoolExecutor(len(photos)) as pool:
         responses = list(pool.map(lambda data: client.post("/predict", files=upload(data)), photos))

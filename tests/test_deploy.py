@@ -26,9 +26,10 @@ def manifests() -> dict[str, dict]:
 
 
 def settings_read() -> set[str]:
-    """The environment variables settings.py reads."""
-    source = (REPO / "settings.py").read_text()
-    return set(re.findall(r'env(?:\.get)?\(\s*"([A-Z0-9_]+)"', source)) | set(re.findall(r'\(env, "([A-Z0-9_]+)"', source))
+    """The environment variables the service reads: one per declared setting."""
+    from settings import Settings
+
+    return {name.upper() for name in Settings.model_fields}
 
 
 def env_of(container: dict) -> dict[str, dict]:

@@ -126,7 +126,7 @@ def test_unexpected_failure_is_a_json_500_without_details(client, app, monkeypat
     def broken(data: bytes):
         raise RuntimeError("secret internal path /srv/model")
 
-    monkeypatch.setattr(app.batcher, "prepare", broken)
+    monkeypatch.setattr(app.service.batcher, "prepare", broken)
     response = client.post("/predict", files=upload(photo_bytes("coffee.png")))
     assert response.status_code == 500
     assert response.json() == {"detail": "internal error; it has been logged"}

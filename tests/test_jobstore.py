@@ -147,6 +147,8 @@ def test_claims_do_not_overlap_and_an_expired_lease_is_claimed_again(store):
     assert [i.index for i in first] == [0, 1, 2] and [i.index for i in second] == [3, 4]
     assert store.claim(3) == []  # within the lease: no one else gets them
     again = claim_when_free(store)
+    if len(again) < 5:  # the second claim's lease ends a moment after the first's
+        again += claim_when_free(store)
     assert [i.index for i in again] == [0, 1, 2, 3, 4] and {i.attempts for i in again} == {2}
 
 
@@ -378,3 +380,16 @@ def test_an_unreachable_database_is_not_a_full_disk(postgres):
     with pytest.raises(DBAPIError) as unreachable:
         store.backlog()
     assert not disk_full(unreachable.value)
+
+
+def test_the_migrations_build_exactly_the_tables_the_code_declares(store):
+    """Alembic's autogenerate comparison of the upgraded database with jobstore's tables finds nothing to do:
+    a column, index or constraint declared in one place and not the other fails here, on either database."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    import jobstore
+
+    with store.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
+        assert compare_metadata(context, jobstore.metadata) == []

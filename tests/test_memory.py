@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,10 +11,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from conftest import REPO, Server, photo_bytes, start_server
-
-sys.path.insert(0, str(REPO / "bench"))
-from burst import BOUNDARY, burst, multipart, phone_photo_19mb  # noqa: E402
+from burst import BOUNDARY, burst, multipart, phone_photo_19mb
+from conftest import Server, photo_bytes, start_server
 
 MIB = 1024 * 1024
 

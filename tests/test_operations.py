@@ -57,13 +57,51 @@ def test_health_readiness_metrics_and_docs_stay_open(guarded, path):
     assert httpx.get(f"{server.url}{path}").status_code == 200
 
 
-def test_openapi_declares_the_security_schemes(guarded):
+def needs_the_key(path: str) -> bool:
+    """What the README promises: predictions, jobs and /v2 inference need the key; nothing else does."""
+    return path.startswith(("/predict", "/jobs")) or path.endswith("/infer")
+
+
+def every_route(app) -> list[tuple[str, str]]:
+    """(method, path template) of every HTTP route of the app, those left out of the OpenAPI document too."""
+    def flattened(routes):
+        for route in routes:
+            included = getattr(route, "original_router", None)  # FastAPI keeps an included router whole
+            yield from flattened(included.routes) if included is not None else (route,)
+
+    return sorted((method, route.path) for route in flattened(app.app.router.routes)
+                  for method in (getattr(route, "methods", None) or ()) if method != "HEAD")
+
+
+def test_every_route_that_needs_the_key_refuses_without_it_and_no_other_does(guarded, app):
     server, _ = guarded
-    spec = httpx.get(f"{server.url}/openapi.json").json()
+    routes = every_route(app)
+    assert ("POST", "/v2/models/{name}/versions/{version}/infer") in routes and ("GET", "/") in routes
+    for method, template in routes:
+        path = template.replace("{job_id}", "0" * 32).replace("{name}", "resnet18").replace("{version}", "1")
+        path = path.replace("{path:path}", "swagger-ui.css").replace("{filename}", "swagger-ui.css")
+        for headers in ({}, {"X-API-Key": "wrong"}):
+            response = httpx.request(method, f"{server.url}{path}", headers=headers, timeout=30)
+            if needs_the_key(template):
+                assert response.status_code == 401, (method, template, headers)
+            else:
+                assert response.status_code != 401, (method, template, headers)
+
+
+def test_openapi_declares_the_key_exactly_where_it_is_needed(guarded, server):
+    keyed_server, _ = guarded
+    spec = httpx.get(f"{keyed_server.url}/openapi.json").json()
     schemes = spec["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
-    assert spec["paths"]["/predict"]["post"]["security"]
-    assert "security" not in spec["paths"]["/health"]["get"]
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert bool(operation.get("security")) == needs_the_key(path), (method, path)
+            assert ("401" in operation["responses"]) == needs_the_key(path), (method, path)
+    # Without API_KEY the service asks for no key, and its document says so.
+    open_spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert "securitySchemes" not in open_spec.get("components", {})
+    assert not any(operation.get("security") or "401" in operation["responses"]
+                   for operations in open_spec["paths"].values() for operation in operations.values())
 
 
 def test_request_id_is_echoed_or_made_and_logged_as_json(guarded):

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from sqlalchemy import create_engine, text
 
 from conftest import Postgres, Server, photo_bytes, start_server, upload

@@ -1,0 +1,175 @@
+"""What the benchmarks and the tests share: photos made from scikit-image's (nothing is downloaded),
+multipart bodies, the service started in a subprocess and waited on until ready, hey as the load, the CPU's name.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+BOUNDARY = "benchmark-boundary"
+
+
+def photo(name: str) -> Image.Image:
+    return Image.open(importlib.resources.files("skimage") / "data" / name).convert("RGB")
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def imagenet_size_jpeg() -> bytes:
+    return jpeg(photo("chelsea.png").resize((500, 375), Image.BICUBIC))
+
+
+def phone_size_jpeg(name: str = "astronaut.png", seed: int = 0) -> bytes:
+    """12 megapixels with a little sensor-like noise, so it weighs (and decodes) like a phone photo."""
+    big = np.asarray(photo(name).resize((4000, 3000), Image.BICUBIC), dtype=np.float32)
+    noise = np.random.default_rng(seed).normal(0, 3, big.shape)
+    return jpeg(Image.fromarray(np.clip(big + noise, 0, 255).astype(np.uint8)))
+
+
+def multipart(data: bytes, filename: str = "photo.jpg") -> bytes:
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+    return head.encode() + b"Content-Type: image/jpeg\r\n\r\n" + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def cpu_description() -> str:
+    """The CPU's name and the vector extensions that decide these figures (AVX-512, native bfloat16)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+    present = set(flags.group(1).split()) if flags else set()
+    shown = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if flag in present]
+    return f"{name.group(1) if name else 'unknown'}, {' '.join(shown) or 'no AVX2'}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mib(pid: int, field_name: str = "VmRSS") -> float:
+    """A process's resident memory (VmRSS), or its peak (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    startup_s: float  # from the process's start to its first 200 on /ready
+
+    def rss_mib(self, field_name: str = "VmRSS") -> float:
+        return rss_mib(self.process.pid, field_name)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (the service drains), then its exit status; killed if it outlives timeout."""
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_server(env: dict[str, str], *, cwd: Path = REPO, output: IO | None = None, timeout: float = 300) -> Server:
+    """`uvicorn app:app` on a free port of 127.0.0.1 with exactly env, from cwd; returns once /ready answers 200.
+    output: where its logs go (default: this process's)."""
+    port = free_port()
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(REPO), "--port", str(port)],
+                               cwd=cwd, env=env, stdout=output, stderr=output)
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"the service exited with {process.returncode} before it was ready; see its output")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return Server(url, process, time.perf_counter() - started)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"the service was not ready within {timeout:g} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Load:
+    requests: int = 0
+    seconds: float = 0
+    cpu_s: float | None = None  # the service's CPU time during the run, when its pid was given
+    statuses: dict[str, int] = field(default_factory=dict)
+    latencies_s: dict[str, list[float]] = field(default_factory=dict)  # by status
+
+    @property
+    def ok_per_s(self) -> float:
+        return self.statuses.get("200", 0) / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float, status: str = "200") -> float:
+        values = sorted(self.latencies_s.get(status, []))
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def hey(url: str, concurrency: int, *, seconds: float | None = None, requests: int | None = None,
+        body: Path | None = None, pid: int | None = None) -> Load:
+    """Drive url with hey; per-request results come back as CSV. pid: the service's, to measure its CPU time."""
+    command = ["hey", "-c", str(concurrency), "-o", "csv", "-t", "60"]
+    command += ["-z", f"{seconds}s"] if seconds else ["-n", str(requests)]
+    if body:
+        command += ["-m", "POST", "-D", str(body), "-T", f"multipart/form-data; boundary={BOUNDARY}"]
+    started, cpu_started = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
+    output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+    load = Load(seconds=time.perf_counter() - started, cpu_s=cpu_seconds(pid) - cpu_started if pid else None)
+    for row in csv.DictReader(io.StringIO(output)):
+        status = row["status-code"]
+        load.requests += 1
+        load.statuses[status] = load.statuses.get(status, 0) + 1
+        load.latencies_s.setdefault(status, []).append(float(row["response-time"]))
+    return load
+
+
+def ms(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds * 1000:.0f} ms"
+
+
+def service_env(work: Path) -> dict[str, str]:
+    """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work."""
+    env = {**os.environ, "LOG_LEVEL": "warning"}
+    if not env.get("MODEL_WEIGHTS"):
+        import torch
+        from torchvision.models import resnet18
+
+        torch.manual_seed(0)
+        torch.save(resnet18().state_dict(), work / "resnet18-random.pth")
+        env["MODEL_WEIGHTS"] = str(work / "resnet18-random.pth")
+    return env
