@@ -9,7 +9,11 @@ caller its own row. Decoding the next images overlaps the forward pass of the cu
 
 Background images (asynchronous jobs) have threads and a queue of their own and take only idle
 capacity: a batch of them runs only when no online image is decoding or queued and none has arrived for
-`idle_s`, and never together with online images. So an online image waits behind at most one forward pass.
+`idle_s`, and never together with online images. So an online image waits behind at most one forward pass,
+and while online traffic is about, a background forward pass is sized to last at most `job_batch_max_s`: as
+many images as fit at the time per image measured on this machine, kept up to date as batches run (at least
+one). After `job_full_batch_after_s` without any online image, background batches grow back to
+`max_batch_size`, the job's fastest: only a request after such a silence can meet one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +50,7 @@ class BatchStats:
     queue_wait_s: list[float]
     inference_s: float
     background: bool = False
+    behind_job_s: list[float] = field(default_factory=list)  # online: each image's wait behind a background pass
 
 
 class Batcher:
@@ -59,6 +64,8 @@ class Batcher:
         max_queue: int,
         decode_workers: int,
         idle_s: float = 0.01,
+        job_batch_max_s: float | None = None,
+        job_full_batch_after_s: float = 2.0,
         init_inference_thread: Callable[[], None] | None = None,
         init_decode_thread: Callable[[], None] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
@@ -70,7 +77,10 @@ class Batcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.idle_s = idle_s
+        self.job_batch_max_s = job_batch_max_s  # None: background batches of up to max_batch_size
+        self.job_full_batch_after_s = job_full_batch_after_s
         self.in_flight = 0  # online images admitted and not yet answered
+        self._image_s: float | None = None  # forward-pass time per image, a moving average of the batches so far
         self._decode_workers = decode_workers
         self._init_inference_thread = init_inference_thread
         self._init_decode_thread = init_decode_thread
@@ -79,6 +89,7 @@ class Batcher:
         self._background: asyncio.Queue[_Job] = asyncio.Queue()
         self._arrived = asyncio.Event()  # something was queued
         self._online_seen = 0.0  # when an online image last arrived or was answered (monotonic)
+        self._last_background = (0.0, 0.0)  # when the last background forward pass started and finished
         self._inference: ThreadPoolExecutor | None = None
         self._decoders: ThreadPoolExecutor | None = None
         self._background_decoders: ThreadPoolExecutor | None = None
@@ -117,6 +128,17 @@ class Batcher:
             if not self.in_flight and quiet_for >= self.idle_s:
                 return
             await asyncio.sleep(max(self.idle_s - quiet_for, self.idle_s))
+
+    def job_batch_size(self) -> int:
+        """Background images per forward pass: as many as fit job_batch_max_s at the measured time per image
+        (at least 1, at most max_batch_size; 1 until a forward pass has been timed), or max_batch_size once no
+        online image has been seen for job_full_batch_after_s."""
+        quiet_for = time.monotonic() - self._online_seen
+        if self.job_batch_max_s is None or quiet_for >= self.job_full_batch_after_s:
+            return self.max_batch_size
+        if self._image_s is None:
+            return 1
+        return max(1, min(self.max_batch_size, int(self.job_batch_max_s / self._image_s)))
 
     def full(self, images: int = 1) -> bool:
         return self.in_flight + images > self.max_queue
@@ -164,8 +186,8 @@ class Batcher:
             if not self._background.empty():
                 quiet_for = time.monotonic() - self._online_seen
                 if not self._decoding and quiet_for >= self.idle_s:
-                    batch = []
-                    while len(batch) < self.max_batch_size and not self._background.empty():
+                    batch, size = [], self.job_batch_size()
+                    while len(batch) < size and not self._background.empty():
                         batch.append(self._background.get_nowait())
                     return [job for job in batch if not job.result.done()], True
                 wait = max(self.idle_s - quiet_for, 0.001)
@@ -202,8 +224,17 @@ class Batcher:
                 continue
             started = time.monotonic()
             rows = await loop.run_in_executor(self._inference, predict_each, self.predict, [job.image for job in batch])
-            if not background:
-                self._online_seen = time.monotonic()
+            finished = time.monotonic()
+            per_image = (finished - started) / len(batch)
+            self._image_s = per_image if self._image_s is None else 0.8 * self._image_s + 0.2 * per_image
+            behind_job = []
+            if background:
+                self._last_background = (started, finished)
+            else:
+                self._online_seen = finished
+                # The part of each image's wait spent behind the last background forward pass: what jobs cost it.
+                job_started, job_finished = self._last_background
+                behind_job = [max(0.0, min(job_finished, started) - max(job.queued_at, job_started)) for job in batch]
             for job, row in zip(batch, rows):
                 if job.result.done():
                     continue
@@ -212,8 +243,8 @@ class Batcher:
                 else:
                     job.result.set_result(row)
             if self.on_batch:
-                stats = BatchStats(len(batch), [started - job.queued_at for job in batch], time.monotonic() - started,
-                                   background)
+                stats = BatchStats(len(batch), [started - job.queued_at for job in batch], finished - started,
+                                   background, behind_job)
                 try:
                     self.on_batch(stats)
                 except Exception:  # an observer's bug must not stop the worker

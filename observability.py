@@ -25,6 +25,11 @@ QUEUE_WAIT = Histogram("inference_queue_wait_seconds", "Time an image waited in 
 BATCH_SIZE = Histogram("inference_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64))
 INFERENCE = Histogram("inference_duration_seconds", "Time of one forward pass (one batch)",
                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+JOB_BATCH_SIZE = Histogram("job_batch_size", "Job images per background forward pass (sized to JOB_BATCH_MAX_MS)",
+                           buckets=(1, 2, 3, 4, 6, 8, 16, 32))
+BEHIND_JOB = Histogram("online_wait_behind_job_seconds",
+                       "Time each online image waited behind a job's forward pass already running (0 for most)",
+                       buckets=(0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5))
 IN_FLIGHT = Gauge("images_in_flight", "Images admitted and not yet answered: decoding, queued or in a forward pass")
 BODY_BYTES_HELD = Gauge("request_body_bytes_held", "Bytes of request bodies being received or held (MAX_BODY_BUFFER_BYTES bounds them)")
 JOBS_SUBMITTED = Counter("jobs_submitted_total", "Asynchronous jobs accepted")
@@ -60,9 +65,13 @@ access_log = logging.getLogger("access")
 def observe_batch(stats: BatchStats) -> None:
     BATCH_SIZE.observe(stats.size)
     INFERENCE.observe(stats.inference_s)
-    if not stats.background:  # job images wait for idle capacity by design; the histogram is the online path's
+    if stats.background:
+        JOB_BATCH_SIZE.observe(stats.size)
+    else:  # job images wait for idle capacity by design; the histograms are the online path's
         for wait in stats.queue_wait_s:
             QUEUE_WAIT.observe(wait)
+        for wait in stats.behind_job_s:
+            BEHIND_JOB.observe(wait)
 
 
 class RequestIdFilter(logging.Filter):

@@ -42,6 +42,8 @@ class Service:
             decode_workers=settings.decode_workers,
             # Job images run only after 10 ms without online images: a steady online stream keeps the cores.
             idle_s=0.01,
+            job_batch_max_s=settings.job_batch_max_ms / 1000,
+            job_full_batch_after_s=settings.job_full_batch_after_s,
             init_inference_thread=model.init_inference_thread,
             init_decode_thread=model.init_decode_thread,
             on_batch=observability.observe_batch,

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(False, description="Decode large JPEGs at a reduced scale: faster, answers change slightly (measured)")
     max_batch_size: int | None = Field(None, ge=1, description="Most images in one forward pass (default: 8 on a CPU, 32 on a GPU)")
     max_batch_delay_ms: float = Field(5, ge=0, description="How long a batch waits for images still being decoded")
+    job_batch_max_ms: float = Field(50, ge=0, description="Longest a job's forward pass may take while online requests are "
+                                    "about (one arriving meanwhile waits for it): job batches hold as many images as fit, at least 1")
+    job_full_batch_after_s: float = Field(2, ge=0, description="After this long without an online request, job batches "
+                                          "grow back to MAX_BATCH_SIZE, the job's fastest")
     max_queue: int = Field(64, ge=1, description="Most images in flight (decoding, queued or in a forward pass); beyond it, 503")
     max_batch_files: int = Field(32, ge=1, description="Most images in one /predict/batch or /v2 request")
     request_timeout_s: float = Field(10, ge=0.01, description="Longest an online request may wait for its answer; then 503")

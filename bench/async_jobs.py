@@ -4,8 +4,11 @@
 
 1. The same images through `python -m classify` and as one job (POST /jobs) on an otherwise idle
    service: the job's rate from its started_at to its finished_at, and from the submission on.
-2. Online /predict at c=1 (hey) with no job, then while a long job runs: p50 with and without, and how
-   many job images were classified meanwhile (the job gets only the capacity online traffic leaves idle).
+2. Online /predict at c=1 (hey) with no job, then while a long job runs: p50 and p99 with and without, and
+   how many job images were classified meanwhile (the job gets only the capacity online traffic leaves idle).
+3. Sporadic users: one /predict at a time with a random pause of 0-1 s after each answer (as people and
+   most clients send), with no job and while a long job runs: p50, p90 and max with and without. Back-to-back
+   load hides the wait behind a job batch (there is never a pause for a job batch to start in); this does not.
 Also run by bench/benchmark.py (make bench).
 """
 
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
+import statistics
 import shutil
 import subprocess
 import sys
@@ -26,7 +31,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import REPO, hey, imagenet_size_jpeg, jpeg, multipart, photo, service_env, start_server  # noqa: E402
+from harness import BOUNDARY, REPO, hey, imagenet_size_jpeg, jpeg, multipart, photo, service_env, start_server  # noqa: E402
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
@@ -57,13 +62,36 @@ def wait(url: str, job_id: str) -> dict:
     return job
 
 
+def sporadic_users(url: str, body: bytes, seconds: float, seed: int = 0) -> list[float]:
+    """One request at a time, a random pause of 0-1 s after each answer, for `seconds`: the latencies (s)."""
+    pauses, latencies = random.Random(seed), []
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    deadline = time.perf_counter() + seconds
+    with httpx.Client(timeout=60) as client:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            client.post(f"{url}/predict", content=body, headers=headers).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+            time.sleep(pauses.random())
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def latency_row(name: str, latencies: list[float], **extra) -> dict:
+    return {"row": name, "requests": len(latencies), "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+            "p90_ms": round(percentile(latencies, 90) * 1000, 1), "max_ms": round(max(latencies) * 1000, 1), **extra}
+
+
 def seconds_between(start: str, end: str) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def measure(images: int, seconds: float) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
-    env = {**service_env(work), "JOBS_DATABASE_URL": f"sqlite:///{work / 'jobs.sqlite3'}"}
+    env = {**service_env(work), "JOBS_DATABASE_URL": f"sqlite:///{work / 'jobs.sqlite3'}", "MAX_JOB_FILES": "5000"}
     data = photos(images)
     folder = work / "photos"
     folder.mkdir()
@@ -101,7 +129,23 @@ def measure(images: int, seconds: float) -> list[dict]:
         rows.append({"row": "online /predict c=1 while a job runs", "ok_per_s": round(beside.ok_per_s, 1),
                      "p50_ms": round(p50_beside * 1000, 1), "p99_ms": round(beside.percentile(99) * 1000, 1),
                      "p50_ratio": round(p50_beside / p50_alone, 2),
+                     "p99_ratio": round(beside.percentile(99) / alone.percentile(99), 2),
                      "job_images_per_s_meanwhile": round((after - before) / beside.seconds, 1)})
+
+        online = body.read_bytes()
+        quiet = sporadic_users(service.url, online, 2 * seconds)
+        long_job = submit(service.url, data * max(1, round(seconds * offline_rate * 4 / images)))
+        time.sleep(1)
+        before = httpx.get(f"{service.url}/jobs/{long_job['id']}").json()["done"]
+        started = time.perf_counter()
+        busy = sporadic_users(service.url, online, 2 * seconds, seed=1)
+        kept = (httpx.get(f"{service.url}/jobs/{long_job['id']}").json()["done"] - before) / (time.perf_counter() - started)
+        httpx.delete(f"{service.url}/jobs/{long_job['id']}")
+        rows.append(latency_row("sporadic online users, no job", quiet))
+        rows.append(latency_row("sporadic online users while a job runs", busy,
+                                p50_ratio=round(percentile(busy, 50) / percentile(quiet, 50), 2),
+                                p90_ratio=round(percentile(busy, 90) / percentile(quiet, 90), 2),
+                                job_images_per_s_meanwhile=round(kept, 1)))
     finally:
         service.stop()
         shutil.rmtree(work)

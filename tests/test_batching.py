@@ -14,14 +14,14 @@ from PIL import Image
 from conftest import PHOTOS, block_the_worker, encode, large_jpeg, photo, photo_bytes, upload
 
 
-def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, prepare=None, idle_s=0.01):
+def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, prepare=None, idle_s=0.01, **job_batches):
     from batching import Batcher
 
     def decode_number(data: bytes) -> torch.Tensor:
         return torch.full((2,), float(data.decode()))
 
     return Batcher(prepare or decode_number, predict, max_batch_size=max_batch_size, max_delay_s=max_delay_s,
-                   max_queue=max_queue, decode_workers=2, idle_s=idle_s)
+                   max_queue=max_queue, decode_workers=2, idle_s=idle_s, **job_batches)
 
 
 async def until(condition, timeout: float = 30) -> None:
@@ -342,3 +342,54 @@ def test_onnxruntime_backend_matches_torchvision_reference(weights_file, referen
     for name, probabilities in zip(PHOTOS, answer["p"]):
         expected = reference(photo(name))
         assert (torch.tensor(probabilities) - expected).abs().max().item() < 1e-4
+
+
+def test_job_batches_are_sized_to_the_time_budget_while_online_traffic_is_about():
+    """Forward passes of 10 ms per image and a 45 ms budget: job batches of at most 4 (and more than 1)."""
+    background_batches = []
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.01 * len(batch))
+        if batch[0, 0] >= 1000:
+            background_batches.append(len(batch))
+        return batch
+
+    async def scenario():
+        batcher = make_batcher(predict, max_batch_size=8, job_batch_max_s=0.045, job_full_batch_after_s=600)
+        await batcher.start()
+        try:
+            with batcher.admit(1):
+                await batcher.submit(b"1")  # online traffic is about: the budget applies
+            assert batcher.job_batch_size() <= 4
+            await asyncio.gather(*(batcher.submit(str(1000 + i).encode(), background=True) for i in range(40)))
+        finally:
+            await batcher.stop(timeout_s=1)
+
+    asyncio.run(scenario())
+    assert sum(background_batches) == 40 and max(background_batches) <= 4 and max(background_batches) > 1
+
+
+def test_job_batches_grow_back_to_full_size_once_online_traffic_is_gone():
+    sizes = []
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(batch))
+        time.sleep(0.01 * len(batch))
+        return batch
+
+    async def scenario():
+        batcher = make_batcher(predict, max_batch_size=8, job_batch_max_s=0.015, job_full_batch_after_s=0.2)
+        await batcher.start()
+        try:
+            with batcher.admit(1):
+                await batcher.submit(b"1")
+            assert batcher.job_batch_size() == 1
+            await asyncio.sleep(0.25)  # a lower bound only: quiet for at least job_full_batch_after_s
+            assert batcher.job_batch_size() == 8
+            sizes.clear()
+            await asyncio.gather(*(batcher.submit(str(1000 + i).encode(), background=True) for i in range(16)))
+        finally:
+            await batcher.stop(timeout_s=1)
+
+    asyncio.run(scenario())
+    assert max(sizes) == 8

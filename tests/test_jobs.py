@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -530,5 +531,38 @@ def test_a_full_disk_is_507_named_in_the_log_and_jobs_resume_when_it_grows(weigh
         assert submit(server, variants(1)).status_code == 202
         assert job_metrics(server)["job_store_disk_full"] == 0
         assert "Traceback" not in log.read_text()
+    finally:
+        server.stop()
+
+
+def histogram(text: str, name: str) -> dict[float, float]:
+    """A Prometheus histogram's cumulative counts by upper bound."""
+    return {float(bound): float(count) for bound, count in
+            re.findall(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.M) if bound != "+Inf"} | \
+        {float("inf"): float(re.search(rf"^{name}_count (\S+)$", text, re.M).group(1))}
+
+
+def test_an_online_request_waits_behind_at_most_one_short_job_pass(weights_file, tmp_path):
+    """While a long job runs and online requests keep arriving, job forward passes are sized to JOB_BATCH_MAX_MS:
+    no online image waits behind one for longer than the budget plus about one image's forward pass."""
+    server = start_server(tmp_path, JOB_BATCH_MAX_MS="50")
+    try:
+        job = submit(server, variants(300)).json()
+        wait_for(server, job["id"], lambda j: j["done"] > 0)
+        pauses = iter([0.0, 0.05, 0.13, 0.02, 0.2, 0.08, 0.17, 0.01, 0.11, 0.06] * 3)
+        for pause in pauses:  # online requests with short pauses: job passes run in the gaps
+            assert httpx.post(f"{server.url}/predict", files={"file": ("a.png", photo_bytes("coffee.png"))}).status_code == 200
+            time.sleep(pause)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        behind = histogram(metrics, "online_wait_behind_job_seconds")
+        assert behind[float("inf")] == 30
+        assert behind[0.0] < 30, "no online image met a job pass: the test measured nothing"
+        forward_s = (float(re.search(r"^inference_duration_seconds_sum (\S+)$", metrics, re.M).group(1))
+                     / float(re.search(r"^inference_batch_size_sum (\S+)$", metrics, re.M).group(1)))
+        bound = 0.05 + 2 * forward_s  # the budget, plus a margin of two images' forward passes
+        within = min(b for b in behind if b >= bound)  # the first bucket that holds everything under the bound
+        assert behind[within] == behind[float("inf")], (bound, behind)
+        sizes = histogram(metrics, "job_batch_size")
+        assert sizes[float("inf")] > 0
     finally:
         server.stop()
