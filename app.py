@@ -35,6 +35,7 @@ import jobs  # noqa: E402
 import model  # noqa: E402
 import protocol  # noqa: E402
 from batching import Overloaded  # noqa: E402
+from cache import ENTRY_BYTES  # noqa: E402
 from images import ImageError  # noqa: E402
 from labels import LABELS  # noqa: E402
 from observability import REJECTED  # noqa: E402
@@ -63,6 +64,12 @@ class Preprocessing(BaseModel):
     std: list[float]
 
 
+class CacheInfo(BaseModel):
+    entries: int = Field(description="Answers kept now", examples=[1342])
+    capacity: int = Field(description="Most answers kept (CACHE_ENTRIES); 0: the cache is off", examples=[10000])
+    bytes_at_most: int = Field(description="The memory the cache takes when full, about", examples=[43000000])
+
+
 class ModelInfo(BaseModel):
     architecture: Literal["resnet18"] = "resnet18"
     weights: str = Field(description="Where the weights came from", examples=["torchvision:ResNet18_Weights.IMAGENET1K_V1"])
@@ -76,6 +83,7 @@ class ModelInfo(BaseModel):
         description="Largest softmax difference from fp32 torch on the CPU, measured at start-up on a probe batch",
         examples=[3.1e-7])
     max_batch_size: int = Field(description="Most images in one forward pass", examples=[8])
+    cache: CacheInfo = Field(description="Answers kept for repeated images (CACHE_ENTRIES)")
 
 
 # --- Who may call what ---------------------------------------------------------------------------------
@@ -296,6 +304,8 @@ async def model_info() -> ModelInfo:
         precision=model.precision,
         max_score_difference=model.backend_difference,
         max_batch_size=service.batcher.max_batch_size,
+        cache=CacheInfo(entries=len(service.cache or ()), capacity=get_settings().cache_entries,
+                        bytes_at_most=get_settings().cache_entries * ENTRY_BYTES),
     )
 
 

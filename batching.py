@@ -7,6 +7,9 @@ One thread owns the model. It takes whatever is queued, up to `max_batch_size`, 
 caller its own row. Decoding the next images overlaps the forward pass of the current batch.
 `admit` bounds how many images are in flight at all, so overload is refused instead of queued.
 
+With a cache (cache.py), bytes answered before are answered from it without decoding or a forward pass,
+and identical bytes in flight at once are computed once.
+
 Background images (asynchronous jobs) have threads and a queue of their own and take only idle
 capacity: a batch of them runs only when no online image is decoding or queued and none has arrived for
 `idle_s`, and never together with online images. So an online image waits behind at most one forward pass,
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cache import ResultCache
+
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +45,14 @@ class _Job:
     image: torch.Tensor
     result: asyncio.Future[torch.Tensor]
     queued_at: float
+
+
+@dataclass
+class _Shared:
+    """One computation that identical submissions wait for together."""
+
+    task: asyncio.Task[torch.Tensor]
+    waiters: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class Batcher:
         idle_s: float = 0.01,
         job_batch_max_s: float | None = None,
         job_full_batch_after_s: float = 2.0,
+        cache: ResultCache | None = None,
         init_inference_thread: Callable[[], None] | None = None,
         init_decode_thread: Callable[[], None] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
@@ -79,6 +93,8 @@ class Batcher:
         self.idle_s = idle_s
         self.job_batch_max_s = job_batch_max_s  # None: background batches of up to max_batch_size
         self.job_full_batch_after_s = job_full_batch_after_s
+        self.cache = cache
+        self._computing: dict[bool, dict[bytes, _Shared]] = {False: {}, True: {}}  # by background
         self.in_flight = 0  # online images admitted and not yet answered
         self._image_s: float | None = None  # forward-pass time per image, a moving average of the batches so far
         self._decode_workers = decode_workers
@@ -158,7 +174,43 @@ class Batcher:
         """Uploaded bytes (or an image already prepared) -> its row of the model's output. Cancel the call
         to withdraw the image.
 
-        background: a job's image, classified only with capacity online images leave idle."""
+        background: a job's image, classified only with capacity online images leave idle.
+        With a cache, bytes answered before are answered from it (a refused image raises its error again),
+        and identical bytes submitted while the first are being computed wait for that one computation."""
+        if self.cache is None or isinstance(data, torch.Tensor):
+            return await self._compute(data, background)
+        key = self.cache.key(data) if len(data) < 256 * 1024 else await asyncio.to_thread(self.cache.key, data)
+        answer = self.cache.get(key)
+        computing = self._computing[background]  # an online image never waits for a job's computation
+        shared = computing.get(key)
+        if answer is not None or shared is not None:
+            self.cache.hits += 1
+        else:
+            self.cache.misses += 1
+        if isinstance(answer, Exception):
+            raise answer
+        if answer is not None:
+            return answer
+        if shared is None:
+            shared = computing[key] = _Shared(asyncio.ensure_future(self._compute(data, background)))
+            shared.task.add_done_callback(lambda task: self._computed(key, task, computing))
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.task)
+        except asyncio.CancelledError:
+            if shared.waiters == 1:  # the last one waiting withdrew: so is the image
+                shared.task.cancel()
+            raise
+        finally:
+            shared.waiters -= 1
+
+    def _computed(self, key: bytes, task: asyncio.Task[torch.Tensor], computing: dict[bytes, _Shared]) -> None:
+        computing.pop(key, None)
+        if not task.cancelled():
+            assert self.cache is not None
+            self.cache.put(key, task.exception() or task.result())
+
+    async def _compute(self, data: bytes | torch.Tensor, background: bool) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         if not background:
             self._online_seen = time.monotonic()

@@ -25,7 +25,12 @@ import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cache import ResultCache
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".avif", ".bmp", ".tif", ".tiff"}
 
@@ -128,24 +133,61 @@ class Results:
         return row
 
 
-def read_and_prepare(path: Path):  # noqa: ANN201 (the model's input [3, 224, 224], or why there is none)
+@dataclass
+class Prepared:
+    key: bytes | None  # in the cache (None: unreadable, or no cache)
+    answer: Any  # probabilities [1000] or an exception, when known without a forward pass; else None
+    image: Any = None  # the model's input [3, 224, 224], when the answer is not known yet
+
+
+def read_and_prepare(path: Path, cache: ResultCache | None) -> Prepared:
+    """A file -> its answer from the cache, or its model input, or why it has none (in a decode thread)."""
     import images
     import model
 
     try:
-        return model.prepare(path.read_bytes())
+        data = path.read_bytes()
     except OSError as error:
-        return images.NotAnImage(f"the file could not be read ({error.strerror or type(error).__name__})")
+        return Prepared(None, images.NotAnImage(f"the file could not be read ({error.strerror or type(error).__name__})"))
+    key = cache.key(data) if cache is not None else None
+    if key is not None and (kept := cache.get(key)) is not None:
+        return Prepared(key, kept)
+    try:
+        return Prepared(key, None, model.prepare(data))
     except images.ImageError as error:
-        return error
+        return Prepared(key, error)
 
 
-def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int) -> Iterator[tuple[list[Path], list]]:
-    """(paths, tensors or errors) a batch at a time; the next batch decodes while this one is predicted."""
+def answer(batch: list[Prepared], cache: ResultCache | None) -> list[Any]:
+    """Each file's probabilities or exception: one forward pass for the images whose answer is not known, each
+    distinct image once (a batch that fails is retried image by image, batching.predict_each), then kept."""
+    import model
+    from batching import predict_each
+
+    todo: dict[bytes | int, int] = {}  # key (or position, without a cache) -> index in the forward pass
+    for position, item in enumerate(batch):
+        if item.answer is None and item.key is not None and (kept := cache.get(item.key)) is not None:
+            item.answer = kept  # computed since it was read: an identical file in the batch before
+        elif item.answer is None:
+            todo.setdefault(item.key or position, len(todo))
+    images = {index: item.image for position, item in enumerate(batch) if item.answer is None
+              for index in [todo[item.key or position]]}
+    computed = predict_each(model.predict, [images[index] for index in range(len(todo))]) if todo else []
+    if cache is not None:
+        for key, index in todo.items():
+            if isinstance(key, bytes):
+                cache.put(key, computed[index])
+    return [item.answer if item.answer is not None else computed[todo[item.key or position]]
+            for position, item in enumerate(batch)]
+
+
+def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int, cache: ResultCache | None
+            ) -> Iterator[tuple[list[Path], list[Prepared]]]:
+    """(paths, what each became) a batch at a time; the next batch decodes while this one is predicted."""
     pending: deque[tuple[list[Path], list[Future]]] = deque()
     for start in range(0, len(paths), size):
         chunk = paths[start : start + size]
-        pending.append((chunk, [pool.submit(read_and_prepare, path) for path in chunk]))
+        pending.append((chunk, [pool.submit(read_and_prepare, path, cache) for path in chunk]))
         if len(pending) > 1:
             done, futures = pending.popleft()
             yield done, [future.result() for future in futures]
@@ -157,12 +199,15 @@ def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int) -> Iterator[
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import torch
     from tqdm import tqdm
 
     import model  # loads the weights: the service's settings apply (MODEL_WEIGHTS, BACKEND, PRECISION, ...)
-    from batching import predict_each
+    from cache import ResultCache
     from outcomes import outcome
+    from settings import get_settings
+
+    # Identical files are classified once per run (the same bytes: a copy, a re-export of the same file).
+    cache = ResultCache(get_settings().cache_entries, model.answer_context) if get_settings().cache_entries else None
 
     images, others = find_images(args.inputs)
     images = [path for path in images if in_shard(path, args.shard)]
@@ -175,10 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with ThreadPoolExecutor(args.workers, "decode", initializer=model.init_decode_thread) as pool, \
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress:
-        for paths, prepared in batches(todo, pool, args.batch_size):
-            good = [i for i, item in enumerate(prepared) if isinstance(item, torch.Tensor)]
-            results_of = dict(zip(good, predict_each(model.predict, [prepared[i] for i in good]) if good else []))
-            lines = [{"path": str(path), **outcome(results_of.get(i, prepared[i]), args.k)} for i, path in enumerate(paths)]
+        for paths, prepared in batches(todo, pool, args.batch_size, cache):
+            lines = [{"path": str(path), **outcome(result, args.k)} for path, result in zip(paths, answer(prepared, cache))]
             failed += sum("error" in line for line in lines)
             results.append(lines)
             progress.update(len(paths))

@@ -6,6 +6,7 @@ Decoding uploads (formats, limits, EXIF, errors) is images.py's.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -178,6 +179,23 @@ def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], tolerance: flo
     return difference
 
 
+def fingerprint(network: torch.nn.Module) -> str:
+    """A hash of the weights' values (BLAKE2b over every tensor, in state_dict order): which model answered."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def answer_context() -> str:
+    """Everything besides an image's bytes that decides its answer (the cache's keys hold it): the weights,
+    backend, device, precision, the decoding settings and the preprocessing."""
+    settings = get_settings()
+    return (f"{weights_hash} {backend} {device.type} {precision} jpeg_draft={settings.jpeg_draft} "
+            f"max_image_pixels={settings.max_image_pixels} {preprocess!r}")
+
+
 @torch.inference_mode()
 def predict(batch: torch.Tensor) -> torch.Tensor:
     """Preprocessed images [N, 3, 224, 224] -> softmax probabilities [N, 1000]."""
@@ -221,6 +239,7 @@ try:
     if problem:
         raise ModelLoadError(problem)
     model, weights_source = load_model(get_settings().model_weights)
+    weights_hash = fingerprint(model)
     forward = torch_forward(model, device, precision) if backend == "torch" else onnx_forward(model, get_settings().threads)
     backend_difference = check_parity(forward, 1e-4 if precision == "fp32" else 1e-2)
 except ModelLoadError as error:

@@ -11,12 +11,14 @@ import uuid
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching import BatchStats
+from cache import ResultCache
 
 REQUESTS = Counter("http_requests_total", "HTTP requests answered, by route and status", ["method", "endpoint", "status"])
 LATENCY = Histogram("http_request_duration_seconds", "Time from request start to the end of the response", ["endpoint"])
@@ -56,6 +58,23 @@ for reason in ("overloaded", "memory", "jobs_full", "database_unavailable", "sto
 # browser enforces it. (ReDoc's bundle would otherwise fetch its vendor's logo from a CDN.)
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
                            "img-src 'self' data: blob:; worker-src 'self' blob:; frame-ancestors 'self'")
+
+class CacheMetrics:
+    """cache_hits_total, cache_misses_total, cache_evictions_total and cache_entries, read from the cache itself
+    at each scrape (all 0 with the cache off)."""
+
+    def __init__(self, cache: ResultCache | None) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.cache
+        yield CounterMetricFamily("cache_hits", "Images answered from the cache", value=cache.hits if cache is not None else 0)
+        yield CounterMetricFamily("cache_misses", "Images looked up in the cache and computed",
+                                  value=cache.misses if cache is not None else 0)
+        yield CounterMetricFamily("cache_evictions", "Answers dropped from the cache, least recently used first (CACHE_ENTRIES)",
+                                  value=cache.evictions if cache is not None else 0)
+        yield GaugeMetricFamily("cache_entries", "Answers in the cache", value=len(cache) if cache is not None else 0)
+
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

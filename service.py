@@ -15,11 +15,13 @@ import time
 
 import torch
 from fastapi import Request, UploadFile
+from prometheus_client import REGISTRY
 from starlette.exceptions import HTTPException
 
 import model
 import observability
 from batching import Batcher
+from cache import ResultCache
 from jobstore import JobStore
 from jobworker import JobWorker
 from observability import REJECTED
@@ -31,6 +33,8 @@ log = logging.getLogger("app")
 class Service:
     def __init__(self) -> None:
         settings = get_settings()
+        self.cache = ResultCache(settings.cache_entries, model.answer_context) if settings.cache_entries else None
+        REGISTRY.register(observability.CacheMetrics(self.cache))
         # Decoding runs in a small thread pool; one inference thread owns the forward pass, so requests
         # never run it side by side on the same cores.
         self.batcher = Batcher(
@@ -44,6 +48,7 @@ class Service:
             idle_s=0.01,
             job_batch_max_s=settings.job_batch_max_ms / 1000,
             job_full_batch_after_s=settings.job_full_batch_after_s,
+            cache=self.cache,
             init_inference_thread=model.init_inference_thread,
             init_decode_thread=model.init_decode_thread,
             on_batch=observability.observe_batch,

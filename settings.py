@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     max_body_buffer_bytes: int = Field(default_factory=default_body_budget, ge=1,
                                        description="Most bytes of request bodies held at once (default: a quarter of the container's memory limit, else 512 MiB); beyond it, 503")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Largest image in pixels, read from its header before decoding; beyond it, 413")
+    cache_entries: int = Field(10_000, ge=0, description="Answers kept for repeated images (exact bytes), about 4.3 KB each "
+                               "(the default about 42 MB); 0 turns the cache off")
 
     # HTTP
     cors_origins: Names = Field([], description="Web origins allowed to call the API from a browser, comma-separated")

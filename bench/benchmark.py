@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from async_jobs import measure as measure_jobs, report as report_jobs  # noqa: E402
+from repeats import measure as measure_repeats, report as report_repeats  # noqa: E402
 from harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart,  # noqa: E402
                      phone_size_jpeg, service_env, start_server)
 
@@ -193,6 +194,11 @@ def main() -> None:
     report_jobs(job_rows)
     rows.extend(job_rows)
 
+    # The response cache: distinct photos with it off and on (the miss path), 30 % repeats, all repeats.
+    cache_rows = measure_repeats(args.seconds)
+    report_repeats(cache_rows)
+    rows.extend(cache_rows)
+
     # 2: 12-megapixel JPEG, exact by default and with the opt-in draft decode.
     for draft in ("true", "false"):
         service = start_server({**env, "JPEG_DRAFT": draft})
@@ -277,6 +283,14 @@ def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> No
         ("RSS growth over the soak < 5 %", soak["rss_growth_pct"] < 5, f"{soak['rss_growth_pct']} %"),
         ("torch fp32 c=8 within 5 % of onnxruntime c=8", torch_c8["ok_per_s"] >= 0.95 * ort_c8["ok_per_s"],
          f"{torch_c8['ok_per_s'] / max(ort_c8['ok_per_s'], 1e-9):.2f}x"),
+    ]
+    off, on = by_name["cache: distinct photos, cache off, c=8"], by_name["cache: distinct photos (cache on, every one a miss), c=8"]
+    mixed = by_name["cache: 30 % repeats, c=8"]
+    checks += [
+        ("cache on, all misses vs cache off (within 5 %)", on["ok_per_s"] >= 0.95 * off["ok_per_s"],
+         f"{on['ok_per_s'] / max(off['ok_per_s'], 1e-9):.2f}x"),
+        ("cache, 30 % repeats vs cache off (a gain, no target)", True, f"{mixed['ok_per_s'] / max(off['ok_per_s'], 1e-9):.2f}x,"
+         f" hit p50 {mixed['hit_p50_ms']} ms"),
     ]
     bf16_c8 = by_name.get("torch bf16 batch≤8 500x375 JPEG c=8")
     if bf16_c8:

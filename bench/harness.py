@@ -163,8 +163,9 @@ def ms(seconds: float) -> str:
 
 
 def service_env(work: Path) -> dict[str, str]:
-    """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work."""
-    env = {**os.environ, "LOG_LEVEL": "warning"}
+    """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work; the
+    response cache off (hey sends one photo again and again: every request would be a hit)."""
+    env = {**os.environ, "LOG_LEVEL": "warning", "CACHE_ENTRIES": "0"}  # no row flattered by repeats (bench/repeats.py)
     if not env.get("MODEL_WEIGHTS"):
         import torch
         from torchvision.models import resnet18

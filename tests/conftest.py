@@ -157,8 +157,16 @@ def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> Non
         assert scores[-1] >= expected[left_out].max().item() - TOLERANCE
 
 
+@pytest.fixture
+def uncached(app, monkeypatch) -> None:
+    """The in-process service with its cache off: every image is decoded and goes through a forward pass."""
+    monkeypatch.setattr(app.service.batcher, "cache", None)
+
+
 def block_the_worker(app, monkeypatch) -> tuple[threading.Event, threading.Event]:
-    """Make the next forward pass wait: (started, release) events for the test to watch and end it."""
+    """Make the next forward pass wait (the cache off, so images reach it): (started, release) events for the
+    test to watch and end it."""
+    monkeypatch.setattr(app.service.batcher, "cache", None)
     started, release = threading.Event(), threading.Event()
     real_predict = app.service.batcher.predict
 

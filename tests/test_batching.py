@@ -179,7 +179,7 @@ def test_a_withdrawn_image_is_not_computed():
     assert seen == [1.0, 3.0]
 
 
-def test_different_photos_at_once_equal_their_single_answers(client, app, monkeypatch):
+def test_different_photos_at_once_equal_their_single_answers(client, app, monkeypatch, uncached):
     singles = {name: client.post("/predict/topk?k=10", files=upload(photo_bytes(name))).json() for name in PHOTOS}
     sizes = []
     real_predict = app.service.batcher.predict
@@ -232,7 +232,7 @@ def test_waiting_longer_than_the_timeout_is_503(client, app, monkeypatch, overri
     assert client.post("/predict", files=upload(photo_bytes("coffee.png"))).status_code == 200
 
 
-def test_a_disconnected_client_is_not_computed(client, app, monkeypatch):
+def test_a_disconnected_client_is_not_computed(client, app, monkeypatch, uncached):
     computed = []
     real_predict = app.service.batcher.predict
     monkeypatch.setattr(app.service.batcher, "predict", lambda batch: computed.append(len(batch)) or real_predict(batch))

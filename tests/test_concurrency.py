@@ -22,7 +22,7 @@ def test_health_answers_while_inference_is_in_flight(client, app, monkeypatch):
         assert pending.result(30).status_code == 200
 
 
-def test_forward_passes_never_overlap(client, app, monkeypatch):
+def test_forward_passes_never_overlap(client, app, monkeypatch, uncached):
     running, most = 0, 0
     lock = threading.Lock()
     real_predict = app.service.batcher.predict

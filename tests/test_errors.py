@@ -122,7 +122,7 @@ def test_nothing_is_written_to_disk_by_the_server(server):
     assert list(server.tmpdir.iterdir()) == []
 
 
-def test_unexpected_failure_is_a_json_500_without_details(client, app, monkeypatch):
+def test_unexpected_failure_is_a_json_500_without_details(client, app, monkeypatch, uncached):
     def broken(data: bytes):
         raise RuntimeError("secret internal path /srv/model")
 

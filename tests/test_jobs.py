@@ -121,7 +121,8 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def jobs_server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("jobs"), WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+    # The cache off: these tests send the same variants() again and again, and their jobs must take time.
+    server = start_server(tmp_path_factory.mktemp("jobs"), CACHE_ENTRIES="0", WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
                           WEBHOOK_SECRET=WEBHOOK_SECRET, WEBHOOK_FIRST_RETRY_S="0.2", MAX_JOB_FILES="300",
                           MAX_JOB_BYTES=str(8 * 1024 * 1024), MAX_UPLOAD_BYTES=str(2 * 1024 * 1024))
     yield server
@@ -545,7 +546,7 @@ def histogram(text: str, name: str) -> dict[float, float]:
 def test_an_online_request_waits_behind_at_most_one_short_job_pass(weights_file, tmp_path):
     """While a long job runs and online requests keep arriving, job forward passes are sized to JOB_BATCH_MAX_MS:
     no online image waits behind one for longer than the budget plus about one image's forward pass."""
-    server = start_server(tmp_path, JOB_BATCH_MAX_MS="50")
+    server = start_server(tmp_path, JOB_BATCH_MAX_MS="50", CACHE_ENTRIES="0")
     try:
         job = submit(server, variants(300)).json()
         wait_for(server, job["id"], lambda j: j["done"] > 0)

@@ -178,7 +178,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_metrics_count_requests_batches_and_rejections(client):
+def test_metrics_count_requests_batches_and_rejections(client, uncached):
     before = client.get("/metrics").text
     for _ in range(3):
         assert client.post("/predict", files=upload(photo_bytes("chelsea.png"))).status_code == 200
@@ -210,7 +210,7 @@ def in_flight(server: Server) -> float:
 
 
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(weights_file, tmp_path):
-    server = start_server(tmp_path, SHUTDOWN_TIMEOUT_S="60", REQUEST_TIMEOUT_S="120", MAX_BATCH_SIZE="2")
+    server = start_server(tmp_path, SHUTDOWN_TIMEOUT_S="60", REQUEST_TIMEOUT_S="120", MAX_BATCH_SIZE="2", CACHE_ENTRIES="0")
     big = encode(photo("astronaut.png").convert("RGB").resize((3000, 2250)), "JPEG", quality=95)
     with ThreadPoolExecutor(12) as pool:
         accepted = [pool.submit(predict, server, None, big) for _ in range(12)]
@@ -271,7 +271,7 @@ def predict_with_timeout(server: Server, data: bytes, timeout: float) -> httpx.R
 def test_a_full_queue_refuses_an_upload_before_reading_it(weights_file, tmp_path):
     """With MAX_QUEUE images in flight, a new /predict is answered 503 while its body is still unsent: the
     service spends nothing on uploads it will not serve."""
-    server = start_server(tmp_path, MAX_QUEUE="2", MAX_BATCH_FILES="2", MAX_BATCH_SIZE="1")
+    server = start_server(tmp_path, MAX_QUEUE="2", MAX_BATCH_FILES="2", MAX_BATCH_SIZE="1", CACHE_ENTRIES="0")
     big = encode(photo("astronaut.png").convert("RGB").resize((4000, 3000)), "JPEG", quality=95)
     host, port = server.url.removeprefix("http://").split(":")
     try:
