@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import memory
@@ -38,7 +39,7 @@ from batching import Overloaded  # noqa: E402
 from cache import ENTRY_BYTES  # noqa: E402
 from images import ImageError  # noqa: E402
 from labels import LABELS  # noqa: E402
-from observability import REJECTED  # noqa: E402
+from observability import REJECTED, every_route  # noqa: E402
 from outcomes import Prediction, failure, outcome, top_k  # noqa: E402
 from schemas import BatchItem, BatchResults, Error, TopK, TopKParameter, errors  # noqa: E402
 from service import service  # noqa: E402
@@ -90,13 +91,14 @@ class ModelInfo(BaseModel):
 
 
 def authorized(headers: Headers) -> bool:
-    """With API_KEY set: `Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time."""
+    """With API_KEY set: `Authorization: Bearer <key>` or `X-API-Key: <key>` (either one right will do),
+    each compared in constant time."""
     api_key = get_settings().api_key
     if api_key is None:
         return True
     scheme, _, bearer = headers.get("authorization", "").partition(" ")
-    offered = headers.get("x-api-key") or (bearer.strip() if scheme.lower() == "bearer" else "")
-    return hmac.compare_digest(offered.encode(), api_key.encode())
+    offered = [headers.get("x-api-key", ""), bearer.strip() if scheme.lower() == "bearer" else ""]
+    return any([hmac.compare_digest(key.encode(), api_key.encode()) for key in offered])  # both compared, always
 
 
 UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>"
@@ -183,7 +185,12 @@ app.add_middleware(observability.Observe)
 
 @app.exception_handler(HTTPException)
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return JSONResponse({"detail": str(error.detail)}, error.status_code, headers=error.headers)
+    headers = dict(error.headers or {})
+    if error.status_code == 405:  # every method the path has, not only its first route's
+        allowed = {method for route in every_route(app.router.routes) if route.matches(request.scope)[0] != Match.NONE
+                   for method in getattr(route, "methods", None) or ()}
+        headers["Allow"] = ", ".join(sorted(allowed))
+    return JSONResponse({"detail": str(error.detail)}, error.status_code, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -210,7 +217,8 @@ async def overloaded_error(request: Request, error: Overloaded) -> JSONResponse:
 # --- Online predictions ------------------------------------------------------------------------------------
 
 PREDICT_ERRORS = errors(400, 413, 415, 422, 503)
-UploadedImage = Annotated[UploadFile, File(description="The photo: JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF")]
+UploadedImage = Annotated[UploadFile, File(description="The photo: JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF",
+                                           json_schema_extra={"minLength": 1})]
 
 
 async def classify_one(request: Request, upload: UploadFile):  # noqa: ANN201 (probabilities [1000])
@@ -234,12 +242,14 @@ async def predict_topk(request: Request, file: UploadedImage, k: TopKParameter =
     "/predict/batch",
     response_model=BatchResults,
     response_model_exclude_none=True,
-    responses=errors(413, 422, 503),
+    responses=errors(400, 413, 422, 503),
     summary="The k most likely labels of each of several files",
 )
 async def predict_batch(
     request: Request,
-    files: Annotated[list[UploadFile], File(description=f"Up to {get_settings().max_batch_files} photos, field repeated")],
+    files: Annotated[list[UploadFile], File(min_length=1, json_schema_extra={"maxItems": get_settings().max_batch_files},
+                                            description=f"1 to {get_settings().max_batch_files} photos (MAX_BATCH_FILES), "
+                                                        "field repeated; more: 413")],
     k: TopKParameter = 5,
 ) -> BatchResults:
     """A bad file gets an `error` entry of its own; the others are still classified."""
@@ -309,7 +319,7 @@ async def model_info() -> ModelInfo:
     )
 
 
-# --- The OpenAPI document: the key's schemes on the keyed routes, when there is a key ----------------------
+# --- The OpenAPI document: what the running service does, for /docs and for generated clients --------------
 
 SECURITY_SCHEMES = {
     "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "The service's API_KEY"},
@@ -319,22 +329,30 @@ _generate_openapi = app.openapi
 
 
 def openapi() -> dict[str, Any]:
-    """FastAPI's document, plus (when API_KEY is set) the two ways to send the key, required on every keyed
-    operation, with its 401; without a key nothing asks for one, as the service does not."""
+    """FastAPI's document, corrected to what this service answers: its errors' own shapes ({"detail": "..."},
+    {"error": "..."} under /v2), 422 included; and, when API_KEY is set, the two ways to send the key, required
+    on every keyed operation, with its 401 (without a key nothing asks for one, as the service does not)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = _generate_openapi()
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for shape in (Error, protocol.ProtocolError):
+        schemas.setdefault(shape.__name__, shape.model_json_schema())
+    keyed = {(route.path_format, method.lower()) for router in KEYED for route in router.routes for method in route.methods}
+    for path, operations in document["paths"].items():
+        error = {"$ref": f"#/components/schemas/{'ProtocolError' if path.startswith('/v2') else 'Error'}"}
+        for method, operation in operations.items():
+            if "422" in operation["responses"]:  # FastAPI's list of problems; this service sends one sentence
+                operation["responses"]["422"] = {"description": "The request's parameters or body are not valid",
+                                                 "content": {"application/json": {"schema": error}}}
+            if get_settings().api_key is not None and (path, method) in keyed:
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+                operation["responses"]["401"] = {"description": "No valid API key",
+                                                 "content": {"application/json": {"schema": error}}}
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
     if get_settings().api_key is not None:
-        document.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
-        for route in (route for router in KEYED for route in router.routes):
-            if route.include_in_schema:
-                for method in route.methods:
-                    operation = document["paths"][route.path_format][method.lower()]
-                    operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
-                    shape = protocol.ProtocolError if route.path.startswith("/v2") else Error  # /v2 errors are {"error"}
-                    operation["responses"]["401"] = {"description": "No valid API key", "content": {
-                        "application/json": {"schema": {"$ref": f"#/components/schemas/{shape.__name__}"}}}}
-                    document["components"]["schemas"].setdefault(shape.__name__, shape.model_json_schema())
+        document["components"]["securitySchemes"] = SECURITY_SCHEMES
     app.openapi_schema = document
     return document
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
@@ -54,16 +55,22 @@ class JobResults(BaseModel):
     results: list[JobResult] = Field(description="One entry per image answered so far, in upload order")
 
 
-SUBMISSION = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object",
-    "required": ["files"],
-    "properties": {
-        "files": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"},
-                  "description": f"1 to {get_settings().max_job_files} photos (MAX_JOB_FILES), field repeated"},
-        "webhook": {"type": "string", "format": "uri",
-                    "description": "Called with the job when it ends, signed (Standard Webhooks); host must be in WEBHOOK_ALLOWED_HOSTS"},
-    },
-}}}}}
+def submission_schema() -> dict:
+    """The multipart body of POST /jobs, as this service takes it: files, and a webhook only where one may be
+    given (WEBHOOK_ALLOWED_HOSTS), to one of those hosts."""
+    settings = get_settings()
+    fields = {"files": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+                        "minItems": 1, "maxItems": settings.max_job_files,
+                        "description": f"1 to {settings.max_job_files} photos (MAX_JOB_FILES), field repeated; more: 413"}}
+    if settings.webhook_allowed_hosts:
+        hosts = "|".join(re.escape(host) for host in settings.webhook_allowed_hosts)
+        fields["webhook"] = {"type": "string", "format": "uri", "pattern": f"^https?://({hosts})([:/?#]|$)",
+                             "description": "Called with the job when it ends, signed (Standard Webhooks); "
+                                            "its host must be one of WEBHOOK_ALLOWED_HOSTS"}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"], "properties": fields, "additionalProperties": False}}}}}
+
+
 JOB_HEADERS = {"Location": {"description": "/jobs/{id}", "schema": {"type": "string"}}}
 
 
@@ -111,11 +118,15 @@ def job_response(row, status: int, waited: float | None = None) -> JSONResponse:
     return JSONResponse(Job.from_row(row).model_dump(mode="json"), status, headers=headers)
 
 
+def multipart_only(request: Request) -> None:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise HTTPException(422, "send the images as multipart/form-data, field 'files' repeated")
+
+
 async def read_submission(request: Request) -> tuple[list[UploadFile], str | None]:
     """The multipart body: its files (field `files`) and webhook. Parsed here, not by FastAPI, so that the
     files are counted against MAX_JOB_FILES and their bytes never spill to a temporary file on disk."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise HTTPException(422, "send the images as multipart/form-data, field 'files' repeated")
+    multipart_only(request)
     settings = get_settings()
     parser = MultiPartParser(request.headers, request.stream(), max_files=settings.max_job_files, max_fields=8)
     parser.spool_max_size = settings.max_job_bytes  # the body limit: every part stays in memory
@@ -127,12 +138,14 @@ async def read_submission(request: Request) -> tuple[list[UploadFile], str | Non
         raise HTTPException(400, f"the multipart body could not be read: {error.message}") from None
     except ClientDisconnect:
         raise HTTPException(400, "the upload was cut off") from None
+    if unknown := sorted(set(form.keys()) - {"files", "webhook"}):
+        raise HTTPException(422, f"unknown field {unknown[0][:64]!r}: send the images as field 'files', and a 'webhook'")
     files = [value for value in form.getlist("files") if isinstance(value, UploadFile)]
     webhook = form.get("webhook")
     return files, webhook.strip() if isinstance(webhook, str) and webhook.strip() else None
 
 
-@router.post("", status_code=202, response_model=Job, openapi_extra=SUBMISSION,
+@router.post("", status_code=202, response_model=Job, openapi_extra=submission_schema(),
              responses={202: {"headers": JOB_HEADERS},
                         200: {"model": Job, "description": "The job already existed (Idempotency-Key), or ended within Prefer: wait"},
                         **errors(400, 413, 422, 503, 507)},
@@ -140,13 +153,15 @@ async def read_submission(request: Request) -> tuple[list[UploadFile], str | Non
 async def submit(
     request: Request,
     k: TopKParameter = 5,
-    idempotency_key: Annotated[str | None, Header(max_length=255, description="The same key returns the same job")] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255,
+                                                  description="The same key returns the same job")] = None,
     prefer: Annotated[str | None, Header(description="wait=N: answer when the job ends, or after N ≤ 60 s")] = None,
 ) -> JSONResponse:
     """Answers 202 with the job at once. Each image gets a result like a `/predict/batch` entry: its top k,
     or an error of its own (a bad image does not fail the job)."""
     settings = get_settings()
     jobs = store()
+    multipart_only(request)  # also for a repeated key: a request that is no submission gets no job
     if idempotency_key and (existing := await asyncio.to_thread(jobs.by_idempotency_key, idempotency_key)):
         return job_response(existing, 200)
     declared = request.headers.get("content-length", "")

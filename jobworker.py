@@ -106,7 +106,7 @@ class JobWorker:
         if disk_full(error):
             JOB_STORE_DISK_FULL.set(1)
             return True, f"the job store's disk is full: {self.store.location}"
-        return False, f"the job database is unavailable ({type(error).__name__})"
+        return False, f"the job database is unavailable ({type(error).__name__}: {str(error.orig).splitlines()[0]})"
 
     def store_written(self) -> None:
         JOB_STORE_DISK_FULL.set(0)

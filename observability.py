@@ -141,14 +141,15 @@ def _endpoint(scope: Scope) -> str:
     """The route's path template (bounded label values), also for requests refused before routing."""
     route = scope.get("route")
     if route is None and "app" in scope:
-        route = next((r for r in _flattened(scope["app"].router.routes) if r.matches(scope)[0] != Match.NONE), None)
+        route = next((r for r in every_route(scope["app"].router.routes) if r.matches(scope)[0] != Match.NONE), None)
     return getattr(route, "path", "unmatched")
 
 
-def _flattened(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+def every_route(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes of an app, those of its included routers one by one."""
     for route in routes:
         included = getattr(route, "original_router", None)  # FastAPI keeps an included router whole
-        yield from (_flattened(included.routes) if included is not None else (route,))
+        yield from (every_route(included.routes) if included is not None else (route,))
 
 
 class Observe:

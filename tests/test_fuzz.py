@@ -1,49 +1,44 @@
-"""Fuzzing with schemathesis against the service's own OpenAPI document: no 5xx, every response as declared.
+"""Schemathesis against the running service's own OpenAPI document, the way a user would run it, with and
+without an API key: every check (schemathesis runs them all by default), no failure.
 
-It runs against a real server with an API key, so schemathesis also checks that the predict endpoints
-refuse requests without it (its `ignored_auth` check) while health, readiness and metrics stay open.
-(Its strategies are driven with Hypothesis directly: schemathesis's pytest plugin predates pytest 9.)
+The few exemptions are in schemathesis.toml, each with its reason (statuses an OpenAPI schema cannot rule
+out for schema-valid data: a file that is no image, a job id that does not exist). The seed is fixed, so a
+run is reproducible; change it to explore.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from conftest import API_KEY
+from conftest import API_KEY, REPO, Server
 
-OPERATIONS = [("POST", "/predict"), ("POST", "/predict/topk"), ("POST", "/predict/batch"),
+OPERATIONS = {("POST", "/predict"), ("POST", "/predict/topk"), ("POST", "/predict/batch"),
               ("GET", "/health"), ("GET", "/ready"), ("GET", "/model"), ("GET", "/metrics"),
               ("POST", "/jobs"), ("GET", "/jobs"), ("GET", "/jobs/{job_id}"), ("GET", "/jobs/{job_id}/results"),
               ("POST", "/jobs/{job_id}/cancel"), ("DELETE", "/jobs/{job_id}"),
               ("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2/models/{name}"),
-              ("GET", "/v2/models/{name}/ready"), ("POST", "/v2/models/{name}/infer")]
+              ("GET", "/v2/models/{name}/ready"), ("POST", "/v2/models/{name}/infer")}
 
 
-@pytest.fixture(scope="module")
-def api_schema(guarded):
-    server, _ = guarded
-    return schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+def schemathesis_run(server: Server, tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(REPO / "schemathesis.toml"),
+               "run", f"{server.url}/openapi.json", "--seed", "20261202", "--max-examples", "40", *options]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1200)  # its .hypothesis there
 
 
-def test_every_operation_is_fuzzed(api_schema):
-    documented = {(r.ok().method.upper(), r.ok().path) for r in api_schema.get_all_operations()}
-    assert documented == set(OPERATIONS)
+def test_every_operation_is_in_the_document(server):
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    assert {(r.ok().method.upper(), r.ok().path) for r in schema.get_all_operations()} == OPERATIONS
 
 
-@pytest.mark.parametrize(("method", "path"), OPERATIONS)
-def test_operation_conforms_to_its_openapi_document(guarded, api_schema, method, path):
-    server, _ = guarded
-    operation = api_schema[path][method]
-
-    @given(case=operation.as_strategy())
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    def check(case) -> None:
-        # positive_data_acceptance expects any schema-valid body to succeed; an OpenAPI schema cannot say
-        # "bytes that decode as an image", so random bytes rightly get 400. Every other check runs.
-        case.call_and_validate(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"},
-                               excluded_checks=[positive_data_acceptance])
-
-    check()
+@pytest.mark.parametrize("keyed", [False, True], ids=["no API_KEY", "with API_KEY"])
+def test_schemathesis_finds_nothing(request, tmp_path, keyed):
+    server = request.getfixturevalue("guarded")[0] if keyed else request.getfixturevalue("server")
+    result = schemathesis_run(server, tmp_path, *(["-H", f"Authorization: Bearer {API_KEY}"] if keyed else []))
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]

@@ -47,6 +47,18 @@ def browser_page(width: int = 420, height: int = 900) -> Iterator:
             browser.close()
 
 
+def test_the_page_loads_without_a_console_error_or_a_failed_request(server):
+    with browser_page() as page:
+        problems: list[str] = []
+        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+        page.on("response", lambda response: problems.append(f"{response.status} {response.url}")
+                if response.status >= 400 else None)
+        page.on("requestfailed", lambda request: problems.append(f"failed {request.url}"))
+        page.goto(server.url + "/", wait_until="networkidle")
+        assert page.title() == "What does the model see?"
+    assert problems == []
+
+
 def test_page_shows_the_five_labels_the_api_gives(server, tmp_path):
     chelsea = photo_path("chelsea.png")
     with chelsea.open("rb") as file:
