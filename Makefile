@@ -6,9 +6,11 @@ PORT ?= 8000
 BIN := $(VENV)/bin
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test bench clean postgresql
+IMAGE ?= registry.example.com/classifier:1.0.0
 
-$(BIN)/.installed: requirements.txt
+.PHONY: run demo test bench image docs clean postgresql buildah
+
+$(BIN)/.installed: requirements.txt requirements-runtime.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
@@ -21,14 +23,31 @@ $(CHROMIUM):
 postgresql:
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
 
+# The image tests build and run the image with Buildah (no Docker daemon needed); debootstrap makes its base.
+buildah:
+	command -v buildah >/dev/null && command -v debootstrap >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends buildah debootstrap; }
+
+# The image deploy/ runs: docker build where Docker runs, else buildah (bench/image_build.py says how).
+image:
+	$(PYTHON) bench/image_build.py --tag $(IMAGE)
+
 run: $(BIN)/.installed
 	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
 
-test: $(BIN)/.installed $(CHROMIUM) postgresql
+# Without the pretrained weights: seeded stand-in weights, and every answer, page and log line says so.
+demo: $(BIN)/.installed
+	DEMO=true MODEL_WEIGHTS= $(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
+
+# The documentation site (MkDocs): docs/generate.py's pages from their sources, then the site in site/.
+docs: $(BIN)/.installed
+	$(BIN)/python docs/generate.py
+	$(BIN)/mkdocs build --strict
+
+test: $(BIN)/.installed $(CHROMIUM) postgresql buildah
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/.installed
-	command -v hey >/dev/null || apt-get install -y hey
+	command -v hey >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q hey; }
 	$(BIN)/python bench/benchmark.py
 
 clean:

@@ -1,0 +1,71 @@
+# The classifier's image: the service (and python -m classify) on Debian's Python 3.11, non-root, read-only.
+#
+#   make image                                    # docker or buildah, tagged as deploy/ names it
+#   docker run -p 8000:8000 -v /srv/models:/models:ro -e MODEL_WEIGHTS=/models/resnet18-f37072fd.pth IMAGE
+#   docker run -v /srv/models:/models:ro -v /srv/photos:/photos:ro -v /srv/out:/results \
+#       -e MODEL_WEIGHTS=/models/resnet18-f37072fd.pth IMAGE python -m classify /photos --out /results/r.jsonl
+#
+# Build arguments:
+#   TORCH_INDEX_URL  where torch and torchvision come from: PyTorch's CPU-only wheels by default; empty: PyPI,
+#                    whose Linux torch is the CUDA build (several GB more, for GPU nodes).
+#   TORCH_VERSION, TORCHVISION_VERSION   their versions (a pair PyTorch released together).
+#   WEIGHTS          a weights file under weights/ in the build context, baked in at /models/weights.pth with
+#                    MODEL_WEIGHTS pointing at it (air-gapped sites); empty (the default): none, mount them at
+#                    MODEL_WEIGHTS or a TORCH_HOME volume.
+# Every setting is an environment variable (docs/settings.md); the defaults below suit a container.
+
+ARG BASE=debian:bookworm-slim
+
+# Debian 12's Python 3.11, pinned (the version bookworm has carried since its release).
+ARG PYTHON_DEB=3.11.2-1+b1
+
+FROM ${BASE} AS build
+ARG PYTHON_DEB
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends "python3=${PYTHON_DEB}" "python3-venv=${PYTHON_DEB}" \
+    && rm -rf /var/lib/apt/lists/*
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+COPY requirements-runtime.txt /tmp/
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+    && grep -v -E '^torch(vision)?==' /tmp/requirements-runtime.txt > /tmp/rest.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/rest.txt
+COPY *.py /app/
+COPY static/ /app/static/
+COPY migrations/ /app/migrations/
+# Compiled now: the root filesystem is read-only at run time, and start-up need not compile.
+RUN /opt/venv/bin/python -m compileall -q -x '/testing/_internal/' /app /opt/venv/lib
+ARG WEIGHTS=
+RUN mkdir -p /models
+COPY ${WEIGHTS:-requirements-runtime.txt} /models/baked
+RUN if [ -n "${WEIGHTS}" ]; then mv /models/baked /models/weights.pth; else rm /models/baked; fi
+
+FROM ${BASE}
+ARG PYTHON_DEB
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends "python3=${PYTHON_DEB}" \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 classifier \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin classifier \
+    && mkdir /data && chown 10001:10001 /data
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /app /app
+COPY --from=build /models /models
+ARG WEIGHTS=
+# /data: the job store when it is SQLite (mount a volume); /tmp: the only other place anything is written
+# (TMPDIR: SQLite would otherwise put its temporary files in /var/tmp).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TMPDIR=/tmp \
+    TORCH_HOME=/models/torch \
+    MODEL_WEIGHTS=${WEIGHTS:+/models/weights.pth} \
+    JOBS_DATABASE_URL=sqlite:////data/jobs.sqlite3
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8000
+# Exec form: python is PID 1 and gets SIGTERM itself, so the drain runs (SHUTDOWN_TIMEOUT_S).
+CMD ["python", "-m", "uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000"]

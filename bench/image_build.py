@@ -1,0 +1,168 @@
+"""Build the container image (the Dockerfile at the root) with Docker, or else Buildah; measure it.
+
+    python3 bench/image_build.py [--tag registry.example.com/classifier:1.0.0] [--torch-index-url URL]
+                                 [--results bench/results/image.json]
+
+make image runs this. It needs only Python's standard library. With Buildah, a base image that no registry
+can provide is made locally (debootstrap, once: it stays in the local image store), and this machine's pip
+wheel cache and certificate bundle, if pip is configured with any, are mounted into the build so that torch
+comes from disk rather than the network. The tests (tests/test_image.py) build through the same function.
+With --results it writes the image's size, the build time and the machine to a results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = "debian:bookworm-slim"
+TAG = "registry.example.com/classifier:1.0.0"  # what deploy/ runs
+TEST_TAG = "localhost/classifier:test"
+# PyTorch's CPU-only wheel index is the Dockerfile's default; machines that cannot reach it (these) pass ""
+# (PyPI's torch: the CUDA build) and build from their wheel cache.
+DEFAULT_TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"
+
+
+def builder() -> str:
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return "docker"
+    if shutil.which("buildah"):
+        return "buildah"
+    raise SystemExit("neither a running Docker nor Buildah is installed (apt-get install buildah)")
+
+
+def has_image(name: str) -> bool:
+    return subprocess.run(["buildah", "inspect", "--type", "image", name], capture_output=True).returncode == 0
+
+
+def ensure_base() -> None:
+    """debian:bookworm-slim in Buildah's local store: pulled where a registry answers, else made with
+    debootstrap (minbase, the same packages the official image starts from)."""
+    if has_image(BASE) or subprocess.run(["buildah", "pull", "--quiet", BASE], capture_output=True).returncode == 0:
+        return
+    if not shutil.which("debootstrap"):
+        raise SystemExit("no registry serves debian:bookworm-slim and debootstrap is not installed")
+    container = subprocess.run(["buildah", "from", "scratch"], check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        root = subprocess.run(["buildah", "mount", container], check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", root, "http://deb.debian.org/debian"],
+                       check=True, capture_output=True)
+        subprocess.run(["buildah", "umount", container], check=True, capture_output=True)
+        subprocess.run(["buildah", "config", "--cmd", "bash", container], check=True)
+        subprocess.run(["buildah", "commit", "--quiet", container, BASE], check=True, capture_output=True)
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True)
+
+
+def local_wheel_mounts(work: Path) -> list[str]:
+    """buildah -v arguments that give the build this machine's pip configuration: its local indexes and
+    wheel folders, and its certificate bundle (a TLS proxy's own CA), from `pip config list`."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    settings = dict(re.findall(r"^(?:global|:env:)\.([\w-]+)='(.*)'$", listed, re.M))
+    folders, config = [], ["[global]"]
+    for key in ("extra-index-url", "find-links"):
+        locations = settings.get(key, "").split()
+        local = [location for location in locations if location.startswith(("file://", "/"))]
+        folders += [Path(location.removeprefix("file://")) for location in local]
+        if local:
+            config.append(f"{key} = {' '.join(local)}")
+    # An index's pages link to its files beside it (/opt/pypi/simple -> /opt/pypi/files): mount its parent.
+    folders = [folder.parent if folder.name == "simple" else folder for folder in folders]
+    mounts = [f"-v={folder}:{folder}:ro" for folder in dict.fromkeys(folders) if folder.exists()]
+    if settings.get("cert") and Path(settings["cert"]).exists():
+        shutil.copy(settings["cert"], work / "ca.crt")
+        mounts.append(f"-v={work / 'ca.crt'}:/etc/pip-ca.crt:ro")  # not /etc/ssl: ca-certificates' own file
+        config.append("cert = /etc/pip-ca.crt")
+    (work / "pip.conf").write_text("\n".join(config) + "\n")
+    return [*mounts, f"-v={work / 'pip.conf'}:/etc/pip.conf:ro"]
+
+
+def build(tag: str, torch_index_url: str = "", cache: bool = True) -> str:
+    """Build the image as tag; with Buildah, from this machine's wheel cache. Returns the tag."""
+    tool = builder()
+    arguments = ["--build-arg", f"TORCH_INDEX_URL={torch_index_url}", "-t", tag, *([] if cache else ["--no-cache"]),
+                 str(REPO)]
+    if tool == "docker":
+        subprocess.run(["docker", "build", *arguments], check=True)
+        return tag
+    ensure_base()
+    with tempfile.TemporaryDirectory() as work:
+        subprocess.run(["buildah", "bud", "--isolation", "chroot", "--network", "host", "--layers",
+                        *local_wheel_mounts(Path(work)), *arguments], check=True)
+    return tag
+
+
+def size_bytes(tag: str) -> int:
+    """The image's size as stored (its layers, uncompressed), from Buildah's listing ("6.21 GB")."""
+    listing = json.loads(subprocess.run(["buildah", "images", "--json", tag], check=True, capture_output=True,
+                                        text=True).stdout)
+    number, unit = listing[0]["size"].split()
+    return round(float(number) * {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])
+
+
+def cold_start(tag: str, weights: Path) -> float:
+    """Seconds from starting a container of the image (Buildah) to its first 200 on /ready."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    container = subprocess.run(["buildah", "from", tag], check=True, capture_output=True, text=True).stdout.strip()
+    started = time.perf_counter()
+    process = subprocess.Popen(["buildah", "run", "--isolation", "chroot", "--network", "host",
+                                f"-v={weights.parent}:/models:ro", f"-e=MODEL_WEIGHTS=/models/{weights.name}",
+                                container, "--", "python", "-m", "uvicorn", "app:app", "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1).status == 200:
+                    return time.perf_counter() - started
+            except OSError:
+                if process.poll() is not None:
+                    raise SystemExit("the service in the image exited before it was ready") from None
+                time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(60)
+        subprocess.run(["buildah", "rm", container], capture_output=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tag", default=TAG)
+    parser.add_argument("--torch-index-url", default=DEFAULT_TORCH_INDEX_URL,
+                        help='where torch comes from; "" for PyPI (the CUDA build)')
+    parser.add_argument("--results", type=Path, help="write size, build time and cold start here (JSON), after a "
+                        "build without the layer cache")
+    parser.add_argument("--weights", type=Path, help="a weights file for the cold start measurement")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    build(args.tag, args.torch_index_url, cache=args.results is None)
+    seconds = time.perf_counter() - started
+    print(f"built {args.tag} in {seconds:.0f} s")
+    if args.results and builder() == "buildah":
+        cpu = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps({
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
+            "cpu": cpu.group(1) if cpu else "unknown", "cores": os.cpu_count(), "tag": args.tag,
+            "torch_index_url": args.torch_index_url, "build_s": round(seconds), "size_bytes": size_bytes(args.tag),
+            **({"cold_start_s": round(cold_start(args.tag, args.weights), 1)} if args.weights else {})},
+            indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
