@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 
 IMAGE ?= registry.example.com/classifier:1.0.0
 
-.PHONY: run demo test bench image docs clean postgresql buildah
+.PHONY: run demo test bench image docs protos clean postgresql buildah
 
 $(BIN)/.installed: requirements.txt requirements-runtime.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ demo: $(BIN)/.installed
 docs: $(BIN)/.installed
 	$(BIN)/python docs/generate.py
 	$(BIN)/mkdocs build --strict
+
+# The gRPC binding's code, generated from its .proto (committed, so the service needs no grpcio-tools).
+protos: $(BIN)/.installed
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/inference.proto
 
 test: $(BIN)/.installed $(CHROMIUM) postgresql buildah
 	$(BIN)/python -m pytest -q tests

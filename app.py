@@ -3,7 +3,6 @@ routes (batcher, job worker, readiness) is built in service.py; the model lives 
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -42,7 +41,7 @@ from labels import LABELS  # noqa: E402
 from observability import REJECTED, every_route  # noqa: E402
 from outcomes import Prediction, failure, outcome, top_k  # noqa: E402
 from schemas import BatchItem, BatchResults, Error, TopK, TopKParameter, errors  # noqa: E402
-from service import service  # noqa: E402
+from service import UNAUTHORIZED, authorized, service  # noqa: E402
 
 log = logging.getLogger("app")
 
@@ -90,18 +89,6 @@ class ModelInfo(BaseModel):
 # --- Who may call what ---------------------------------------------------------------------------------
 
 
-def authorized(headers: Headers) -> bool:
-    """With API_KEY set: `Authorization: Bearer <key>` or `X-API-Key: <key>` (either one right will do),
-    each compared in constant time."""
-    api_key = get_settings().api_key
-    if api_key is None:
-        return True
-    scheme, _, bearer = headers.get("authorization", "").partition(" ")
-    offered = [headers.get("x-api-key", ""), bearer.strip() if scheme.lower() == "bearer" else ""]
-    return any([hmac.compare_digest(key.encode(), api_key.encode()) for key in offered])  # both compared, always
-
-
-UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="classifier"'}
 
 
@@ -168,8 +155,7 @@ app = FastAPIOffline(
     lifespan=lifespan,
 )
 # Outermost last: Observe sees every response, CORS headers go on errors too, the gate runs before the body limits.
-app.add_middleware(memory.BodyLimits, max_body=get_settings().max_upload_bytes, budget=get_settings().max_body_buffer_bytes,
-                   held=observability.BODY_BYTES_HELD, rejected=REJECTED,
+app.add_middleware(memory.BodyLimits, max_body=get_settings().max_upload_bytes, budget=service.bodies,
                    larger={"/jobs": (get_settings().max_job_bytes, "MAX_JOB_BYTES")})
 app.add_middleware(Gate)
 app.add_middleware(
@@ -222,7 +208,7 @@ UploadedImage = Annotated[UploadFile, File(description="The photo: JPEG, PNG, GI
 
 
 async def classify_one(request: Request, upload: UploadFile):  # noqa: ANN201 (probabilities [1000])
-    [probabilities] = await service.classify(request, [upload])
+    [probabilities] = await service.classify([upload], request)
     if isinstance(probabilities, Exception):
         raise probabilities
     return probabilities
@@ -253,7 +239,7 @@ async def predict_batch(
     k: TopKParameter = 5,
 ) -> BatchResults:
     """A bad file gets an `error` entry of its own; the others are still classified."""
-    results = await service.classify(request, files)
+    results = await service.classify(files, request)
     return BatchResults(results=[BatchItem(filename=upload.filename, **outcome(result, k))
                                  for upload, result in zip(files, results)])
 

@@ -19,37 +19,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 
-class BodyLimits:
-    """Two bounds on request bodies, each decided from Content-Length before the body is read, and for a
-    chunked body (or one longer than it declared) as it arrives:
-
-    - one body: at most max_body bytes (MAX_UPLOAD_BYTES), else 413; paths in `larger` have limits of their
-      own (path -> (bytes, setting name)), e.g. job submissions (MAX_JOB_BYTES);
-    - all bodies being received or held at once: at most budget bytes (MAX_BODY_BUFFER_BYTES), else 503
-      with Retry-After. A request gives its bytes back when it is answered.
-
-    A body too large for any budget gets its 413 before the shared budget is consulted.
-    held: a gauge of the bytes held; rejected: the counter of refusals by reason.
-    """
+class BodyBudget:
+    """All request bodies being received or held at once, HTTP and gRPC alike: at most `budget` bytes
+    (MAX_BODY_BUFFER_BYTES). held: a gauge of the bytes held; rejected: the counter of refusals by reason."""
 
     TRIM_AFTER_BYTES = 64 * 1024 * 1024  # give freed memory back once this much has been released
 
-    def __init__(self, app: ASGIApp, max_body: int, budget: int, held: Gauge, rejected: Counter,
-                 larger: dict[str, tuple[int, str]] | None = None) -> None:
-        self.app = app
-        self.max_body = max_body
-        self.larger = larger or {}
+    def __init__(self, budget: int, held: Gauge, rejected: Counter) -> None:
         self.budget = budget
         self.gauge = held
         self.rejected = rejected
         self.held = 0
         self.peak_since_trim = 0
 
-    def over_budget(self) -> tuple[str, dict[str, str]]:
+    def fits(self, size: int) -> bool:
+        return self.held + size <= self.budget
+
+    def refusal(self) -> str:
+        """Why a body that does not fit is refused (counted); the status is 503 with Retry-After: 1."""
         self.rejected.labels("memory").inc()
-        detail = (f"the service is holding {self.held:,} bytes of uploads, too near its limit of {self.budget:,} "
-                  "(MAX_BODY_BUFFER_BYTES) for this one; retry shortly")
-        return detail, {"Retry-After": "1"}
+        return (f"the service is holding {self.held:,} bytes of uploads, too near its limit of {self.budget:,} "
+                "(MAX_BODY_BUFFER_BYTES) for this one; retry shortly")
 
     def take(self, size: int) -> None:
         self.held += size
@@ -63,20 +53,40 @@ class BodyLimits:
             release_freed_memory()
             self.peak_since_trim = self.held
 
+
+class BodyLimits:
+    """Two bounds on HTTP request bodies, each decided from Content-Length before the body is read, and for a
+    chunked body (or one longer than it declared) as it arrives:
+
+    - one body: at most max_body bytes (MAX_UPLOAD_BYTES), else 413; paths in `larger` have limits of their
+      own (path -> (bytes, setting name)), e.g. job submissions (MAX_JOB_BYTES);
+    - all bodies at once: what `budget` allows, else 503 with Retry-After. A request gives its bytes back
+      when it is answered.
+
+    A body too large for any budget gets its 413 before the shared budget is consulted.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int, budget: BodyBudget,
+                 larger: dict[str, tuple[int, str]] | None = None) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.larger = larger or {}
+        self.budget = budget
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        budget = self.budget
         max_body, setting = self.larger.get(scope["path"], (self.max_body, "MAX_UPLOAD_BYTES"))
         too_large = f"the request body is larger than {max_body:,} bytes ({setting})"
         declared = Headers(scope=scope).get("content-length", "")
         reserved = int(declared) if declared.isdigit() else 0
         if reserved > max_body:
-            self.rejected.labels("too_large").inc()
+            budget.rejected.labels("too_large").inc()
             return await JSONResponse({"detail": too_large}, 413)(scope, receive, send)
-        if self.held + reserved > self.budget:
-            detail, headers = self.over_budget()
-            return await JSONResponse({"detail": detail}, 503, headers=headers)(scope, receive, send)
-        self.take(reserved)
+        if not budget.fits(reserved):
+            return await JSONResponse({"detail": budget.refusal()}, 503, headers={"Retry-After": "1"})(scope, receive, send)
+        budget.take(reserved)
         received = 0
 
         # FastAPI re-raises an HTTPException met while reading the body; the app's handler answers it.
@@ -85,19 +95,19 @@ class BodyLimits:
             message = await receive()
             received += len(message.get("body", b""))
             if received > max_body:
-                self.rejected.labels("too_large").inc()
+                budget.rejected.labels("too_large").inc()
                 raise HTTPException(413, too_large)
             if received > reserved:  # chunked, or more than declared: count the rest as it comes
-                if self.held + received - reserved > self.budget:
-                    raise HTTPException(503, *self.over_budget())
-                self.take(received - reserved)
+                if not budget.fits(received - reserved):
+                    raise HTTPException(503, budget.refusal(), headers={"Retry-After": "1"})
+                budget.take(received - reserved)
                 reserved = received
             return message
 
         try:
             await self.app(scope, counted_receive, send)
         finally:
-            self.give_back(reserved)
+            budget.give_back(reserved)
 
 
 # glibc keeps freed memory in its heaps for reuse; for a server that sees bursts of large uploads that

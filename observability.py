@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching import BatchStats
 from cache import ResultCache
+from settings import get_settings
 
 REQUESTS = Counter("http_requests_total", "HTTP requests answered, by route and status", ["method", "endpoint", "status"])
 LATENCY = Histogram("http_request_duration_seconds", "Time from request start to the end of the response", ["endpoint"])
@@ -33,6 +34,10 @@ BEHIND_JOB = Histogram("online_wait_behind_job_seconds",
                        "Time each online image waited behind a job's forward pass already running (0 for most)",
                        buckets=(0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5))
 IN_FLIGHT = Gauge("images_in_flight", "Images admitted and not yet answered: decoding, queued or in a forward pass")
+GRPC_REQUESTS = Counter("grpc_requests_total", "Open Inference Protocol calls over gRPC answered, by method and code",
+                        ["method", "code"])
+GRPC_LATENCY = Histogram("grpc_request_duration_seconds", "Time of a gRPC call, from its message received to its answer",
+                         ["method"])
 BODY_BYTES_HELD = Gauge("request_body_bytes_held", "Bytes of request bodies being received or held (MAX_BODY_BUFFER_BYTES bounds them)")
 JOBS_SUBMITTED = Counter("jobs_submitted_total", "Asynchronous jobs accepted")
 JOBS_FINISHED = Counter("jobs_finished_total", "Asynchronous jobs that ended, by status", ["status"])
@@ -182,6 +187,8 @@ class Observe:
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 headers["X-Content-Type-Options"] = "nosniff"
+                if get_settings().demo:
+                    headers["X-Demo"] = "stand-in weights, not trained: the answers mean nothing"
                 if headers.get("content-type", "").startswith("text/html"):
                     headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
             await send(message)

@@ -208,25 +208,34 @@ def parse(body: bytes, headers: Headers) -> tuple[InferenceRequest, list[bytes] 
     elif tensor.data is None:
         raise bad_request(f"input {tensor.name!r} has no data: send 'data', or binary data with binary_data_size")
 
-    count = tensor.shape[0] if tensor.shape else 0
+    count = elements(tensor.name, tensor.datatype, tensor.shape)
+    if tensor.name == "image":
+        return request, (split_bytes(binary, count) if size is not None else base64_elements(tensor.data, count))
+    if size is not None:
+        values = np.frombuffer(binary, dtype="<f4") if len(binary) % 4 == 0 else np.zeros(0, np.float32)
+    else:
+        try:
+            values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise bad_request("input 'input': 'data' must hold numbers only") from None
+        tensor.data = None  # the parsed numbers: eight times the batch's size, no longer needed
+    return request, fp32_images(values, count)
+
+
+def elements(name: str, datatype: str, shape: list[int]) -> int:
+    """How many images an input holds, once its name, datatype and shape are what this model takes (both
+    bindings, HTTP and gRPC): 'image' BYTES [N] or 'input' FP32 [N, 3, 224, 224], 1 <= N <= MAX_BATCH_FILES."""
+    count = shape[0] if shape else 0
+    if name not in ("image", "input"):
+        raise bad_request(f"unknown input {name!r}: this model takes 'image' (BYTES) or 'input' (FP32)")
     if count > get_settings().max_batch_files:
         raise too_many(count, get_settings().max_batch_files, "MAX_BATCH_FILES")
     if count < 1:
-        raise bad_request(f"input {tensor.name!r}: {count} elements; send at least 1")
-    if tensor.name == "image":
-        expect(tensor, "BYTES", [count])
-        return request, (split_bytes(binary, count) if size is not None else base64_elements(tensor.data, count))
-    if tensor.name == "input":
-        expect(tensor, "FP32", [count, *IMAGE_SHAPE])
-        batch = fp32_batch(tensor, binary if size is not None else None, count)
-        tensor.data = None  # the parsed numbers: eight times the batch's size, no longer needed
-        return request, batch
-    raise bad_request(f"unknown input {tensor.name!r}: this model takes 'image' (BYTES) or 'input' (FP32)")
-
-
-def expect(tensor: RequestInput, datatype: str, shape: list[int]) -> None:
-    if tensor.datatype != datatype or tensor.shape != shape:
-        raise bad_request(f"input {tensor.name!r} must be {datatype} with shape {shape}; got {tensor.datatype} {tensor.shape}")
+        raise bad_request(f"input {name!r}: {count} elements; send at least 1")
+    want = ("BYTES", [count]) if name == "image" else ("FP32", [count, *IMAGE_SHAPE])
+    if (datatype, list(shape)) != want:
+        raise bad_request(f"input {name!r} must be {want[0]} with shape {want[1]}; got {datatype} {list(shape)}")
+    return count
 
 
 def split_bytes(binary: bytes, count: int) -> list[bytes]:
@@ -255,22 +264,15 @@ def base64_elements(data: list[Any], count: int) -> list[bytes]:
         raise bad_request("input 'image': an element of 'data' is not base64") from None
 
 
-def fp32_batch(tensor: RequestInput, binary: bytes | None, count: int) -> torch.Tensor:
+def fp32_images(values: np.ndarray, count: int) -> torch.Tensor:
+    """The flat numbers of input 'input' -> its images [N, 3, 224, 224], checked for size and finiteness."""
     expected = count * math.prod(IMAGE_SHAPE)
-    if binary is not None:
-        if len(binary) != expected * 4:
-            raise bad_request(f"input 'input': {len(binary)} bytes of binary data; [{count}, 3, 224, 224] FP32 is {expected * 4}")
-        values = np.frombuffer(binary, dtype="<f4").copy()  # writable, and free of the request body
-    else:
-        try:
-            values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise bad_request("input 'input': 'data' must hold numbers only") from None
-        if values.size != expected:
-            raise bad_request(f"input 'input': {values.size} numbers in 'data'; [{count}, 3, 224, 224] is {expected}")
+    if values.size != expected:
+        raise bad_request(f"input 'input': {values.size} numbers; [{count}, 3, 224, 224] FP32 is {expected} "
+                          f"({expected * 4} bytes in binary)")
     if not np.isfinite(values).all():
         raise bad_request("input 'input': the values must be finite numbers (no NaN or infinity)")
-    return torch.from_numpy(values).reshape(count, *IMAGE_SHAPE)
+    return torch.from_numpy(values.astype(np.float32, copy=True)).reshape(count, *IMAGE_SHAPE)  # writable, its own
 
 
 def requested_outputs(request: InferenceRequest) -> list[Requested]:
@@ -279,14 +281,19 @@ def requested_outputs(request: InferenceRequest) -> list[Requested]:
         return [Requested(None, binary_default)]
     requested = []
     for output in request.outputs:
-        if output.name != "probabilities":
-            raise bad_request(f"unknown output {output.name!r}: this model has 'probabilities'")
-        k = output.parameters.get("classification")
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(LABELS)):
-            raise bad_request(f"classification must be a whole number from 1 to {len(LABELS)}; got {k!r}")
         binary = output.parameters.get("binary_data")
-        requested.append(Requested(k, binary_default if binary is None else binary is True))
+        requested.append(wanted(output.name, output.parameters.get("classification"),
+                                binary_default if binary is None else binary is True))
     return requested
+
+
+def wanted(name: str, k: object, binary: bool) -> Requested:
+    """An output asked for (both bindings): 'probabilities', or with classification=k their top k."""
+    if name != "probabilities":
+        raise bad_request(f"unknown output {name!r}: this model has 'probabilities'")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(LABELS)):
+        raise bad_request(f"classification must be a whole number from 1 to {len(LABELS)}; got {k!r}")
+    return Requested(k, binary)
 
 
 def encode(probabilities: torch.Tensor, requested: Requested) -> tuple[dict[str, Any], bytes | None]:
@@ -330,16 +337,11 @@ async def infer(request: Request, name: ModelName, version: str | None = None) -
         async with _large_body_parsing:
             inference, images = await asyncio.to_thread(parse, body, request.headers)
     requested = requested_outputs(inference)
-    answers = await service.classify(request, list(images) if isinstance(images, torch.Tensor) else images)
-    for index, answer in enumerate(answers):
-        if isinstance(answer, Exception):  # the first bad image fails the request, counted as on /predict
-            refused = failure(answer)
-            raise HTTPException(refused.status, f"element {index} of input {inference.inputs[0].name!r}: {refused.detail}")
-    probabilities = torch.stack(answers)
+    probabilities = await classified(images, inference.inputs[0].name, request)
 
     outputs, binary = [], []
-    for wanted in requested:
-        output, data = encode(probabilities, wanted)
+    for output_wanted in requested:
+        output, data = encode(probabilities, output_wanted)
         if data is not None:
             output["parameters"] = {"binary_data_size": len(data)}
             binary.append(data)
@@ -352,6 +354,18 @@ async def infer(request: Request, name: ModelName, version: str | None = None) -
         return Response(header, media_type="application/json")
     return Response(header + b"".join(binary), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+async def classified(images: list[bytes] | torch.Tensor, input_name: str, request: Request | None = None) -> torch.Tensor:
+    """An input's images -> their probabilities [N, 1000], through the service's one pipeline (both bindings).
+    The first bad image fails the request, naming the element, counted as on /predict; other requests in the
+    same dynamic batch are not affected."""
+    answers = await service.classify(list(images) if isinstance(images, torch.Tensor) else images, request)
+    for index, answer in enumerate(answers):
+        if isinstance(answer, Exception):
+            refused = failure(answer)
+            raise HTTPException(refused.status, f"element {index} of input {input_name!r}: {refused.detail}")
+    return torch.stack(answers)
 
 
 # --- Errors in the protocol's shape --------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What runs beside the routes, built once at start-up: the batcher that owns the forward pass, the job store
-and its worker; whether the service is ready; and classify(), the one path every online door (/predict*,
-/v2) sends its images through.
+and its worker, the budget all request bodies share, the gRPC server; whether the service is ready; who may
+call (the API key); and classify(), the one path every online door (/predict*, /v2 over HTTP and gRPC) sends
+its images through.
 
     uploads --admit (MAX_QUEUE)--> bytes --batcher.submit--> probabilities [1000], or the exception, per image
 """
@@ -8,10 +9,13 @@ and its worker; whether the service is ready; and classify(), the one path every
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import threading
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from fastapi import Request, UploadFile
@@ -24,8 +28,12 @@ from batching import Batcher
 from cache import ResultCache
 from jobstore import JobStore
 from jobworker import JobWorker
+from memory import BodyBudget
 from observability import REJECTED
 from settings import get_settings
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger("app")
 
@@ -60,16 +68,25 @@ class Service:
             raise SystemExit(f"Cannot open the job store JOBS_DATABASE_URL: {error}") from None
         self.jobs = JobWorker(store, self.batcher, webhook_secret=settings.webhook_secret,
                               webhook_first_retry_s=settings.webhook_first_retry_s)
-        self.ready = False  # /ready, /v2/health/ready and the refusal of new work while shutting down read this
+        # HTTP bodies (memory.BodyLimits) and gRPC messages (grpc_server) together.
+        self.bodies = BodyBudget(settings.max_body_buffer_bytes, observability.BODY_BYTES_HELD, REJECTED)
+        self.grpc: grpc.aio.Server | None = None
+        self.ready = False  # /ready, /v2/health/ready, ServerReady and the refusal of new work read this
 
     async def start(self) -> None:
         await self.batcher.start()
         await self.jobs.start()
+        if get_settings().grpc_port:
+            import grpc_server  # the gRPC binding of /v2, on its own port
+
+            self.grpc = await grpc_server.serve(get_settings().grpc_port)
         self._drain_on_sigterm()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        if self.grpc is not None:  # calls in flight finish within the drain; new ones are refused meanwhile
+            await self.grpc.stop(get_settings().shutdown_timeout_s)
         await self.jobs.stop()
         await self.batcher.stop(timeout_s=get_settings().shutdown_timeout_s)
 
@@ -99,14 +116,15 @@ class Service:
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
-    async def classify(self, request: Request, images: list[UploadFile] | list[bytes | torch.Tensor]
+    async def classify(self, images: list[UploadFile] | list[bytes | torch.Tensor], request: Request | None = None
                        ) -> list[torch.Tensor | Exception]:
         """Uploaded files (or images already read, or already preprocessed to [3, 224, 224]) -> softmax
         probabilities [1000] each, or the exception that stopped that image.
 
         More than MAX_BATCH_FILES images: 413. The images go through the decoders and the batching worker
-        together (sharing batches with other requests). A request that times out or whose client disconnects gives up all its images. Uploads are
-        read only once admitted: a refused request never copies its files.
+        together (sharing batches with other requests). A request that times out or whose client disconnects
+        gives up all its images (request: the HTTP request to watch; a gRPC call is cancelled instead). Uploads
+        are read only once admitted: a refused request never copies its files.
         """
         settings = get_settings()
         if len(images) > settings.max_batch_files:
@@ -117,7 +135,7 @@ class Service:
                 images = [image if isinstance(image, (bytes, torch.Tensor)) else await read(image) for image in images]
                 async with asyncio.timeout(timeout_s):
                     work = asyncio.gather(*(self.batcher.submit(data) for data in images), return_exceptions=True)
-                    watcher = asyncio.ensure_future(_until_disconnected(request))
+                    watcher = asyncio.ensure_future(_until_disconnected(request) if request else asyncio.Event().wait())
                     try:
                         await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
                     finally:
@@ -133,6 +151,20 @@ class Service:
         except TimeoutError:
             REJECTED.labels("timeout").inc()
             raise unavailable(f"no answer within {timeout_s:g} s (REQUEST_TIMEOUT_S); retry shortly") from None
+
+
+UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>"
+
+
+def authorized(headers: Mapping[str, str]) -> bool:
+    """With API_KEY set: `Authorization: Bearer <key>` or `X-API-Key: <key>` (HTTP headers or gRPC metadata,
+    lower-case names; either one right will do), each compared in constant time."""
+    api_key = get_settings().api_key
+    if api_key is None:
+        return True
+    scheme, _, bearer = headers.get("authorization", "").partition(" ")
+    offered = [headers.get("x-api-key", ""), bearer.strip() if scheme.lower() == "bearer" else ""]
+    return any([hmac.compare_digest(key.encode(), api_key.encode()) for key in offered])  # both compared, always
 
 
 def too_many(count: int | None, limit: int, setting: str) -> HTTPException:

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
         "fp32", description="Number type of the forward pass; bf16 and fp16 trade exactness for speed (measured at start-up)")
     force_precision: bool = Field(False, description="Run PRECISION=bf16 even on a CPU without native bfloat16 (slower)")
 
+    demo: bool = Field(False, description="Serve seeded stand-in weights, not trained (the answers mean nothing), to try the "
+                       "service without the pretrained ones; /model, the page, the log and every response say so")
+
     # CPU and batching
     threads: int = Field(default_factory=cores, ge=1, description="Threads of the forward pass (default: the CPUs this process may use)")
     decode_workers: int = Field(default_factory=cores, ge=1, description="Threads that decode and preprocess uploads (default: the CPUs)")
@@ -84,6 +87,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe log level written")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object each")
     shutdown_timeout_s: float = Field(20, ge=0, description="On SIGTERM, how long accepted requests may take to finish")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="The port of the Open Inference Protocol over gRPC, beside "
+                           "the HTTP one; 0 turns it off")
 
     # Asynchronous jobs
     jobs_database_url: str = Field("sqlite:///data/jobs.sqlite3",
@@ -148,6 +153,8 @@ class Settings(BaseSettings):
                 what = "upload" if name == "MAX_UPLOAD_BYTES" else "job"
                 raise ValueError(f"{name}={limit} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
                                  f"the largest accepted {what} could never be received")
+        if self.demo and self.model_weights is not None:
+            raise ValueError("DEMO=true serves stand-in weights: unset MODEL_WEIGHTS, or unset DEMO to serve that file")
         if self.webhook_allowed_hosts and not self.webhook_secret:
             raise ValueError("WEBHOOK_ALLOWED_HOSTS is set but WEBHOOK_SECRET is not: webhooks are always signed")
         if self.max_batch_files > self.max_queue:

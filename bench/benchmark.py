@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -21,10 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from async_jobs import measure as measure_jobs, report as report_jobs  # noqa: E402
+from bindings import measure as measure_bindings, report as report_bindings  # noqa: E402
 from repeats import measure as measure_repeats, report as report_repeats  # noqa: E402
 from harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart,  # noqa: E402
                      phone_size_jpeg, service_env, start_server)
@@ -83,6 +86,15 @@ def draft_difference(image_paths: list[str]) -> dict:
             "decode_ms_draft": 1000 * statistics.median(decode_s[True]), "decode_ms_full": 1000 * statistics.median(decode_s[False])}
 
 
+def machine() -> dict:
+    """What the figures were measured on: the CPU and its vector extensions, cores, the libraries' versions."""
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu_description(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "host": platform.node()}
+
+
 def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
     """Call a function of this file in a fresh process (the model loads at import, with env's settings)."""
     code = (
@@ -104,10 +116,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10, help="duration of each load run")
     parser.add_argument("--soak-requests", type=int, default=5000, help="requests between the two RSS readings")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "benchmark.json")
+    parser.add_argument("--out", type=Path, help="the results file (default: docs/results/<date>.json, which "
+                        "docs/generate.py renders into docs/performance.md)")
     parser.add_argument("--vcpu-hour-usd", type=float, default=0.04,
                         help="price of one vCPU for an hour, for the cost column (default 0.04, about on-demand cloud)")
     args = parser.parse_args()
+    run_started = time.time()
     if not shutil.which("hey"):
         raise SystemExit("hey is not installed: apt-get install hey")
 
@@ -175,6 +189,13 @@ def main() -> None:
                 extra["p50_minus_ceiling_single_ms"] = round((load.percentile(50) - single) * 1000, 1)
             row(f"{backend} batch≤{batch_size} 500x375 JPEG c={concurrency}", load, **extra)
 
+    # The baseline: the handler most tutorials write (bench/naive.py), same weights and photos.
+    baseline = start_server(env, app="naive:app", app_dir=REPO / "bench")
+    for concurrency in (1, 8):
+        load = hey(f"{baseline.url}/predict", concurrency, seconds=args.seconds, body=small_body, pid=baseline.process.pid)
+        row(f"baseline: naive FastAPI handler c={concurrency}", load)
+    baseline.stop()
+
     # The offline job (python -m classify) over a folder, beside the torch ceiling measured above.
     folder = work / "folder"
     folder.mkdir()
@@ -193,6 +214,11 @@ def main() -> None:
     job_rows = measure_jobs(500, args.seconds)
     report_jobs(job_rows)
     rows.extend(job_rows)
+
+    # The ways in: /predict, /v2 over HTTP and over gRPC, driven alike.
+    binding_rows = measure_bindings(args.seconds)
+    report_bindings(binding_rows)
+    rows.extend(binding_rows)
 
     # The response cache: distinct photos with it off and on (the miss path), 30 % repeats, all repeats.
     cache_rows = measure_repeats(args.seconds)
@@ -243,15 +269,20 @@ def main() -> None:
         p50_503_ms=round(overload.percentile(50, "503") * 1000, 1), p99_503_ms=round(overload.percentile(99, "503") * 1000, 1))
     service.stop()
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9))
-    args.out.write_text(json.dumps({"cpus": threads, "cpu": cpu, "seconds_per_run": args.seconds, "ceilings": ceilings,
-                                    "draft": draft, "rows": rows}, indent=1))
-    print(f"\nwritten to {args.out}")
+    targets = report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9))
+    started_at = datetime.fromtimestamp(run_started, timezone.utc)
+    out = args.out or REPO / "docs" / "results" / f"{started_at:%Y-%m-%d-%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": started_at.isoformat(timespec="seconds"), "machine": machine(),
+                               "seconds_per_run": args.seconds, "vcpu_hour_usd": args.vcpu_hour_usd,
+                               "ceilings": ceilings, "draft": draft, "rows": rows,
+                               "targets": [{"target": name, "met": met, "value": value} for name, met, value in targets]},
+                              indent=1) + "\n")
+    print(f"\nwritten to {out}; python docs/generate.py renders it into docs/performance.md")
     shutil.rmtree(work)
 
 
-def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> None:
+def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> list[tuple[str, bool, str]]:
     by_name = {r["row"]: r for r in rows}
     torch_c8 = by_name["torch batch≤8 500x375 JPEG c=8"]
     torch_c1 = by_name["torch batch≤8 500x375 JPEG c=1"]
@@ -292,6 +323,17 @@ def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> No
         ("cache, 30 % repeats vs cache off (a gain, no target)", True, f"{mixed['ok_per_s'] / max(off['ok_per_s'], 1e-9):.2f}x,"
          f" hit p50 {mixed['hit_p50_ms']} ms"),
     ]
+    for concurrency in (1, 8):
+        naive = by_name[f"baseline: naive FastAPI handler c={concurrency}"]
+        ours = by_name[f"torch batch≤8 500x375 JPEG c={concurrency}"]
+        checks.append((f"this service vs the naive handler, c={concurrency} (a gain, no target)", True,
+                       f"{ours['ok_per_s'] / max(naive['ok_per_s'], 1e-9):.2f}x throughput, p99 {ours['p99_ms']} vs "
+                       f"{naive['p99_ms']} ms"))
+    for concurrency in (1, 8):
+        rest, grpc = by_name[f"binding: /v2 over HTTP, binary c={concurrency}"], by_name[f"binding: /v2 over gRPC c={concurrency}"]
+        checks.append((f"/v2 over gRPC vs over HTTP, c={concurrency} (a measure, no target)", True,
+                       f"{grpc['ok_per_s'] / max(rest['ok_per_s'], 1e-9):.2f}x throughput, p50 {grpc['p50_ms']} vs "
+                       f"{rest['p50_ms']} ms"))
     bf16_c8 = by_name.get("torch bf16 batch≤8 500x375 JPEG c=8")
     if bf16_c8:
         checks.append(("torch bf16 vs torch fp32 throughput, c=8 (a trade, no target)", True,
@@ -299,6 +341,7 @@ def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> No
     print("\ntargets")
     for name, met, value in checks:
         print(f"  {'met ' if met else 'MISS'}  {name:48} {value}")
+    return checks
 
 
 if __name__ == "__main__":

@@ -94,12 +94,13 @@ class Server:
             return self.process.wait()
 
 
-def start_server(env: dict[str, str], *, cwd: Path = REPO, output: IO | None = None, timeout: float = 300) -> Server:
-    """`uvicorn app:app` on a free port of 127.0.0.1 with exactly env, from cwd; returns once /ready answers 200.
-    output: where its logs go (default: this process's)."""
+def start_server(env: dict[str, str], *, cwd: Path = REPO, output: IO | None = None, timeout: float = 300,
+                 app: str = "app:app", app_dir: Path = REPO) -> Server:
+    """`uvicorn app:app` (or another app) on a free port of 127.0.0.1 with exactly env, from cwd; returns once
+    /ready answers 200. output: where its logs go (default: this process's)."""
     port = free_port()
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(REPO), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--port", str(port)],
                                cwd=cwd, env=env, stdout=output, stderr=output)
     url = f"http://127.0.0.1:{port}"
     while time.perf_counter() - started < timeout:
@@ -165,7 +166,8 @@ def ms(seconds: float) -> str:
 def service_env(work: Path) -> dict[str, str]:
     """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work; the
     response cache off (hey sends one photo again and again: every request would be a hit)."""
-    env = {**os.environ, "LOG_LEVEL": "warning", "CACHE_ENTRIES": "0"}  # no row flattered by repeats (bench/repeats.py)
+    env = {**os.environ, "LOG_LEVEL": "warning", "CACHE_ENTRIES": "0",  # no row flattered by repeats (bench/repeats.py)
+           "GRPC_PORT": "0"}  # the gRPC rows ask for a port of their own
     if not env.get("MODEL_WEIGHTS"):
         import torch
         from torchvision.models import resnet18

@@ -96,6 +96,7 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["MODEL_WEIGHTS"] = str(path)
     # The in-process app's job store: a temporary file, never the working directory's data/.
     os.environ["JOBS_DATABASE_URL"] = f"sqlite:///{path.parent / 'jobs.sqlite3'}"
+    os.environ["GRPC_PORT"] = "0"  # no gRPC server unless a test asks for one on a free port
     return path
 
 

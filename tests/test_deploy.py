@@ -58,7 +58,7 @@ def test_the_deployment_matches_the_service_it_runs(server: Server):
     command = container["command"]
     assert command[:4] == ["python", "-m", "uvicorn", "app:app"]
     assert int(command[command.index("--port") + 1]) == ports["http"]
-    assert found["Service/classifier"]["spec"]["ports"][0]["targetPort"] in ports
+    assert {port["targetPort"] for port in found["Service/classifier"]["spec"]["ports"]} == set(ports)
 
     # The probes name paths this service answers 200 on, on its port.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -70,6 +70,9 @@ def test_the_deployment_matches_the_service_it_runs(server: Server):
 
     # Every variable set is one the service reads; secrets come from the Secret the example defines.
     env = env_of(container)
+    from settings import Settings
+
+    assert int(env["GRPC_PORT"]["value"]) == ports["grpc"] == Settings.model_fields["grpc_port"].default
     assert set(env) - {"PYTHONDONTWRITEBYTECODE"} <= settings_read()
     secret = found["Secret/classifier"]["stringData"]
     for item in env.values():
@@ -114,3 +117,13 @@ def test_the_indexed_job_runs_one_shard_per_index(weights_file):
         args = classify.arguments(argv)
         assert args.shard == (index, job["completions"])
         assert args.out == Path(f"/results/part-{index}.jsonl")  # each pod its own file
+
+
+def test_the_manifests_and_make_image_name_the_same_image():
+    makefile = (REPO / "Makefile").read_text()
+    tag = re.search(r"^IMAGE \?= (\S+)$", makefile, re.M).group(1)
+    images = {container["image"] for document in manifests().values() if document["kind"] in ("Deployment", "Job")
+              for container in document["spec"]["template"]["spec"]["containers"]}
+    import image_build
+
+    assert images == {tag} == {image_build.TAG}

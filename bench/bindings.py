@@ -1,0 +1,105 @@
+"""The cost of each way in: POST /predict, the Open Inference Protocol over HTTP (/v2, binary) and over gRPC,
+driven alike (Python threads, one client each, the same ImageNet-size JPEG), at c=1 and c=8.
+
+    python bench/bindings.py [--seconds 10]
+
+Also run by bench/benchmark.py (make bench). The service runs with its cache off, as in every other row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import free_port, imagenet_size_jpeg, service_env, start_server  # noqa: E402
+
+
+def drive(call: Callable[[], None], concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            call()
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    percentiles = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"ok_per_s": round(len(latencies) / (time.perf_counter() - started), 1),
+            "p50_ms": round(percentiles[49] * 1000, 1), "p99_ms": round(percentiles[98] * 1000, 1)}
+
+
+def measure(seconds: float) -> list[dict]:
+    import tritonclient.grpc as grpc_client
+    import tritonclient.http as http_client
+
+    work = Path(tempfile.mkdtemp(prefix="bench-bindings-"))
+    grpc_port = free_port()
+    env = {**service_env(work), "GRPC_PORT": str(grpc_port), "JOBS_DATABASE_URL": f"sqlite:///{work / 'jobs.sqlite3'}"}
+    photo = imagenet_size_jpeg()
+    service = start_server(env)
+    rows = []
+    try:
+        host = service.url.removeprefix("http://")
+        local = threading.local()
+
+        def clients():  # noqa: ANN202 (one of each per thread)
+            if not hasattr(local, "http"):
+                local.http = httpx.Client(timeout=60)
+                local.v2 = http_client.InferenceServerClient(host, network_timeout=60)
+                local.grpc = grpc_client.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+            return local
+
+        def predict() -> None:
+            clients().http.post(f"{service.url}/predict", files={"file": ("photo.jpg", photo)}).raise_for_status()
+
+        def v2() -> None:
+            image = http_client.InferInput("image", [1], "BYTES")
+            image.set_data_from_numpy(np.array([photo], dtype=np.object_), binary_data=True)
+            clients().v2.infer("resnet18", [image], outputs=[http_client.InferRequestedOutput("probabilities", class_count=5)])
+
+        def grpc() -> None:
+            image = grpc_client.InferInput("image", [1], "BYTES")
+            image.set_data_from_numpy(np.array([photo], dtype=np.object_))
+            clients().grpc.infer("resnet18", [image], outputs=[grpc_client.InferRequestedOutput("probabilities", class_count=5)])
+
+        for name, call in (("POST /predict", predict), ("/v2 over HTTP, binary", v2), ("/v2 over gRPC", grpc)):
+            call()  # warm
+            for concurrency in (1, 8):
+                rows.append({"row": f"binding: {name} c={concurrency}", **drive(call, concurrency, seconds)})
+    finally:
+        service.stop()
+    return rows
+
+
+def report(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"{row['row']:48} " + ", ".join(f"{key}={value}" for key, value in row.items() if key != "row"), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    report(measure(parser.parse_args().seconds))
+
+
+if __name__ == "__main__":
+    main()

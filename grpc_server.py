@@ -1,0 +1,183 @@
+"""The Open Inference Protocol over gRPC (inference.GRPCInferenceService, protos/inference.proto), beside /v2
+over HTTP and answering the same way: the same model name and version, inputs and outputs, limits, API key,
+pipeline and answers (protocol.py holds what both bindings share).
+
+    ModelInferRequest --parse--> photos or an FP32 batch --protocol.classified--> probabilities
+                      --protocol.encode--> ModelInferResponse (raw_output_contents)
+
+Errors are gRPC status codes, mapped once from the HTTP statuses the shared rules raise (CODES). Requests
+count against the same queue bound (MAX_QUEUE) and body budget (MAX_BODY_BUFFER_BYTES) as HTTP ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+from starlette.exceptions import HTTPException
+
+import protocol
+from batching import Overloaded
+from observability import GRPC_LATENCY, GRPC_REQUESTS, REJECTED
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from service import UNAUTHORIZED, authorized, service
+from settings import get_settings
+
+log = logging.getLogger("app")
+
+# The statuses of the shared rules (protocol.py, service.py), as gRPC codes.
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+def answered(method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+             ) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """One place for what every call does: its errors as status codes (never a traceback), and its metrics."""
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            return await method(self, request, context)
+        except HTTPException as error:
+            code = CODES.get(error.status_code, grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(error.detail))
+        except Overloaded:
+            code = grpc.StatusCode.UNAVAILABLE
+            REJECTED.labels("overloaded").inc()
+            await context.abort(code, f"the service is overloaded (more than MAX_QUEUE={get_settings().max_queue} "
+                                      "images in flight); retry shortly")
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in gRPC %s", method.__name__)
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, "internal error; it has been logged")
+        finally:
+            GRPC_REQUESTS.labels(method.__name__, code.name).inc()
+            GRPC_LATENCY.labels(method.__name__).observe(time.perf_counter() - started)
+
+    return handler
+
+
+def parse(request: pb.ModelInferRequest) -> tuple[str, list[bytes] | torch.Tensor]:
+    """The request's one input: its name, and its photos (BYTES) or its batch [N, 3, 224, 224] (FP32)."""
+    if len(request.inputs) != 1:
+        raise protocol.bad_request("send exactly one input: 'image' (BYTES, encoded photos) or 'input' (FP32, [N, 3, 224, 224])")
+    tensor = request.inputs[0]
+    count = protocol.elements(tensor.name, tensor.datatype, list(tensor.shape))
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    if tensor.name == "image":
+        if raw is not None:
+            return tensor.name, protocol.split_bytes(raw, count)
+        photos = list(tensor.contents.bytes_contents)
+        if len(photos) != count:
+            raise protocol.bad_request(f"input 'image': {len(photos)} elements in bytes_contents; the shape says {count}")
+        return tensor.name, photos
+    values = np.frombuffer(raw, dtype="<f4") if raw is not None and len(raw) % 4 == 0 else \
+        np.asarray(tensor.contents.fp32_contents, dtype=np.float32) if raw is None else np.zeros(0, np.float32)
+    return tensor.name, protocol.fp32_images(values, count)
+
+
+def wanted_outputs(request: pb.ModelInferRequest) -> list[protocol.Requested]:
+    if not request.outputs:
+        return [protocol.Requested(None, True)]
+    outputs = []
+    for output in request.outputs:
+        k = output.parameters["classification"].int64_param if "classification" in output.parameters else None
+        outputs.append(protocol.wanted(output.name, k, True))
+    return outputs
+
+
+class Inference(pb_grpc.GRPCInferenceServiceServicer):
+    @answered
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @answered
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=service.ready)
+
+    @answered
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            protocol.known_model(request.name, request.version or None)
+        except HTTPException:  # as Triton answers: not ready, rather than an error
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=service.ready)
+
+    @answered
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        metadata = await protocol.server_metadata()
+        return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)
+
+    @answered
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        metadata = await protocol.model_metadata(request.name, request.version or None)
+
+        def tensors(described: list[protocol.TensorMetadata]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+            return [pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in described]
+
+        return pb.ModelMetadataResponse(name=metadata.name, versions=metadata.versions, platform=metadata.platform,
+                                        inputs=tensors(metadata.inputs), outputs=tensors(metadata.outputs))
+
+    @answered
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        if not authorized({key.lower(): value for key, value in context.invocation_metadata() or ()
+                           if isinstance(value, str)}):
+            REJECTED.labels("unauthorized").inc()
+            raise HTTPException(401, UNAUTHORIZED)
+        if not service.ready:
+            REJECTED.labels("shutting_down").inc()
+            raise HTTPException(503, "the service is shutting down; retry on another replica")
+        protocol.known_model(request.model_name, request.model_version or None)
+        size = request.ByteSize()
+        if not service.bodies.fits(size):
+            raise HTTPException(503, service.bodies.refusal())
+        service.bodies.take(size)
+        try:
+            input_name, images = parse(request)
+            outputs = wanted_outputs(request)
+            probabilities = await protocol.classified(images, input_name)
+        finally:
+            service.bodies.give_back(size)
+        response = pb.ModelInferResponse(model_name=protocol.MODEL_NAME, model_version=protocol.MODEL_VERSION, id=request.id)
+        for output in outputs:
+            described, data = protocol.encode(probabilities, output)
+            response.outputs.append(pb.ModelInferResponse.InferOutputTensor(
+                name=described["name"], datatype=described["datatype"], shape=described["shape"]))
+            response.raw_output_contents.append(data)
+        return response
+
+
+async def serve(port: int) -> grpc.aio.Server:
+    """The gRPC server, listening on port (all interfaces, as uvicorn does in a container). A message over
+    MAX_UPLOAD_BYTES is refused by gRPC itself with RESOURCE_EXHAUSTED before it is read whole."""
+    limit = get_settings().max_upload_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(), server)
+    if server.add_insecure_port(f"[::]:{port}") == 0:
+        raise SystemExit(f"cannot listen for gRPC on port {port} (GRPC_PORT): in use?")
+    await server.start()
+    log.info("Open Inference Protocol over gRPC on port %d", port)
+    return server
