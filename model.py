@@ -49,8 +49,15 @@ def prepare(data: bytes, draft: bool | None = None) -> torch.Tensor:
     return preprocess(decode(data, draft))
 
 
+DEMO_WEIGHTS = "demo: seeded stand-in weights, not trained (DEMO=true): the answers mean nothing"
+
+
 def load_model(weights_path: Path | None) -> tuple[torch.nn.Module, str]:
     """The ResNet18 in eval mode, and a description of where its weights came from."""
+    if get_settings().demo:
+        log.warning("DEMO=true: serving seeded stand-in weights, not trained; every answer is meaningless")
+        torch.manual_seed(0)  # always the same stand-in weights
+        return resnet18(num_classes=len(LABELS)).eval(), DEMO_WEIGHTS
     if weights_path is not None:
         # Clients see the file's name only (GET /model); the full path goes to the log.
         log.info("loading weights from %s", weights_path)

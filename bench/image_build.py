@@ -122,7 +122,7 @@ def cold_start(tag: str, weights: Path) -> float:
     container = subprocess.run(["buildah", "from", tag], check=True, capture_output=True, text=True).stdout.strip()
     started = time.perf_counter()
     process = subprocess.Popen(["buildah", "run", "--isolation", "chroot", "--network", "host",
-                                f"-v={weights.parent}:/models:ro", f"-e=MODEL_WEIGHTS=/models/{weights.name}",
+                                f"-v={weights.parent}:/models:ro", f"-e=MODEL_WEIGHTS=/models/{weights.name}", "-e=GRPC_PORT=0",
                                 container, "--", "python", "-m", "uvicorn", "app:app", "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

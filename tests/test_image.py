@@ -121,7 +121,7 @@ def test_the_image_serves_the_reference_answers_as_non_root_and_drains_on_sigter
     port = free_port()
     log = tmp_path / "service.log"
     process = run(name, volumes, "python", "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port),
-                  env={"SHUTDOWN_TIMEOUT_S": "60", "CACHE_ENTRIES": "0"}, output=log)
+                  env={"SHUTDOWN_TIMEOUT_S": "60", "CACHE_ENTRIES": "0", "GRPC_PORT": "0"}, output=log)
     service = Running(process, rootfs, f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 300

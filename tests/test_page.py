@@ -208,3 +208,29 @@ if __name__ == "__main__":
         page.wait_for_selector("#predictions li.prediction, #error:not([hidden])", timeout=60_000)
         page.screenshot(path=out, full_page=True)
     print(f"saved {out}")
+
+
+def test_demo_mode_says_everywhere_that_its_answers_mean_nothing(weights_file, tmp_path):
+    from conftest import start_server
+
+    log = tmp_path / "server.log"
+    server = start_server(tmp_path, log=log, DEMO="true", MODEL_WEIGHTS="", LOG_LEVEL="info")
+    try:
+        assert httpx.get(f"{server.url}/model").json()["weights"].startswith("demo: seeded stand-in weights, not trained")
+        with photo_path("chelsea.png").open("rb") as file:
+            answer = httpx.post(f"{server.url}/predict", files={"file": file})
+        assert answer.status_code == 200 and "mean nothing" in answer.headers["x-demo"]
+        assert "mean nothing" in httpx.get(f"{server.url}/health").headers["x-demo"]
+        with browser_page() as page:
+            page.goto(server.url + "/")
+            page.locator("#demo").wait_for(state="visible", timeout=10_000)
+            assert "stand-in weights" in page.locator("#demo").inner_text()
+    finally:
+        server.stop()
+    assert "DEMO=true: serving seeded stand-in weights" in log.read_text()
+
+
+def test_the_demo_banner_stays_hidden_with_real_weights(server):
+    with browser_page() as page:
+        page.goto(server.url + "/", wait_until="networkidle")
+        assert page.locator("#demo").is_hidden()

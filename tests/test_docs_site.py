@@ -1,0 +1,98 @@
+"""The documentation tells the truth: the site builds strictly, the generated pages are what their sources
+make, and every setting and route the README and the docs name exists."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "docs"))
+import generate  # noqa: E402
+
+DOCS = REPO / "docs"
+PAGES = sorted(DOCS.glob("*.md")) + [REPO / "README.md"]
+
+# Upper-case names in the docs that are not this service's settings, and what they are.
+NOT_SETTINGS = {
+    "TORCH_HOME": "torch's own cache folder variable",
+    "JOB_COMPLETION_INDEX": "set by Kubernetes in an Indexed Job's pods",
+    "SCHED_IDLE": "a Linux scheduling class",
+    "SQLITE_FULL": "SQLite's error code for a full disk",
+    "AVX512_BF16": "a CPU instruction set",
+    "TORCH_INDEX_URL": "a build argument of the Dockerfile",
+    "WEIGHTS": "a build argument of the Dockerfile",
+    "INVALID_ARGUMENT": "a gRPC status code", "NOT_FOUND": "a gRPC status code",
+    "RESOURCE_EXHAUSTED": "a gRPC status code", "UNAVAILABLE": "a gRPC status code",
+    "UNAUTHENTICATED": "a gRPC status code",
+}
+
+
+def test_the_site_builds_strictly(tmp_path):
+    result = subprocess.run([str(Path(sys.executable).parent / "mkdocs"), "build", "--strict", "--site-dir",
+                             str(tmp_path / "site")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "performance" / "index.html").exists()
+    assert (tmp_path / "site" / "img" / "performance-throughput.png").exists()
+
+
+def test_the_settings_page_is_generated_from_the_declarations():
+    assert (DOCS / "settings.md").read_text() == generate.settings_page(), "run: .venv/bin/python docs/generate.py"
+
+
+def test_the_settings_page_names_every_setting_once():
+    from settings import Settings
+
+    page = (DOCS / "settings.md").read_text()
+    for name in Settings.model_fields:
+        assert page.count(f"| `{name.upper()}` |") == 1
+
+
+def test_the_performance_page_and_its_plots_are_rendered_from_the_newest_results_file():
+    source = generate.newest_results()
+    results = json.loads(source.read_text())
+    image_file = DOCS / "results" / "image.json"
+    image = json.loads(image_file.read_text()) if image_file.exists() else None
+    assert (DOCS / "performance.md").read_text() == generate.performance_page(results, source.name, image), \
+        "run: .venv/bin/python docs/generate.py"
+    for name, data in generate.plots(results).items():
+        assert (DOCS / "img" / name).read_bytes() == data, f"{name} is not what {source.name} draws"
+    assert results["machine"]["cpu"] in (DOCS / "performance.md").read_text()  # every figure names its machine
+
+
+def test_a_figure_changed_by_hand_is_caught():
+    source = generate.newest_results()
+    results = json.loads(source.read_text())
+    results["rows"][0]["ok_per_s"] = results["rows"][0]["ok_per_s"] + 1
+    assert generate.performance_page(results, source.name, None) != (DOCS / "performance.md").read_text()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda path: path.name)
+def test_every_setting_the_docs_name_exists(page):
+    from settings import Settings
+
+    settings = {name.upper() for name in Settings.model_fields}
+    named = set(re.findall(r"`([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)(?:=[^`]*)?`", page.read_text()))
+    unknown = named - settings - set(NOT_SETTINGS)
+    assert not unknown, f"{page.name} names settings that do not exist: {sorted(unknown)}"
+
+
+def test_every_route_in_the_api_table_exists(app):
+    from test_operations import every_route
+
+    routes = set(every_route(app))
+    table = (DOCS / "api.md").read_text().split("## Routes", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(GET|POST|DELETE) (/[^`?\s]*)", table)
+    assert len(named) >= 15
+    for method, path in named:
+        template = re.sub(r"\{id\}", "{job_id}", path).replace("/resnet18", "/{name}")
+        assert (method, template) in routes, (method, path)
+    for path in re.findall(r"`(/v2[^`\s.]*)`", table):  # the listed /v2 paths, not "/v2/..."
+        assert any(re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path.replace("/resnet18", "/resnet18"))
+                   for _, template in routes), path
