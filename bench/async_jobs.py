@@ -31,7 +31,8 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import BOUNDARY, REPO, hey, imagenet_size_jpeg, jpeg, multipart, photo, service_env, start_server  # noqa: E402
+from harness import (BOUNDARY, REPO, hey, imagenet_size_jpeg, jpeg, multipart, photo, print_rows,  # noqa: E402
+                     service_env, start_server)
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
@@ -152,18 +153,13 @@ def measure(images: int, seconds: float) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict]) -> None:
-    for row in rows:
-        print(f"{row['row']:48} " + ", ".join(f"{key}={value}" for key, value in row.items() if key != "row"), flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=10, help="duration of each online load run")
     args = parser.parse_args()
     rows = measure(args.images, args.seconds)
-    report(rows)
+    print_rows(rows)
     print(json.dumps(rows))
 
 

@@ -26,11 +26,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from async_jobs import measure as measure_jobs, report as report_jobs  # noqa: E402
-from bindings import measure as measure_bindings, report as report_bindings  # noqa: E402
-from repeats import measure as measure_repeats, report as report_repeats  # noqa: E402
+from async_jobs import measure as measure_jobs  # noqa: E402
+from bindings import measure as measure_bindings  # noqa: E402
+from repeats import measure as measure_repeats  # noqa: E402
 from harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart,  # noqa: E402
-                     phone_size_jpeg, service_env, start_server)
+                     phone_size_jpeg, print_rows, service_env, start_server)
 
 
 # --- the in-process ceiling: decode + preprocess + forward in a tight loop, no HTTP -------------------
@@ -212,17 +212,17 @@ def main() -> None:
     # Asynchronous jobs (bench/async_jobs.py): a 500-photo job beside python -m classify on the same photos,
     # and online /predict c=1 with and without a job running.
     job_rows = measure_jobs(500, args.seconds)
-    report_jobs(job_rows)
+    print_rows(job_rows)
     rows.extend(job_rows)
 
     # The ways in: /predict, /v2 over HTTP and over gRPC, driven alike.
     binding_rows = measure_bindings(args.seconds)
-    report_bindings(binding_rows)
+    print_rows(binding_rows)
     rows.extend(binding_rows)
 
     # The response cache: distinct photos with it off and on (the miss path), 30 % repeats, all repeats.
     cache_rows = measure_repeats(args.seconds)
-    report_repeats(cache_rows)
+    print_rows(cache_rows)
     rows.extend(cache_rows)
 
     # 2: 12-megapixel JPEG, exact by default and with the opt-in draft decode.

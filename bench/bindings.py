@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import free_port, imagenet_size_jpeg, service_env, start_server  # noqa: E402
+from harness import free_port, imagenet_size_jpeg, print_rows, service_env, start_server  # noqa: E402
 
 
 def drive(call: Callable[[], None], concurrency: int, seconds: float) -> dict:
@@ -90,15 +90,10 @@ def measure(seconds: float) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict]) -> None:
-    for row in rows:
-        print(f"{row['row']:48} " + ", ".join(f"{key}={value}" for key, value in row.items() if key != "row"), flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
-    report(measure(parser.parse_args().seconds))
+    print_rows(measure(parser.parse_args().seconds))
 
 
 if __name__ == "__main__":

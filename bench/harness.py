@@ -176,3 +176,9 @@ def service_env(work: Path) -> dict[str, str]:
         torch.save(resnet18().state_dict(), work / "resnet18-random.pth")
         env["MODEL_WEIGHTS"] = str(work / "resnet18-random.pth")
     return env
+
+
+def print_rows(rows: list[dict]) -> None:
+    """A benchmark's rows, one line each: its name, then its figures."""
+    for row in rows:
+        print(f"{row['row']:48} " + ", ".join(f"{key}={value}" for key, value in row.items() if key != "row"), flush=True)

@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from async_jobs import photos  # noqa: E402
-from harness import BOUNDARY, multipart, service_env, start_server  # noqa: E402
+from harness import BOUNDARY, multipart, print_rows, service_env, start_server  # noqa: E402
 
 
 def plan(distinct: list[bytes], requests: int, repeat_share: float, seed: int = 0) -> list[tuple[bytes, bool]]:
@@ -92,17 +92,12 @@ def measure(seconds: float, concurrency: int = 8) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict]) -> None:
-    for row in rows:
-        print(f"{row['row']:48} " + ", ".join(f"{key}={value}" for key, value in row.items() if key != "row"), flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
-    report(measure(args.seconds, args.concurrency))
+    print_rows(measure(args.seconds, args.concurrency))
 
 
 if __name__ == "__main__":
