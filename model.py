@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -139,34 +140,80 @@ def torch_forward(network: torch.nn.Module, device: torch.device, precision: str
     return forward
 
 
-def onnx_forward(network: torch.nn.Module, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The same network exported to ONNX in memory, run by ONNX Runtime: images -> logits."""
-    try:
-        import onnxruntime  # only this backend needs it
+def export_onnx(network: torch.nn.Module) -> bytes:
+    """The network as an ONNX graph: images [N, 3, 224, 224] -> logits [N, 1000]."""
+    exported = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter
+        torch.onnx.export(network, (torch.zeros(1, 3, CROP_SIZE, CROP_SIZE),), exported, dynamo=False,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    return exported.getvalue()
 
-        exported = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's deprecation chatter
-            torch.onnx.export(
-                network,
-                (torch.zeros(1, 3, CROP_SIZE, CROP_SIZE),),
-                exported,
-                dynamo=False,
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(exported.getvalue(), options, providers=["CPUExecutionProvider"])
-    except Exception as error:
-        raise ModelLoadError(f"could not export the model to ONNX Runtime ({type(error).__name__}: {error})") from None
 
+def onnx_session(graph: bytes | str, threads: int):  # noqa: ANN201 (an onnxruntime.InferenceSession)
+    import onnxruntime  # only the ONNX Runtime backend and int8 need it
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def session_forward(session) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa: ANN001
     def forward(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
     return forward
+
+
+def onnx_forward(network: torch.nn.Module, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same network exported to ONNX in memory, run by ONNX Runtime: images -> logits."""
+    try:
+        return session_forward(onnx_session(export_onnx(network), threads))
+    except Exception as error:
+        raise ModelLoadError(f"could not export the model to ONNX Runtime ({type(error).__name__}: {error})") from None
+
+
+def int8_forward(path: Path, threads: int, weights: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str]]:
+    """PRECISION=int8: the model `python -m quantize` built (INT8_MODEL), run by ONNX Runtime, and what it
+    records of its making. Refused when it was quantized from other weights than those loaded."""
+    if not path.is_file():
+        raise ModelLoadError(f"INT8_MODEL={path} does not exist or is not a file: build it with "
+                             "python -m quantize --calibration DIR --out FILE")
+    try:
+        import onnx
+
+        recorded = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
+        session = onnx_session(str(path), threads)
+    except Exception as error:
+        raise ModelLoadError(f"INT8_MODEL={path} is not an ONNX model ({type(error).__name__}); "
+                             "rebuild it with python -m quantize") from None
+    if recorded.get("classifier.weights") != weights:
+        raise ModelLoadError(f"INT8_MODEL={path} was quantized from other weights "
+                             f"({recorded.get('classifier.weights', 'unknown')}) than those loaded ({weights}): "
+                             "rebuild it with python -m quantize from these weights")
+    return session_forward(session), {key.removeprefix("classifier."): value for key, value in recorded.items()
+                                      if key.startswith("classifier.")}
+
+
+def int8_problem(int8_s: float, fp32_s: float, force: bool) -> str | None:
+    """Why int8 should not run here, or None: slower than fp32 on this CPU (measured at start-up)."""
+    if int8_s >= fp32_s and not force:
+        return (f"PRECISION=int8 is not faster than fp32 on this CPU ({int8_s * 1000:.0f} vs {fp32_s * 1000:.0f} ms "
+                "for a batch of 8, measured at start-up): use fp32, or FORCE_PRECISION=true to run it anyway")
+    return None
+
+
+def best_time(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tries: int = 3) -> float:
+    with torch.inference_mode():
+        forward(batch)
+        times = []
+        for _ in range(tries):
+            started = time.perf_counter()
+            forward(batch)
+            times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], tolerance: float = 1e-4) -> float:
@@ -175,7 +222,8 @@ def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], tolerance: flo
 
     Start-up refuses an fp32 backend or device that does not match: speed never buys a different answer.
     Reduced precision (bf16, fp16) is an opt-in difference: measured and shown, refused only past 1e-2,
-    which means a broken backend rather than rounding.
+    which means a broken backend rather than rounding. int8 is measured and shown (its difference depends on
+    the calibration: bench/accuracy.py measures it over many photos).
     """
     probe = torch.randn(4, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -238,7 +286,8 @@ def init_decode_thread() -> None:
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 # What is being served, fixed at import: the settings that chose it are read once, here.
-backend, precision = get_settings().backend, get_settings().precision
+precision = get_settings().precision
+backend = "onnxruntime" if precision == "int8" else get_settings().backend  # int8 runs in ONNX Runtime
 torch.set_num_threads(get_settings().threads)
 try:
     device = torch.device("cpu") if backend == "onnxruntime" else pick_device(get_settings().device)
@@ -247,8 +296,19 @@ try:
         raise ModelLoadError(problem)
     model, weights_source = load_model(get_settings().model_weights)
     weights_hash = fingerprint(model)
-    forward = torch_forward(model, device, precision) if backend == "torch" else onnx_forward(model, get_settings().threads)
-    backend_difference = check_parity(forward, 1e-4 if precision == "fp32" else 1e-2)
+    int8_made: dict[str, str] = {}  # what the int8 model records of its calibration, and its measured speed-up
+    if precision == "int8":
+        forward, int8_made = int8_forward(get_settings().int8_model, get_settings().threads, weights_hash)
+        probe_batch = torch.rand(8, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(1))
+        int8_s, fp32_s = best_time(forward, probe_batch), best_time(torch_forward(model, device, "fp32"), probe_batch)
+        if problem := int8_problem(int8_s, fp32_s, get_settings().force_precision):
+            raise ModelLoadError(problem)
+        int8_made["speedup_vs_fp32"] = f"{fp32_s / int8_s:.2f}"
+    elif backend == "torch":
+        forward = torch_forward(model, device, precision)
+    else:
+        forward = onnx_forward(model, get_settings().threads)
+    backend_difference = check_parity(forward, {"fp32": 1e-4, "int8": 1.0}.get(precision, 1e-2))
 except ModelLoadError as error:
     raise SystemExit(f"Cannot load the model: {error}") from None
 device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -50,11 +50,15 @@ class Settings(BaseSettings):
 
     # The model
     model_weights: Path | None = Field(None, description="A ResNet18 state_dict file; unset: torchvision's cache under TORCH_HOME")
-    backend: Literal["torch", "onnxruntime"] = Field("torch", description="What runs the forward pass")
+    backend: Literal["torch", "onnxruntime"] = Field("torch", description="What runs the forward pass (PRECISION=int8: "
+                                                     "always ONNX Runtime)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the forward pass runs; auto: a GPU if torch sees one")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Number type of the forward pass; bf16 and fp16 trade exactness for speed (measured at start-up)")
-    force_precision: bool = Field(False, description="Run PRECISION=bf16 even on a CPU without native bfloat16 (slower)")
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
+        "fp32", description="Number type of the forward pass; bf16, fp16 and int8 trade exactness for speed (measured at start-up)")
+    int8_model: Path | None = Field(None, description="PRECISION=int8: the quantized model python -m quantize built from "
+                                    "these weights and your calibration photos")
+    force_precision: bool = Field(False, description="Run PRECISION=bf16 even on a CPU without native bfloat16, or int8 "
+                                  "where start-up measured it no faster than fp32 (slower)")
 
     demo: bool = Field(False, description="Serve seeded stand-in weights, not trained (the answers mean nothing), to try the "
                        "service without the pretrained ones; /model, the page, the log and every response say so")
@@ -110,7 +114,7 @@ class Settings(BaseSettings):
     def _lower_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("model_weights", mode="after")
+    @field_validator("model_weights", "int8_model", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value else None
@@ -146,13 +150,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.backend == "onnxruntime" and (self.device == "cuda" or self.precision != "fp32"):
+        if self.backend == "onnxruntime" and (self.device == "cuda" or self.precision not in ("fp32", "int8")):
             raise ValueError("BACKEND=onnxruntime runs in fp32 on the CPU: DEVICE=cuda and PRECISION need BACKEND=torch")
         for name, limit in (("MAX_UPLOAD_BYTES", self.max_upload_bytes), ("MAX_JOB_BYTES", self.max_job_bytes)):
             if limit > self.max_body_buffer_bytes:
                 what = "upload" if name == "MAX_UPLOAD_BYTES" else "job"
                 raise ValueError(f"{name}={limit} must not exceed MAX_BODY_BUFFER_BYTES={self.max_body_buffer_bytes}: "
                                  f"the largest accepted {what} could never be received")
+        if self.precision == "int8" and self.device == "cuda":
+            raise ValueError("PRECISION=int8 runs on the CPU (ONNX Runtime): DEVICE=cuda needs PRECISION fp32, fp16 or bf16")
+        if self.precision == "int8" and self.int8_model is None:
+            raise ValueError("PRECISION=int8 needs INT8_MODEL=FILE, built from your own photos with "
+                             "python -m quantize --calibration DIR --out FILE")
+        if self.int8_model is not None and self.precision != "int8":
+            raise ValueError("INT8_MODEL is set but PRECISION is not int8: set PRECISION=int8 to serve it, or unset INT8_MODEL")
         if self.demo and self.model_weights is not None:
             raise ValueError("DEMO=true serves stand-in weights: unset MODEL_WEIGHTS, or unset DEMO to serve that file")
         if self.webhook_allowed_hosts and not self.webhook_secret:
