@@ -2,8 +2,10 @@
 
     python bench/accuracy.py [--sizes 375,512,768,1024,1536,2048,3000] [--out bench/results/accuracy.json]
 
-Measures JPEG_DRAFT=true against the exact decode, and PRECISION=bf16 against fp32. The default path is exact (torchvision's reference pipeline); every setting that trades accuracy for speed
-is compared with it here, image by image: the largest softmax difference and how often the top-1 label and
+Measures JPEG_DRAFT=true against the exact decode, PRECISION=bf16 against fp32, and PRECISION=int8 against
+fp32 (the model python -m quantize builds, calibrated on photos kept apart from the ones measured; or the one
+--int8-model names). The default path is exact (torchvision's reference pipeline); every setting that trades
+accuracy for speed is compared with it here, image by image: the largest softmax difference and how often the top-1 label and
 the top-5 set stay the same. The photos are the photographs inside the scikit-image wheel, each resized so
 its shorter side takes every size in --sizes (with a little sensor-like noise, so an enlarged photo keeps
 the fine detail a camera's has), plus a square and a 16:9 crop, saved as JPEG.
@@ -100,6 +102,7 @@ def compare(reference_logits, candidate_logits, temperature: float = 1.0) -> dic
     differences = (candidate - reference).abs().max(dim=1).values
     same_top1 = (candidate.argmax(1) == reference.argmax(1)).sum().item()
     top5 = [len(set(a) & set(b)) for a, b in zip(candidate.topk(5).indices.tolist(), reference.topk(5).indices.tolist())]
+    confident = (reference.topk(2).values[:, 0] - reference.topk(2).values[:, 1]) > 0.1  # top-1 leads by > 0.1
     # Where top-1 changed: how far apart the reference's first two scores were (a near-tie flips easily).
     best_two = reference.topk(2).values
     flipped = (candidate.argmax(1) != reference.argmax(1)).nonzero().flatten().tolist()
@@ -108,6 +111,8 @@ def compare(reference_logits, candidate_logits, temperature: float = 1.0) -> dic
             "score_max_abs_difference": differences.max().item(),
             "score_median_max_difference": differences.median().item(), "same_top1": same_top1,
             "top5_overlap_mean": statistics.mean(top5),
+            "confident": int(confident.sum()),
+            "confident_same_top1": int((candidate.argmax(1) == reference.argmax(1))[confident].sum()),
             "top1_changed_reference_margins": [(best_two[i, 0] - best_two[i, 1]).item() for i in flipped],
             "worst": differences.argsort(descending=True)[:5].tolist()}
 
@@ -153,14 +158,58 @@ def measure_precision(exact: list, reference, precision: str) -> dict:
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference))}
 
 
+# int8 is calibrated on variants of these photos and measured on the others': never on its calibration photos.
+CALIBRATION_PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "retina.jpg", "coins.png")
+INT8_SIZES = [300, 375, 448, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3000]
+
+
+def measure_int8(model_file: Path) -> dict:
+    """PRECISION=int8 (the model python -m quantize built) against fp32, on photos it was not calibrated on."""
+    import model
+
+    photos = list(int8_measured_set())
+    exact = [model.prepare(data) for _, data in photos]
+    reference = logits_of(exact)
+    forward, made = model.int8_forward(model_file, model.get_settings().threads, model.weights_hash)
+    candidate = logits_of(exact, forward)
+    return {"photos": len(photos), "made": made, "as_is": compare(reference, candidate),
+            "sharpened": compare(reference, candidate, sharpening(reference)), "names": [name for name, _ in photos]}
+
+
+def int8_measured_set() -> Iterator[tuple[str, bytes]]:
+    """The photos int8 is measured on: JPEGs of the other photos at INT8_SIZES, 360 in all."""
+    return ((name, data) for name, data in photo_set(INT8_SIZES, seed=1) if name.split(":")[0] not in CALIBRATION_PHOTOS)
+
+
+def calibration_set() -> Iterator[tuple[str, bytes]]:
+    """The photos int8 is calibrated on: JPEGs of CALIBRATION_PHOTOS at five sizes, 75 in all."""
+    return ((name, data) for name, data in photo_set([256, 384, 512, 768, 1024], seed=2)
+            if name.split(":")[0] in CALIBRATION_PHOTOS)
+
+
+def build_int8(work: Path) -> Path:
+    """An int8 model of the loaded weights, built by python -m quantize from calibration_set()."""
+    import quantize
+
+    folder = work / "calibration"
+    folder.mkdir(exist_ok=True)
+    for name, data in calibration_set():
+        (folder / (name.replace(":", "_") + ".jpg")).write_bytes(data)
+    out = work / "int8.onnx"
+    if quantize.main(["--calibration", str(folder), "--out", str(out)]) != 0:
+        raise SystemExit("python -m quantize failed")
+    return out
+
+
 def report(name: str, figures: dict, photos: list[tuple[str, bytes]]) -> None:
     print(f"{name}: largest score difference {figures['score_max_abs_difference']:.4f} "
           f"(median per image {figures['score_median_max_difference']:.1e}), same top-1 {figures['same_top1']}/{figures['images']}, "
-          f"top-5 overlap {figures['top5_overlap_mean']:.2f}/5; reference median top-1 score {figures['reference_median_top1']:.3f}")
+          f"top-5 overlap {figures['top5_overlap_mean']:.2f}/5; reference median top-1 score {figures['reference_median_top1']:.3f}; "
+          f"where the reference's top-1 leads by > 0.1: same top-1 {figures['confident_same_top1']}/{figures['confident']}")
     if figures["top1_changed_reference_margins"]:
         print("  where top-1 changed, the reference's two best scores were apart by "
               + ", ".join(f"{margin:.1e}" for margin in figures["top1_changed_reference_margins"]))
-    print("  largest differences on: " + ", ".join(photos[i][0] for i in figures["worst"][:3]))
+    print("  largest differences on: " + ", ".join(str(photos[i][0]) for i in figures["worst"][:3]))
 
 
 def main() -> None:
@@ -168,6 +217,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="375,512,768,1024,1536,2048,3000",
                         type=lambda text: [int(size) for size in text.split(",")], help="shorter sides, in pixels")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json")
+    parser.add_argument("--int8-model", type=Path, help="measure this int8 model (default: build one with python -m quantize)")
+    parser.add_argument("--skip", default="", help="comma-separated: draft, bf16, int8")
     args = parser.parse_args()
 
     os.environ.update(service_env(Path(tempfile.mkdtemp(prefix="accuracy-"))))
@@ -180,24 +231,35 @@ def main() -> None:
     sizes = sorted({name.rsplit(":", 1)[1] for name, _ in photos}, key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1]))
     print(f"{len(photos)} JPEGs from {len(PHOTOS)} photos, {sizes[0]} to {sizes[-1]}; weights {os.environ['MODEL_WEIGHTS']}\n")
 
+    results: dict = {"photos": len(photos), "sizes": args.sizes}
+    if "int8" not in args.skip:  # on photos of its own, kept apart from its calibration photos
+        int8 = results["int8"] = measure_int8(args.int8_model or build_int8(Path(tempfile.mkdtemp(prefix="accuracy-int8-"))))
+        print(f"{int8['photos']} photos not used to calibrate; calibration {int8['made']}")
+        names = [(name, b"") for name in int8["names"]]
+        report("PRECISION=int8 vs fp32, stand-in weights as they are", int8["as_is"], names)
+        report(f"PRECISION=int8 vs fp32, sharpened x{int8['sharpened']['temperature']:.0f} like trained weights",
+               int8["sharpened"], names)
+        print()
+
     exact = [model.prepare(data, draft=False) for _, data in photos]  # the default path, decoded once
     reference = logits_of(exact)
-    draft = measure_draft(photos, reference)
-    report("JPEG_DRAFT=true vs exact, stand-in weights as they are", draft["as_is"], photos)
-    report(f"JPEG_DRAFT=true vs exact, sharpened x{draft['sharpened']['temperature']:.0f} like trained weights",
-           draft["sharpened"], photos)
-    if draft["decoded_smaller"]:
-        print(f"{draft['decoded_smaller']} photos with a shorter side >= {4 * model.RESIZE_SIZE} px decode at a reduced "
-              f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
-
-    print()
-    bf16 = measure_precision(exact, reference, "bf16")
-    report("PRECISION=bf16 vs fp32, stand-in weights as they are", bf16["as_is"], photos)
-    report(f"PRECISION=bf16 vs fp32, sharpened x{bf16['sharpened']['temperature']:.0f} like trained weights",
-           bf16["sharpened"], photos)
+    if "draft" not in args.skip:
+        draft = results["draft"] = measure_draft(photos, reference)
+        report("JPEG_DRAFT=true vs exact, stand-in weights as they are", draft["as_is"], photos)
+        report(f"JPEG_DRAFT=true vs exact, sharpened x{draft['sharpened']['temperature']:.0f} like trained weights",
+               draft["sharpened"], photos)
+        if draft["decoded_smaller"]:
+            print(f"{draft['decoded_smaller']} photos with a shorter side >= {4 * model.RESIZE_SIZE} px decode at a reduced "
+                  f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
+        print()
+    if "bf16" not in args.skip:
+        bf16 = results["bf16"] = measure_precision(exact, reference, "bf16")
+        report("PRECISION=bf16 vs fp32, stand-in weights as they are", bf16["as_is"], photos)
+        report(f"PRECISION=bf16 vs fp32, sharpened x{bf16['sharpened']['temperature']:.0f} like trained weights",
+               bf16["sharpened"], photos)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"photos": len(photos), "sizes": args.sizes, "draft": draft, "bf16": bf16}, indent=1))
+    args.out.write_text(json.dumps(results, indent=1))
     print(f"\nwritten to {args.out}")
 
 

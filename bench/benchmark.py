@@ -86,6 +86,23 @@ def draft_difference(image_paths: list[str]) -> dict:
             "decode_ms_draft": 1000 * statistics.median(decode_s[True]), "decode_ms_full": 1000 * statistics.median(decode_s[False])}
 
 
+def int8_model(work: str) -> str:
+    """An int8 model of the loaded weights (python -m quantize on bench/accuracy.py's calibration photos): its path."""
+    from accuracy import build_int8
+
+    return str(build_int8(Path(work)))
+
+
+def int8_agreement(model_file: str) -> dict:
+    """PRECISION=int8 against fp32 over bench/accuracy.py's photos kept apart from the calibration photos."""
+    from accuracy import measure_int8
+
+    figures = measure_int8(Path(model_file))
+    kept = ("images", "temperature", "score_max_abs_difference", "score_median_max_difference", "same_top1",
+            "top5_overlap_mean", "confident", "confident_same_top1")
+    return {"made": figures["made"], **{view: {key: figures[view][key] for key in kept} for view in ("as_is", "sharpened")}}
+
+
 def machine() -> dict:
     """What the figures were measured on: the CPU and its vector extensions, cores, the libraries' versions."""
     import onnxruntime
@@ -166,6 +183,14 @@ def main() -> None:
         configurations.append(("torch bf16", {"BACKEND": "torch", "PRECISION": "bf16"}, {"8": (1, 8)}))
     else:  # the service refuses PRECISION=bf16 here (emulated bf16 is slower than fp32): no rows to show
         print("torch bf16: skipped, this CPU has no native bfloat16 instructions (AVX512_BF16 or AMX)\n", flush=True)
+    # int8 (PRECISION=int8): built by python -m quantize from the same weights, calibrated on photos of its own.
+    int8_env = {"PRECISION": "int8", "INT8_MODEL": str(in_subprocess("int8_model", env, str(work)))}
+    configurations.append(("int8", int8_env, {"8": (1, 8)}))
+    int8 = in_subprocess("int8_agreement", env, int8_env["INT8_MODEL"])
+    print(f"int8 vs fp32 on {int8['sharpened']['images']} photos not calibrated on, sharpened: same top-1 "
+          f"{int8['sharpened']['same_top1']}, where fp32 leads by > 0.1 {int8['sharpened']['confident_same_top1']}/"
+          f"{int8['sharpened']['confident']}, largest score difference {int8['sharpened']['score_max_abs_difference']:.3f}\n",
+          flush=True)
     ceilings = {}
     for backend, overrides, runs in configurations:
         backend_env = {**env, **overrides}
@@ -208,6 +233,13 @@ def main() -> None:
                  "images_per_s": job_rate, "ratio_to_ceiling": round(job_rate / ceilings["torch"]["images_per_s"], 2)})
     print(f"{'offline job (python -m classify), torch':48} {job_rate:6.1f} img/s  "
           f"{job_rate / ceilings['torch']['images_per_s']:.2f}x the ceiling", flush=True)
+    job = subprocess.run([sys.executable, "-m", "classify", str(folder), "--out", str(work / "job-int8.jsonl")],
+                         env={**env, **int8_env}, cwd=REPO, capture_output=True, text=True, check=True)
+    int8_job_rate = float(re.search(r"([\d.]+) images/s", job.stderr).group(1))
+    rows.append({"row": "offline job, python -m classify, PRECISION=int8", "images": len(list(folder.iterdir())),
+                 "images_per_s": int8_job_rate, "ratio_to_fp32": round(int8_job_rate / job_rate, 2)})
+    print(f"{'offline job (python -m classify), int8':48} {int8_job_rate:6.1f} img/s  {int8_job_rate / job_rate:.2f}x fp32",
+          flush=True)
 
     # Asynchronous jobs (bench/async_jobs.py): a 500-photo job beside python -m classify on the same photos,
     # and online /predict c=1 with and without a job running.
@@ -269,20 +301,20 @@ def main() -> None:
         p50_503_ms=round(overload.percentile(50, "503") * 1000, 1), p99_503_ms=round(overload.percentile(99, "503") * 1000, 1))
     service.stop()
 
-    targets = report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9))
+    targets = report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9), int8)
     started_at = datetime.fromtimestamp(run_started, timezone.utc)
     out = args.out or REPO / "docs" / "results" / f"{started_at:%Y-%m-%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": started_at.isoformat(timespec="seconds"), "machine": machine(),
                                "seconds_per_run": args.seconds, "vcpu_hour_usd": args.vcpu_hour_usd,
-                               "ceilings": ceilings, "draft": draft, "rows": rows,
+                               "ceilings": ceilings, "draft": draft, "int8": int8, "rows": rows,
                                "targets": [{"target": name, "met": met, "value": value} for name, met, value in targets]},
                               indent=1) + "\n")
     print(f"\nwritten to {out}; python docs/generate.py renders it into docs/performance.md")
     shutil.rmtree(work)
 
 
-def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> list[tuple[str, bool, str]]:
+def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float, int8: dict) -> list[tuple[str, bool, str]]:
     by_name = {r["row"]: r for r in rows}
     torch_c8 = by_name["torch batch≤8 500x375 JPEG c=8"]
     torch_c1 = by_name["torch batch≤8 500x375 JPEG c=1"]
@@ -334,6 +366,19 @@ def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float) -> li
         checks.append((f"/v2 over gRPC vs over HTTP, c={concurrency} (a measure, no target)", True,
                        f"{grpc['ok_per_s'] / max(rest['ok_per_s'], 1e-9):.2f}x throughput, p50 {grpc['p50_ms']} vs "
                        f"{rest['p50_ms']} ms"))
+    int8_c8, int8_c1 = by_name["int8 batch≤8 500x375 JPEG c=8"], by_name["int8 batch≤8 500x375 JPEG c=1"]
+    int8_speed, int8_p50 = int8_c8["ok_per_s"] / max(torch_c8["ok_per_s"], 1e-9), int8_c1["p50_ms"] / torch_c1["p50_ms"]
+    if re.search(r"vnni|amx_int8", cpu_description()):
+        checks += [("int8 c=8 >= 2 x fp32 (a CPU with 8-bit dot products)", int8_speed >= 2, f"{int8_speed:.2f}x"),
+                   ("int8 c=1 p50 <= 0.6 x fp32", int8_p50 <= 0.6, f"{int8_p50:.2f}x")]
+    else:
+        checks += [("int8 c=8 vs fp32 (plain AVX2: published, at least 1.3x)", int8_speed >= 1.3, f"{int8_speed:.2f}x"),
+                   ("int8 c=1 p50 vs fp32 (plain AVX2: published)", True, f"{int8_p50:.2f}x")]
+    sharpened = int8["sharpened"]
+    checks += [("int8 top-1 = fp32's where fp32 leads by > 0.1, >= 97 %",
+                sharpened["confident_same_top1"] >= 0.97 * sharpened["confident"],
+                f"{sharpened['confident_same_top1']}/{sharpened['confident']} (sharpened; overall "
+                f"{sharpened['same_top1']}/{sharpened['images']})")]
     bf16_c8 = by_name.get("torch bf16 batch≤8 500x375 JPEG c=8")
     if bf16_c8:
         checks.append(("torch bf16 vs torch fp32 throughput, c=8 (a trade, no target)", True,

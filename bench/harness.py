@@ -52,12 +52,13 @@ def multipart(data: bytes, filename: str = "photo.jpg") -> bytes:
 
 
 def cpu_description() -> str:
-    """The CPU's name and the vector extensions that decide these figures (AVX-512, native bfloat16)."""
+    """The CPU's name and the vector extensions that decide these figures (AVX-512, 8-bit dot products, bfloat16)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
     flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
     present = set(flags.group(1).split()) if flags else set()
-    shown = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if flag in present]
+    shown = [flag for flag in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+             if flag in present]
     return f"{name.group(1) if name else 'unknown'}, {' '.join(shown) or 'no AVX2'}"
 
 

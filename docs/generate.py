@@ -4,8 +4,8 @@
 
 settings.md is made from settings.Settings (one field per variable), so a setting cannot exist without its
 line. performance.md and its plots are made from the newest benchmark results file in docs/results/ (make
-bench writes one per run) and docs/results/image.json (bench/image_build.py); no figure on it is typed by
-hand. tests/test_docs.py checks that the committed pages are what this writes.
+bench writes one per run), docs/results/image.json (bench/image_build.py) and docs/results/int8-candidates.json
+(bench/int8_candidates.py); no figure on it is typed by hand. tests/test_docs.py checks that the committed pages are what this writes.
 """
 
 from __future__ import annotations
@@ -100,6 +100,12 @@ def newest_results() -> Path:
     return runs[-1]
 
 
+def int8_candidates() -> dict | None:
+    """bench/int8_candidates.py's results, where it has been run."""
+    path = RESULTS / "int8-candidates.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def number(value: object, unit: str = "") -> str:
     if value is None or value != value:  # noqa: PLR0124 (NaN)
         return "–"
@@ -119,7 +125,8 @@ def curve(rows: dict[str, dict], prefix: str) -> list[tuple[int, dict]]:
 
 
 SERIES = {"torch fp32": "torch batch≤8 500x375 JPEG ", "onnxruntime": "onnxruntime batch≤8 500x375 JPEG ",
-          "torch bf16": "torch bf16 batch≤8 500x375 JPEG ", "naive FastAPI handler": "baseline: naive FastAPI handler "}
+          "torch bf16": "torch bf16 batch≤8 500x375 JPEG ", "int8": "int8 batch≤8 500x375 JPEG ",
+          "naive FastAPI handler": "baseline: naive FastAPI handler "}
 
 
 def plots(results: dict) -> dict[str, bytes]:
@@ -181,7 +188,37 @@ def plots(results: dict) -> dict[str, bytes]:
 EXTRA_SKIP = {"row", "statuses", "ok_per_s", "p50_ms", "p99_ms", "requests", "cpu_s_per_1000", "usd_per_million"}
 
 
-def performance_page(results: dict, source: str, image: dict | None) -> str:
+def int8_section(int8: dict | None, candidates: dict | None) -> list[str]:
+    """PRECISION=int8: its agreement with fp32 in this run, and the candidates measured before choosing it."""
+    lines = ["## `PRECISION=int8`", ""]
+    if int8:
+        lines += [f"The int8 model of this run (`python -m quantize`, {int8['made']['calibration_images']} calibration "
+                  "photos), against fp32 on photos it was not calibrated on "
+                  "([what it changes and how to re-measure](model.md#int8)):", "",
+                  "| weights | same top-1 | same top-1 where fp32's leads by > 0.1 | largest score difference | median |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for view, label in (("as_is", "stand-in, as they are"), ("sharpened", "the same logits sharpened")):
+            figures = int8[view]
+            if view == "sharpened":
+                label += f" ×{figures['temperature']:.0f} (median top-1 0.8)"
+            lines.append(f"| {label} | {figures['same_top1']}/{figures['images']} | {figures['confident_same_top1']}/"
+                         f"{figures['confident']} | {figures['score_max_abs_difference']:.3f} | "
+                         f"{figures['score_median_max_difference']:.1e} |")
+        lines.append("")
+    if candidates:
+        lines += [f"How it was chosen: `bench/int8_candidates.py`, **{candidates['date']}**, on {candidates['machine']}, "
+                  f"{candidates['threads']} threads; forward pass alone at batch 8; calibrated on "
+                  f"{candidates['calibration_photos']} photos, measured on {candidates['measured_photos']} others "
+                  "(agreement with fp32 torch, the logits sharpened to a median top-1 score of 0.8):", "",
+                  "| candidate | ms per image | vs torch fp32 | same top-1 | where fp32 leads by > 0.1 | largest difference |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {row['row']} | {row['ms_per_image_batch8']} | {row['speedup_vs_torch_fp32']}× | {row['same_top1']} | "
+                  f"{row['confident_same_top1']} | {row['score_max_abs_difference']} |" for row in candidates["rows"]]
+        lines.append("")
+    return lines
+
+
+def performance_page(results: dict, source: str, image: dict | None, candidates: dict | None = None) -> str:
     machine = results["machine"]
     lines = [
         "# Performance",
@@ -230,6 +267,7 @@ def performance_page(results: dict, source: str, image: dict | None) -> str:
               f"On {draft['photos']} photos: largest score difference {draft['score_max_abs_difference']:.1e}, same top-1 "
               f"{draft['same_top1']}/{draft['photos']}, decode alone {draft['decode_ms_draft']:.1f} ms against "
               f"{draft['decode_ms_full']:.1f} ms exact ([what it changes](model.md#what-jpeg_draft-changes)).", ""]
+    lines += int8_section(results.get("int8"), candidates)
     lines += ["## The container image", ""]
     if image:
         lines += [f"`bench/image_build.py`, **{image['date']}**, on {image['cpu']}, {image['cores']} cores: "
@@ -247,7 +285,7 @@ def main() -> None:
     results = json.loads(source.read_text())
     image_file = RESULTS / "image.json"
     image = json.loads(image_file.read_text()) if image_file.exists() else None
-    (DOCS / "performance.md").write_text(performance_page(results, source.name, image))
+    (DOCS / "performance.md").write_text(performance_page(results, source.name, image, int8_candidates()))
     IMAGES.mkdir(exist_ok=True)
     for name, data in plots(results).items():
         (IMAGES / name).write_bytes(data)
