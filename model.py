@@ -206,6 +206,7 @@ def int8_problem(int8_s: float, fp32_s: float, force: bool) -> str | None:
 
 
 def best_time(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tries: int = 3) -> float:
+    """Seconds of the fastest of `tries` forward passes over batch, after one untimed (warm-up)."""
     with torch.inference_mode():
         forward(batch)
         times = []

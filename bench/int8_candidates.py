@@ -9,7 +9,7 @@ Candidates, each calibrated on the same 75 photos (bench/accuracy.py's calibrati
   calibration methods: MinMax, Entropy, Percentile;
 - OpenVINO running NNCF's quantization of its own graph (performance preset);
 - torch's own x86 post-training quantization (torch.ao FX graph mode, the x86 backend: FBGEMM/oneDNN).
-Speed is the forward pass alone, a batch of 8 on THREADS threads, the median of repeated runs; agreement is
+Speed is the forward pass alone, a batch of 8 on THREADS threads, the best of 15 runs; agreement is
 bench/accuracy.py's comparison with fp32 torch (top-1, and top-1 where fp32's leads by more than 0.1 once
 sharpened to a trained network's confidence).
 """
@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,20 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import build_int8, calibration_set, compare, int8_measured_set, logits_of, sharpening  # noqa: E402
 from harness import REPO, cpu_description, print_rows, service_env  # noqa: E402
-
-
-def median_ms(forward: Callable, batch, runs: int = 15) -> float:
-    import torch
-
-    with torch.inference_mode():
-        for _ in range(3):
-            forward(batch)
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            forward(batch)
-            times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times) / len(batch)
 
 
 def onnxruntime_static(fp32_onnx: bytes, calibration: list, method: str, work: Path) -> Path:
@@ -139,7 +123,7 @@ def main() -> None:
 
     rows, fp32_ms = [], None
     for name, forward in candidates.items():
-        per_image = median_ms(forward, batch)
+        per_image = 1000 * model.best_time(forward, batch, tries=15) / len(batch)
         fp32_ms = fp32_ms or per_image
         figures = compare(reference, logits_of(measured, forward), temperature)
         rows.append({"row": name, "ms_per_image_batch8": round(per_image, 1), "speedup_vs_torch_fp32": round(fp32_ms / per_image, 2),
