@@ -74,7 +74,7 @@ class Int8Info(BaseModel):
     weights: str = Field(description="Hash of the weights it was quantized from (the service checks they are the ones "
                          "loaded)", examples=["9f0c2e5b8a7d41c3b6e2f1a0d4c5b6a7"])
     calibration_images: int = Field(description="How many photos calibrated its activation ranges", examples=[300])
-    calibration_hash: str = Field(description="A hash of those photos' bytes", examples=["3f43a5d1c0e94b7a"])
+    calibration_hash: str = Field(description="A hash of those photos' bytes", examples=["947c4f51f56efef57810da63ac20ba95"])
     calibration_method: str = Field(description="How it was quantized (python -m quantize)",
                                     examples=["nncf performance preset, fast bias correction"])
     speedup_vs_fp32: float = Field(description="fp32's time over int8's for a batch of 8, measured at start-up",

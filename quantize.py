@@ -41,6 +41,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.calibration.is_dir():
         parser.error(f"--calibration {args.calibration} is not a folder")
+    if not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    if args.max_images < MIN_PHOTOS:
+        parser.error(f"--max-images {args.max_images}: at least {MIN_PHOTOS} photos are needed to calibrate")
     return args
 
 

@@ -178,3 +178,15 @@ def test_quantize_needs_enough_photos(weights_file, tmp_path):
                              str(tmp_path / "x.onnx")], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "MODEL_WEIGHTS": str(weights_file)})
     assert result.returncode == 2 and "at least 10" in result.stderr and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--calibration", "missing", "--out", "x.onnx"], "--calibration missing is not a folder"),
+    (["--calibration", ".", "--out", "no/such/folder/x.onnx"], "the folder no/such/folder does not exist"),
+    (["--calibration", ".", "--out", "x.onnx", "--max-images", "3"], "at least 10 photos are needed"),
+])
+def test_quantize_refuses_bad_arguments_before_loading_anything(arguments, message, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "quantize.py"), *arguments], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
