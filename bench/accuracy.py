@@ -5,8 +5,8 @@
 Measures JPEG_DRAFT=true against the exact decode, PRECISION=bf16 against fp32, and PRECISION=int8 against
 fp32 (the model python -m quantize builds, calibrated on photos kept apart from the ones measured; or the one
 --int8-model names). The default path is exact (torchvision's reference pipeline); every setting that trades
-accuracy for speed is compared with it here, image by image: the largest softmax difference and how often the top-1 label and
-the top-5 set stay the same. The photos are the photographs inside the scikit-image wheel, each resized so
+accuracy for speed is compared with it here, image by image: the largest softmax difference and how often the
+top-1 label and the top-5 set stay the same. The photos are the photographs inside the scikit-image wheel, each resized so
 its shorter side takes every size in --sizes (with a little sensor-like noise, so an enlarged photo keeps
 the fine detail a camera's has), plus a square and a 16:9 crop, saved as JPEG.
 
@@ -201,7 +201,7 @@ def build_int8(work: Path) -> Path:
     return out
 
 
-def report(name: str, figures: dict, photos: list[tuple[str, bytes]]) -> None:
+def report(name: str, figures: dict, names: list[str]) -> None:
     print(f"{name}: largest score difference {figures['score_max_abs_difference']:.4f} "
           f"(median per image {figures['score_median_max_difference']:.1e}), same top-1 {figures['same_top1']}/{figures['images']}, "
           f"top-5 overlap {figures['top5_overlap_mean']:.2f}/5; reference median top-1 score {figures['reference_median_top1']:.3f}; "
@@ -209,7 +209,35 @@ def report(name: str, figures: dict, photos: list[tuple[str, bytes]]) -> None:
     if figures["top1_changed_reference_margins"]:
         print("  where top-1 changed, the reference's two best scores were apart by "
               + ", ".join(f"{margin:.1e}" for margin in figures["top1_changed_reference_margins"]))
-    print("  largest differences on: " + ", ".join(str(photos[i][0]) for i in figures["worst"][:3]))
+    print("  largest differences on: " + ", ".join(names[i] for i in figures["worst"][:3]))
+
+
+def measure_draft_and_bf16(sizes: list[int], skip: set[str]) -> dict:
+    """JPEG_DRAFT and bf16 against the exact fp32 default, on every photo at every size, with their reports."""
+    import model
+
+    photos = list(photo_set(sizes))
+    names = [name for name, _ in photos]
+    shown = sorted({name.rsplit(":", 1)[1] for name in names}, key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1]))
+    print(f"{len(photos)} JPEGs from {len(PHOTOS)} photos, {shown[0]} to {shown[-1]}; weights {os.environ['MODEL_WEIGHTS']}\n")
+    results: dict = {"photos": len(photos)}
+    exact = [model.prepare(data, draft=False) for _, data in photos]  # the default path, decoded once
+    reference = logits_of(exact)
+    if "draft" not in skip:
+        draft = results["draft"] = measure_draft(photos, reference)
+        report("JPEG_DRAFT=true vs exact, stand-in weights as they are", draft["as_is"], names)
+        report(f"JPEG_DRAFT=true vs exact, sharpened x{draft['sharpened']['temperature']:.0f} like trained weights",
+               draft["sharpened"], names)
+        if draft["decoded_smaller"]:
+            print(f"{draft['decoded_smaller']} photos with a shorter side >= {4 * model.RESIZE_SIZE} px decode at a reduced "
+                  f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
+        print()
+    if "bf16" not in skip:
+        bf16 = results["bf16"] = measure_precision(exact, reference, "bf16")
+        report("PRECISION=bf16 vs fp32, stand-in weights as they are", bf16["as_is"], names)
+        report(f"PRECISION=bf16 vs fp32, sharpened x{bf16['sharpened']['temperature']:.0f} like trained weights",
+               bf16["sharpened"], names)
+    return results
 
 
 def main() -> None:
@@ -218,7 +246,7 @@ def main() -> None:
                         type=lambda text: [int(size) for size in text.split(",")], help="shorter sides, in pixels")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json")
     parser.add_argument("--int8-model", type=Path, help="measure this int8 model (default: build one with python -m quantize)")
-    parser.add_argument("--skip", default="", help="comma-separated: draft, bf16, int8")
+    parser.add_argument("--skip", default="", type=lambda text: set(text.split(",")), help="comma-separated: draft, bf16, int8")
     args = parser.parse_args()
 
     os.environ.update(service_env(Path(tempfile.mkdtemp(prefix="accuracy-"))))
@@ -227,36 +255,16 @@ def main() -> None:
     import model
 
     model.init_inference_thread()
-    photos = list(photo_set(args.sizes))
-    sizes = sorted({name.rsplit(":", 1)[1] for name, _ in photos}, key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1]))
-    print(f"{len(photos)} JPEGs from {len(PHOTOS)} photos, {sizes[0]} to {sizes[-1]}; weights {os.environ['MODEL_WEIGHTS']}\n")
-
-    results: dict = {"photos": len(photos), "sizes": args.sizes}
+    results: dict = {"sizes": args.sizes}
     if "int8" not in args.skip:  # on photos of its own, kept apart from its calibration photos
         int8 = results["int8"] = measure_int8(args.int8_model or build_int8(Path(tempfile.mkdtemp(prefix="accuracy-int8-"))))
         print(f"{int8['photos']} photos not used to calibrate; calibration {int8['made']}")
-        names = [(name, b"") for name in int8["names"]]
-        report("PRECISION=int8 vs fp32, stand-in weights as they are", int8["as_is"], names)
+        report("PRECISION=int8 vs fp32, stand-in weights as they are", int8["as_is"], int8["names"])
         report(f"PRECISION=int8 vs fp32, sharpened x{int8['sharpened']['temperature']:.0f} like trained weights",
-               int8["sharpened"], names)
+               int8["sharpened"], int8["names"])
         print()
-
-    exact = [model.prepare(data, draft=False) for _, data in photos]  # the default path, decoded once
-    reference = logits_of(exact)
-    if "draft" not in args.skip:
-        draft = results["draft"] = measure_draft(photos, reference)
-        report("JPEG_DRAFT=true vs exact, stand-in weights as they are", draft["as_is"], photos)
-        report(f"JPEG_DRAFT=true vs exact, sharpened x{draft['sharpened']['temperature']:.0f} like trained weights",
-               draft["sharpened"], photos)
-        if draft["decoded_smaller"]:
-            print(f"{draft['decoded_smaller']} photos with a shorter side >= {4 * model.RESIZE_SIZE} px decode at a reduced "
-                  f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
-        print()
-    if "bf16" not in args.skip:
-        bf16 = results["bf16"] = measure_precision(exact, reference, "bf16")
-        report("PRECISION=bf16 vs fp32, stand-in weights as they are", bf16["as_is"], photos)
-        report(f"PRECISION=bf16 vs fp32, sharpened x{bf16['sharpened']['temperature']:.0f} like trained weights",
-               bf16["sharpened"], photos)
+    if not {"draft", "bf16"} <= args.skip:
+        results.update(measure_draft_and_bf16(args.sizes, args.skip))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
