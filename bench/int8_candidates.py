@@ -30,11 +30,10 @@ from accuracy import build_int8, calibration_set, compare, int8_measured_set, lo
 from harness import REPO, cpu_description, print_rows, service_env  # noqa: E402
 
 
-def onnxruntime_static(fp32_onnx: bytes, calibration: list, method: str, work: Path) -> Path:
-    """ONNX Runtime's quantize_static (QDQ, per-channel) with one of its calibration methods."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def onnxruntime_static(prepared: Path, calibration: list, method: str, work: Path) -> Path:
+    """ONNX Runtime's quantize_static (QDQ, per-channel) of the prepared fp32 graph, with one of its calibration
+    methods."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:
@@ -44,23 +43,20 @@ def onnxruntime_static(fp32_onnx: bytes, calibration: list, method: str, work: P
             image = next(self.remaining, None)
             return None if image is None else {"images": image[None].numpy()}
 
-    (work / "fp32.onnx").write_bytes(fp32_onnx)
-    quant_pre_process(str(work / "fp32.onnx"), str(work / "prepared.onnx"))
     out = work / f"ort-{method}.onnx"
-    quantize_static(str(work / "prepared.onnx"), str(out), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(prepared), str(out), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method))
     return out
 
 
-def openvino_candidates(fp32_onnx: bytes, calibration: list, threads: int, work: Path) -> dict[str, Callable]:
+def openvino_candidates(fp32: Path, calibration: list, threads: int) -> dict[str, Callable]:
     import nncf
     import openvino as ov
     import torch
 
-    (work / "fp32.onnx").write_bytes(fp32_onnx)
     core = ov.Core()
-    network = core.read_model(str(work / "fp32.onnx"))
+    network = core.read_model(str(fp32))
     int8 = nncf.quantize(network, nncf.Dataset([image[None].numpy() for image in calibration]),
                          preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(calibration))
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
@@ -109,11 +105,16 @@ def main() -> None:
     candidates: dict[str, Callable] = {"torch fp32": model.forward, "onnxruntime fp32": model.onnx_forward(model.model, threads)}
     candidates["int8: NNCF + onnxruntime (python -m quantize)"], _ = model.int8_forward(build_int8(work), threads,
                                                                                    model.weights_hash)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32, prepared = work / "fp32.onnx", work / "prepared.onnx"  # exported and prepared once, for every candidate
+    fp32.write_bytes(model.export_onnx(model.model))
+    quant_pre_process(str(fp32), str(prepared))
     for method in ("MinMax", "Entropy", "Percentile"):
-        made = onnxruntime_static(model.export_onnx(model.model), calibration, method, work)
+        made = onnxruntime_static(prepared, calibration, method, work)
         candidates[f"int8: onnxruntime quantize_static {method}"] = model.session_forward(model.onnx_session(str(made), threads))
     try:
-        candidates.update(openvino_candidates(model.export_onnx(model.model), calibration, threads, work))
+        candidates.update(openvino_candidates(fp32, calibration, threads))
     except ImportError:
         print("openvino rows skipped: pip install openvino to measure them", flush=True)
     try:

@@ -5,7 +5,8 @@
 settings.md is made from settings.Settings (one field per variable), so a setting cannot exist without its
 line. performance.md and its plots are made from the newest benchmark results file in docs/results/ (make
 bench writes one per run), docs/results/image.json (bench/image_build.py) and docs/results/int8-candidates.json
-(bench/int8_candidates.py); no figure on it is typed by hand. tests/test_docs.py checks that the committed pages are what this writes.
+(bench/int8_candidates.py); no figure on it is typed by hand. tests/test_docs.py checks that the committed
+pages are what this writes.
 """
 
 from __future__ import annotations
