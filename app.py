@@ -33,6 +33,7 @@ observability.configure_logging(get_settings().log_level, get_settings().log_for
 
 import jobs  # noqa: E402
 import model  # noqa: E402
+import onnx_model  # noqa: E402
 import protocol  # noqa: E402
 from batching import Overloaded  # noqa: E402
 from cache import ENTRY_BYTES  # noqa: E402
@@ -81,9 +82,19 @@ class Int8Info(BaseModel):
                                    examples=[3.6])
 
 
+class SlimInfo(BaseModel):
+    model_file: str = Field(description="The file served (MODEL_ONNX), by name", examples=["resnet18.onnx"])
+    format: str = Field(description="Its format version", examples=["classifier-onnx/1"])
+    exported_with: str = Field(description="What python -m export made it with", examples=["torch 2.14.1, torchvision 0.29.1"])
+
+
 class ModelInfo(BaseModel):
     architecture: Literal["resnet18"] = "resnet18"
     weights: str = Field(description="Where the weights came from", examples=["torchvision:ResNet18_Weights.IMAGENET1K_V1"])
+    weights_hash: str = Field(description="A hash of the weights' values (BLAKE2b): which model answers; an exported "
+                              "file records that of the weights it came from", examples=["9f0c2e5b8a7d41c3b6e2f1a0d4c5b6a7"])
+    runtime: Literal["torch", "slim"] = Field(description="torch, or slim: an exported file (MODEL_ONNX) served by ONNX "
+                                              "Runtime, without torch")
     num_classes: int = Field(examples=[1000])
     preprocessing: Preprocessing
     threads: int = Field(description="Threads of the forward pass", examples=[2])
@@ -92,8 +103,10 @@ class ModelInfo(BaseModel):
     precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(description="Number type of the forward pass (PRECISION)")
     int8: Int8Info | None = Field(None, description="With PRECISION=int8: how the model was made, and its speed here")
     max_score_difference: float = Field(
-        description="Largest softmax difference from fp32 torch on the CPU, measured at start-up on a probe batch",
+        description="Largest softmax difference from fp32 torch on the CPU, measured at start-up on a probe batch "
+                    "(slim: on the file's probe images, against the scores torch recorded for them)",
         examples=[3.1e-7])
+    slim: SlimInfo | None = Field(None, description="With MODEL_ONNX: the exported file served")
     max_batch_size: int = Field(description="Most images in one forward pass", examples=[8])
     cache: CacheInfo = Field(description="Answers kept for repeated images (CACHE_ENTRIES)")
 
@@ -296,22 +309,26 @@ async def metrics() -> Response:
 
 @app.get("/model", response_model=ModelInfo, summary="What is being served")
 async def model_info() -> ModelInfo:
+    served, file = model.served, model.served.model_file
     return ModelInfo(
-        weights=model.weights_source,
+        weights=served.weights_source,
+        weights_hash=served.weights_hash,
+        runtime="slim" if file else "torch",
         num_classes=len(LABELS),
         preprocessing=Preprocessing(
-            resize=model.RESIZE_SIZE,
-            interpolation=f"{model.preprocess.interpolation.value}, antialiased",
-            crop=model.CROP_SIZE,
-            mean=model.preprocess.mean,
-            std=model.preprocess.std,
+            resize=served.preprocessing.resize,
+            interpolation=f"{served.preprocessing.interpolation}, antialiased",
+            crop=served.preprocessing.crop,
+            mean=list(served.preprocessing.mean),
+            std=list(served.preprocessing.std),
         ),
         threads=get_settings().threads,
-        backend=model.backend,
-        device=model.device_name if model.device.type == "cpu" else f"cuda ({model.device_name})",
-        precision=model.precision,
-        max_score_difference=model.backend_difference,
-        int8=Int8Info(**model.int8_made) if model.int8_made else None,
+        backend=served.backend,
+        device=served.device_name if served.device_type == "cpu" else f"cuda ({served.device_name})",
+        precision=served.precision,
+        max_score_difference=served.max_score_difference,
+        int8=Int8Info(**served.int8_made) if served.int8_made else None,
+        slim=SlimInfo(model_file=file.path.name, format=onnx_model.FORMAT, exported_with=file.exported_with) if file else None,
         max_batch_size=service.batcher.max_batch_size,
         cache=CacheInfo(entries=len(service.cache or ()), capacity=get_settings().cache_entries,
                         bytes_at_most=get_settings().cache_entries * ENTRY_BYTES),

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from cache import ResultCache
 
@@ -42,8 +42,8 @@ class Overloaded(Exception):
 
 @dataclass
 class _Job:
-    image: torch.Tensor
-    result: asyncio.Future[torch.Tensor]
+    image: np.ndarray
+    result: asyncio.Future[np.ndarray]
     queued_at: float
 
 
@@ -51,7 +51,7 @@ class _Job:
 class _Shared:
     """One computation that identical submissions wait for together."""
 
-    task: asyncio.Task[torch.Tensor]
+    task: asyncio.Task[np.ndarray]
     waiters: int = 0
 
 
@@ -69,8 +69,8 @@ class BatchStats:
 class Batcher:
     def __init__(
         self,
-        prepare: Callable[[bytes], torch.Tensor],
-        predict: Callable[[torch.Tensor], torch.Tensor],
+        prepare: Callable[[bytes], np.ndarray],
+        predict: Callable[[np.ndarray], np.ndarray],
         *,
         max_batch_size: int,
         max_delay_s: float,
@@ -170,14 +170,14 @@ class Batcher:
         finally:
             self.in_flight -= images
 
-    async def submit(self, data: bytes | torch.Tensor, background: bool = False) -> torch.Tensor:
+    async def submit(self, data: bytes | np.ndarray, background: bool = False) -> np.ndarray:
         """Uploaded bytes (or an image already prepared) -> its row of the model's output. Cancel the call
         to withdraw the image.
 
         background: a job's image, classified only with capacity online images leave idle.
         With a cache, bytes answered before are answered from it (a refused image raises its error again),
         and identical bytes submitted while the first are being computed wait for that one computation."""
-        if self.cache is None or isinstance(data, torch.Tensor):
+        if self.cache is None or isinstance(data, np.ndarray):
             return await self._compute(data, background)
         key = self.cache.key(data) if len(data) < 256 * 1024 else await asyncio.to_thread(self.cache.key, data)
         answer = self.cache.get(key)
@@ -204,17 +204,17 @@ class Batcher:
         finally:
             shared.waiters -= 1
 
-    def _computed(self, key: bytes, task: asyncio.Task[torch.Tensor], computing: dict[bytes, _Shared]) -> None:
+    def _computed(self, key: bytes, task: asyncio.Task[np.ndarray], computing: dict[bytes, _Shared]) -> None:
         computing.pop(key, None)
         if not task.cancelled():
             assert self.cache is not None
             self.cache.put(key, task.exception() or task.result())
 
-    async def _compute(self, data: bytes | torch.Tensor, background: bool) -> torch.Tensor:
+    async def _compute(self, data: bytes | np.ndarray, background: bool) -> np.ndarray:
         loop = asyncio.get_running_loop()
         if not background:
             self._online_seen = time.monotonic()
-        if isinstance(data, torch.Tensor):
+        if isinstance(data, np.ndarray):
             image = data
         elif background:
             image = await loop.run_in_executor(self._background_decoders, self.prepare, data)
@@ -303,19 +303,19 @@ class Batcher:
                     log.exception("on_batch failed")
 
 
-def predict_each(predict: Callable[[torch.Tensor], torch.Tensor],
-                 images: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
+def predict_each(predict: Callable[[np.ndarray], np.ndarray],
+                 images: list[np.ndarray]) -> list[np.ndarray | Exception]:
     """One forward pass for all; if that fails, one per image, so a bad input fails only its own answer."""
     try:
-        return list(predict(torch.stack(images)))
+        return list(predict(np.stack(images)))
     except Exception as error:
         if len(images) == 1:
             return [error]
         log.warning("a batch of %d failed (%s); retrying its images one by one", len(images), error)
-    results: list[torch.Tensor | Exception] = []
+    results: list[np.ndarray | Exception] = []
     for image in images:
         try:
-            results.append(predict(image.unsqueeze(0))[0])
+            results.append(predict(image[None])[0])
         except Exception as error:
             results.append(error)
     return results

@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-import torch
+import numpy as np
 
 from images import ImageError
 
@@ -28,7 +28,7 @@ class ResultCache:
         self.capacity = entries
         self.context = context  # read at every key: a change of settings is a change of key
         self.hits = self.misses = self.evictions = 0
-        self._answers: OrderedDict[bytes, torch.Tensor | ImageError] = OrderedDict()
+        self._answers: OrderedDict[bytes, np.ndarray | ImageError] = OrderedDict()
         self._lock = threading.Lock()  # python -m classify's decode threads look up while its main thread stores
 
     def __len__(self) -> int:
@@ -39,7 +39,7 @@ class ResultCache:
         digest.update(self.context().encode())
         return digest.digest()
 
-    def get(self, key: bytes) -> torch.Tensor | ImageError | None:
+    def get(self, key: bytes) -> np.ndarray | ImageError | None:
         """The answer kept for this key (now the most recently used), or None. (Whoever looks counts hits and
         misses: an image answered by an identical one's computation is a hit too.)"""
         with self._lock:
@@ -47,12 +47,12 @@ class ResultCache:
             if answer is None:
                 return None
             self._answers.move_to_end(key)
-        return answer if isinstance(answer, torch.Tensor) else type(answer)(str(answer))  # a fresh exception
+        return answer if isinstance(answer, np.ndarray) else type(answer)(str(answer))  # a fresh exception
 
-    def put(self, key: bytes, answer: torch.Tensor | Exception) -> None:
+    def put(self, key: bytes, answer: np.ndarray | Exception) -> None:
         """Keep an answer (unexpected exceptions are not kept), dropping the least recently used past capacity."""
-        if isinstance(answer, torch.Tensor):
-            answer = answer.clone()  # its own storage: not a view into a batch's output
+        if isinstance(answer, np.ndarray):
+            answer = answer.copy()  # its own storage: not a view into a batch's output
         elif not isinstance(answer, ImageError):
             return
         with self._lock:

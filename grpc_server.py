@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-import torch
 from starlette.exceptions import HTTPException
 
 import protocol
@@ -77,7 +76,7 @@ def answered(method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitabl
     return handler
 
 
-def parse(request: pb.ModelInferRequest) -> tuple[str, list[bytes] | torch.Tensor]:
+def parse(request: pb.ModelInferRequest) -> tuple[str, list[bytes] | np.ndarray]:
     """The request's one input: its name, and its photos (BYTES) or its batch [N, 3, 224, 224] (FP32)."""
     if len(request.inputs) != 1:
         raise protocol.bad_request("send exactly one input: 'image' (BYTES, encoded photos) or 'input' (FP32, [N, 3, 224, 224])")

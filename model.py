@@ -1,43 +1,82 @@
-"""ResNet18: load the weights, turn a decoded picture into its input, classify. No HTTP here.
+"""The served ResNet18: loaded once, when this module is first imported, and warmed up. No HTTP here.
 
-The model is loaded once, when this module is first imported, and warmed up with one forward pass.
-Decoding uploads (formats, limits, EXIF, errors) is images.py's.
+    bytes --decode (images.py)--> upright RGB picture --preprocess--> input [3, 224, 224]
+          --predict, a batch at a time--> softmax probabilities [N, 1000]          (numpy arrays, float32)
+
+Two runtimes give the same answers:
+- torch (the default): torchvision's weights and transforms (torch_model.py);
+- slim (MODEL_ONNX=FILE): the model file python -m export wrote, preprocessed in Pillow and numpy
+  (preprocessing.py) and run by ONNX Runtime (onnx_model.py); torch and torchvision are never imported.
+  At start-up the file's probe images go through decode, preprocess and predict, and their scores must be
+  within 1e-4 of those torch recorded, or the replica does not start.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import dataclasses
 import logging
 import os
 import threading
-import time
-import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 from PIL import Image
-from torch.fx.experimental.optimization import fuse
-from torchvision.models import ResNet18_Weights, resnet18
 
 import images
-from labels import LABELS
+import onnx_model
+from preprocessing import Preprocessing
 from settings import get_settings
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = ResNet18_Weights.DEFAULT
 
-# What the weights were trained with: shorter side to 256 (bilinear, antialiased), centre crop 224,
-# ImageNet mean and std. Using torchvision's own object keeps us bit-identical to its reference.
-preprocess = WEIGHTS.transforms()
-RESIZE_SIZE: int = preprocess.resize_size[0]
-CROP_SIZE: int = preprocess.crop_size[0]
+@dataclass(frozen=True)
+class Served:
+    """What is being served, whichever runtime serves it (GET /model shows it)."""
+
+    preprocessing: Preprocessing
+    preprocess: Callable[[Image.Image], np.ndarray]  # picture -> input [3, 224, 224]
+    predict: Callable[[np.ndarray], np.ndarray]  # inputs [N, 3, 224, 224] -> probabilities [N, 1000]
+    set_threads: Callable[[int], None]  # threads of this thread's forward passes and array operations
+    weights_source: str
+    weights_hash: str  # of the weights' values: which model answered
+    backend: str
+    device_type: str
+    device_name: str
+    precision: str
+    max_score_difference: float  # from fp32 torch on the CPU, measured at start-up
+    int8_made: dict[str, str] = field(default_factory=dict)  # PRECISION=int8: how the model was made, its speed-up
+    model_file: onnx_model.ModelFile | None = None  # slim: the file served
 
 
-class ModelLoadError(RuntimeError):
-    """The weights could not be loaded; the message says how to fix it."""
+def with_torch() -> Served:
+    import torch_model  # loads the weights
+
+    return Served(torch_model.preprocessing, torch_model.preprocess, torch_model.predict, torch_model.set_threads,
+                  torch_model.weights_source, torch_model.weights_hash, torch_model.backend,
+                  torch_model.device.type, torch_model.device_name, torch_model.precision,
+                  torch_model.backend_difference, torch_model.int8_made)
+
+
+def slim(path: Path) -> Served:
+    """MODEL_ONNX: the exported file, with no torch (its probe is checked once prepare exists, below)."""
+    try:
+        file = onnx_model.read(path, get_settings().threads)
+    except onnx_model.ModelFileError as error:
+        raise SystemExit(f"Cannot load the model: {error}") from None
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return onnx_model.softmax(file.forward(batch))
+
+    return Served(file.preprocessing, file.preprocessing, predict, lambda threads: None, file.weights_source,
+                  file.weights, "onnxruntime", "cpu", "cpu", "fp32", float("nan"), model_file=file)
+
+
+served = slim(get_settings().model_onnx) if get_settings().model_onnx is not None else with_torch()
+RESIZE_SIZE, CROP_SIZE = served.preprocessing.resize, served.preprocessing.crop
+predict = served.predict
 
 
 def decode(data: bytes, draft: bool | None = None) -> Image.Image:
@@ -45,227 +84,24 @@ def decode(data: bytes, draft: bool | None = None) -> Image.Image:
     return images.decode(data, RESIZE_SIZE, draft)
 
 
-def prepare(data: bytes, draft: bool | None = None) -> torch.Tensor:
-    """Uploaded bytes -> the model's input for one image, a float tensor [3, 224, 224]. draft: JPEG_DRAFT if None."""
-    return preprocess(decode(data, draft))
-
-
-DEMO_WEIGHTS = "demo: seeded stand-in weights, not trained (DEMO=true): the answers mean nothing"
-
-
-def load_model(weights_path: Path | None) -> tuple[torch.nn.Module, str]:
-    """The ResNet18 in eval mode, and a description of where its weights came from."""
-    if get_settings().demo:
-        log.warning("DEMO=true: serving seeded stand-in weights, not trained; every answer is meaningless")
-        torch.manual_seed(0)  # always the same stand-in weights
-        return resnet18(num_classes=len(LABELS)).eval(), DEMO_WEIGHTS
-    if weights_path is not None:
-        # Clients see the file's name only (GET /model); the full path goes to the log.
-        log.info("loading weights from %s", weights_path)
-        return _load_file(weights_path), f"file:{weights_path.name}"
-    try:
-        model = resnet18(weights=WEIGHTS, progress=False)
-    except Exception as error:
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise ModelLoadError(
-            f"MODEL_WEIGHTS is not set and torchvision could not load {WEIGHTS} "
-            f"from its cache {cache} or download it from {WEIGHTS.url} ({error}).\n"
-            "Fix one of: set MODEL_WEIGHTS=/path/to/resnet18_state_dict.pth; "
-            f"put {WEIGHTS.url.rsplit('/', 1)[-1]} into {cache} (TORCH_HOME moves it); "
-            "or start once on a machine with internet access to fill the cache."
-        ) from None
-    return model.eval(), f"torchvision:{WEIGHTS}"
-
-
-def _load_file(path: Path) -> torch.nn.Module:
-    if not path.is_file():
-        raise ModelLoadError(f"MODEL_WEIGHTS={path} does not exist or is not a file")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelLoadError(f"MODEL_WEIGHTS={path} is not a PyTorch state_dict file ({error})") from None
-    model = resnet18(num_classes=len(LABELS))
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ModelLoadError(f"MODEL_WEIGHTS={path} does not hold ResNet18 weights: {reason}") from None
-    return model.eval()
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(setting: str) -> torch.device:
-    """DEVICE=auto: CUDA when torch sees a GPU, else the CPU."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("DEVICE=cuda, but torch sees no CUDA device (no GPU, no driver, or a CPU-only torch)")
-    return torch.device("cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def native_bf16() -> bool:
-    """Whether oneDNN has bfloat16 kernels for this CPU (AVX512_BF16 or AMX); without them bf16 is emulated."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def precision_problem(device: str, precision: str, has_native_bf16: bool, force: bool) -> str | None:
-    """Why this precision should not run on this device, or None."""
-    if precision == "fp16" and device == "cpu":
-        return "PRECISION=fp16 is for GPUs; on a CPU use bf16 (where the CPU has native bfloat16) or fp32"
-    if precision == "bf16" and device == "cpu" and not has_native_bf16 and not force:
-        return ("PRECISION=bf16, but this CPU has no native bfloat16 instructions (AVX512_BF16 or AMX): "
-                "emulated, it would be slower than fp32, not faster. Use fp32, or FORCE_PRECISION=true to run it anyway")
-    return None
-
-
-def torch_forward(network: torch.nn.Module, device: torch.device, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Eager torch, tuned for inference, fp32 logits out (check_parity measures the difference at start-up).
-
-    Each BatchNorm is folded into the convolution before it (a copy; the loaded model is untouched), and
-    tensors use the channels_last layout that oneDNN's and cuDNN's convolutions prefer: about 1.5x together
-    on a CPU. bf16/fp16 run the whole network in that type; the logits come back as fp32, so softmax is fp32.
-    On a GPU the batch is copied from pinned memory without blocking; decoding stays on CPU threads.
-    """
-    dtype = DTYPES[precision]
-    network = fuse(network).to(device=device, dtype=dtype, memory_format=torch.channels_last)
-
-    if device.type == "cuda":
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            on_gpu = images.pin_memory().to(device, non_blocking=True)
-            return network(on_gpu.to(dtype).contiguous(memory_format=torch.channels_last)).float().cpu()
-    else:
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            return network(images.to(dtype).contiguous(memory_format=torch.channels_last)).float()
-
-    return forward
-
-
-def export_onnx(network: torch.nn.Module) -> bytes:
-    """The network as an ONNX graph: images [N, 3, 224, 224] -> logits [N, 1000]."""
-    exported = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter
-        torch.onnx.export(network, (torch.zeros(1, 3, CROP_SIZE, CROP_SIZE),), exported, dynamo=False,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    return exported.getvalue()
-
-
-def onnx_session(graph: bytes | str, threads: int):  # noqa: ANN201 (an onnxruntime.InferenceSession)
-    import onnxruntime  # only the ONNX Runtime backend and int8 need it
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-
-
-def session_forward(session) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa: ANN001
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-
-    return forward
-
-
-def onnx_forward(network: torch.nn.Module, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The same network exported to ONNX in memory, run by ONNX Runtime: images -> logits."""
-    try:
-        return session_forward(onnx_session(export_onnx(network), threads))
-    except Exception as error:
-        raise ModelLoadError(f"could not export the model to ONNX Runtime ({type(error).__name__}: {error})") from None
-
-
-def int8_forward(path: Path, threads: int, weights: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str]]:
-    """PRECISION=int8: the model `python -m quantize` built (INT8_MODEL), run by ONNX Runtime, and what it
-    records of its making. Refused when it was quantized from other weights than those loaded."""
-    if not path.is_file():
-        raise ModelLoadError(f"INT8_MODEL={path} does not exist or is not a file: build it with "
-                             "python -m quantize --calibration DIR --out FILE")
-    try:
-        import onnx
-
-        recorded = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
-        session = onnx_session(str(path), threads)
-    except Exception as error:
-        raise ModelLoadError(f"INT8_MODEL={path} is not an ONNX model ({type(error).__name__}); "
-                             "rebuild it with python -m quantize") from None
-    if recorded.get("classifier.weights") != weights:
-        raise ModelLoadError(f"INT8_MODEL={path} was quantized from other weights "
-                             f"({recorded.get('classifier.weights', 'unknown')}) than those loaded ({weights}): "
-                             "rebuild it with python -m quantize from these weights")
-    return session_forward(session), {key.removeprefix("classifier."): value for key, value in recorded.items()
-                                      if key.startswith("classifier.")}
-
-
-def int8_problem(int8_s: float, fp32_s: float, force: bool) -> str | None:
-    """Why int8 should not run here, or None: slower than fp32 on this CPU (measured at start-up)."""
-    if int8_s >= fp32_s and not force:
-        return (f"PRECISION=int8 is not faster than fp32 on this CPU ({int8_s * 1000:.0f} vs {fp32_s * 1000:.0f} ms "
-                "for a batch of 8, measured at start-up): use fp32, or FORCE_PRECISION=true to run it anyway")
-    return None
-
-
-def best_time(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tries: int = 3) -> float:
-    """Seconds of the fastest of `tries` forward passes over batch, after one untimed (warm-up)."""
-    with torch.inference_mode():
-        forward(batch)
-        times = []
-        for _ in range(tries):
-            started = time.perf_counter()
-            forward(batch)
-            times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], tolerance: float = 1e-4) -> float:
-    """Largest difference of softmax scores between forward and the plain fp32 torch model on the CPU,
-    on a probe batch.
-
-    Start-up refuses an fp32 backend or device that does not match: speed never buys a different answer.
-    Reduced precision (bf16, fp16) is an opt-in difference: measured and shown, refused only past 1e-2,
-    which means a broken backend rather than rounding. int8 is measured and shown (its difference depends on
-    the calibration: bench/accuracy.py measures it over many photos).
-    """
-    probe = torch.randn(4, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        difference = (torch.softmax(forward(probe), 1) - torch.softmax(model(probe), 1)).abs().max().item()
-    if difference > tolerance:
-        raise ModelLoadError(f"the {backend} backend on {device.type} in {precision} differs from fp32 torch "
-                             f"on the CPU by {difference:.2e} > {tolerance:.0e}")
-    return difference
-
-
-def fingerprint(network: torch.nn.Module) -> str:
-    """A hash of the weights' values (BLAKE2b over every tensor, in state_dict order): which model answered."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in network.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def prepare(data: bytes, draft: bool | None = None) -> np.ndarray:
+    """Uploaded bytes -> the model's input for one image, float32 [3, 224, 224]. draft: JPEG_DRAFT if None."""
+    return served.preprocess(decode(data, draft))
 
 
 def answer_context() -> str:
     """Everything besides an image's bytes that decides its answer (the cache's keys hold it): the weights,
     backend, device, precision, the decoding settings and the preprocessing."""
     settings = get_settings()
-    return (f"{weights_hash} {backend} {device.type} {precision} jpeg_draft={settings.jpeg_draft} "
-            f"max_image_pixels={settings.max_image_pixels} {preprocess!r}")
-
-
-@torch.inference_mode()
-def predict(batch: torch.Tensor) -> torch.Tensor:
-    """Preprocessed images [N, 3, 224, 224] -> softmax probabilities [N, 1000]."""
-    return torch.softmax(forward(batch), dim=1)
+    return (f"{served.weights_hash} {served.backend} {served.device_type} {served.precision} "
+            f"jpeg_draft={settings.jpeg_draft} max_image_pixels={settings.max_image_pixels} {served.preprocessing!r}")
 
 
 def init_inference_thread() -> None:
-    """Run once in the thread that owns the forward pass, before any decode thread starts.
-
-    torch's thread count is per thread once a thread has run a parallel op, but set_num_threads also
-    sets the default for threads that have not: so this thread takes THREADS first, then decoders take 1.
-    """
-    torch.set_num_threads(get_settings().threads)
-    predict(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE))
+    """Run once in the thread that owns the forward pass, before any decode thread starts: it takes THREADS
+    first, then decoders take 1."""
+    served.set_threads(get_settings().threads)
+    predict(np.zeros((1, 3, CROP_SIZE, CROP_SIZE), np.float32))
 
 
 def init_decode_thread() -> None:
@@ -276,45 +112,22 @@ def init_decode_thread() -> None:
     all: with two decoders busy on two cores, 18 -> 35 ms per image at batch 8. At nice 19 the decoders run
     in the forward pass's gaps and between batches: 23 ms per image, still 148 decodes/s (bench/contention.py).
     """
-    torch.set_num_threads(1)
+    served.set_threads(1)
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except OSError:  # not permitted here (some sandboxes): decoding still works, at normal priority
         log.warning("could not lower the decode threads' CPU priority; the forward pass may be slowed by decoding")
 
 
-# fp32 on a GPU means fp32: no TensorFloat-32 shortcuts in convolutions or matrix products.
-torch.backends.cudnn.allow_tf32 = False
-torch.backends.cuda.matmul.allow_tf32 = False
-# What is being served, fixed at import: the settings that chose it are read once, here.
-precision = get_settings().precision
-backend = "onnxruntime" if precision == "int8" else get_settings().backend  # int8 runs in ONNX Runtime
-torch.set_num_threads(get_settings().threads)
-try:
-    device = torch.device("cpu") if backend == "onnxruntime" else pick_device(get_settings().device)
-    problem = precision_problem(device.type, precision, native_bf16(), get_settings().force_precision)
-    if problem:
-        raise ModelLoadError(problem)
-    model, weights_source = load_model(get_settings().model_weights)
-    weights_hash = fingerprint(model)
-    int8_made: dict[str, str] = {}  # what the int8 model records of its calibration, and its measured speed-up
-    if precision == "int8":
-        forward, int8_made = int8_forward(get_settings().int8_model, get_settings().threads, weights_hash)
-        probe_batch = torch.rand(8, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(1))
-        int8_s, fp32_s = best_time(forward, probe_batch), best_time(torch_forward(model, device, "fp32"), probe_batch)
-        if problem := int8_problem(int8_s, fp32_s, get_settings().force_precision):
-            raise ModelLoadError(problem)
-        int8_made["speedup_vs_fp32"] = f"{fp32_s / int8_s:.2f}"
-    elif backend == "torch":
-        forward = torch_forward(model, device, precision)
-    else:
-        forward = onnx_forward(model, get_settings().threads)
-    backend_difference = check_parity(forward, {"fp32": 1e-4, "int8": 1.0}.get(precision, 1e-2))
-except ModelLoadError as error:
-    raise SystemExit(f"Cannot load the model: {error}") from None
-device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+if served.model_file is not None:
+    try:
+        served = dataclasses.replace(served, max_score_difference=onnx_model.check_probe(served.model_file, prepare))
+    except onnx_model.ModelFileError as error:
+        raise SystemExit(f"Cannot load the model: {error}") from None
 # A GPU's forward pass costs little more for 32 images than for 8; a CPU's grows with every image.
-DEFAULT_BATCH_SIZE = 32 if device.type == "cuda" else 8
-predict(torch.zeros(1, 3, CROP_SIZE, CROP_SIZE))
-log.info("ResNet18 loaded from %s, backend %s on %s (%s) in %s, scores within %.1e of fp32 torch on the CPU, %d threads",
-         weights_source, backend, device.type, device_name, precision, backend_difference, torch.get_num_threads())
+DEFAULT_BATCH_SIZE = 32 if served.device_type == "cuda" else 8
+predict(np.zeros((1, 3, CROP_SIZE, CROP_SIZE), np.float32))
+log.info("ResNet18 loaded from %s (weights %s), backend %s on %s (%s) in %s, scores within %.1e of fp32 torch on the "
+         "CPU, %d threads%s", served.weights_source, served.weights_hash, served.backend, served.device_type,
+         served.device_name, served.precision, served.max_score_difference, get_settings().threads,
+         f", slim: {served.model_file.path.name}, no torch" if served.model_file else "")

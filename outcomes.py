@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
+import numpy as np
 from pydantic import BaseModel, Field
 
 from images import ImageError
@@ -33,10 +33,11 @@ class ItemError(BaseModel):
     detail: str = Field(examples=["the file is not an image this service can read"])
 
 
-def top_k(probabilities: torch.Tensor, k: int) -> list[Prediction]:
-    """One image's probabilities [1000] -> its k most likely classes, best first."""
-    scores, indices = probabilities.topk(k)
-    return [Prediction(label=LABELS[i], index=i, score=s) for s, i in zip(scores.tolist(), indices.tolist())]
+def top_k(probabilities: np.ndarray, k: int) -> list[Prediction]:
+    """One image's probabilities [1000] -> its k most likely classes, best first (of equal scores, the lower
+    index first)."""
+    indices = np.argsort(-probabilities, kind="stable")[:k]
+    return [Prediction(label=LABELS[i], index=i, score=s) for s, i in zip(probabilities[indices].tolist(), indices.tolist())]
 
 
 def failure(error: Exception) -> ItemError:
@@ -48,7 +49,7 @@ def failure(error: Exception) -> ItemError:
     return ItemError(status=500, detail="internal error; it has been logged")
 
 
-def outcome(result: torch.Tensor | Exception, k: int) -> dict[str, Any]:
+def outcome(result: np.ndarray | Exception, k: int) -> dict[str, Any]:
     """{"predictions": [...]} or {"error": {"status", "detail"}}: an entry of /predict/batch, of a job's results
     and of python -m classify's output."""
     if isinstance(result, Exception):

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import Headers, MutableHeaders
@@ -29,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import model
 from labels import LABELS
-from outcomes import failure
+from outcomes import failure, top_k
 from service import service, too_many
 from settings import get_settings
 
@@ -38,6 +37,7 @@ MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "inference-header-content-length"
 IMAGE_SHAPE = (3, model.CROP_SIZE, model.CROP_SIZE)
+PLATFORM = "onnxruntime_onnx" if model.served.model_file is not None else "pytorch"  # Triton's names
 
 # A JSON body of numbers grows about eightfold once parsed (a Python float per "0.1,"): large bodies are
 # parsed one at a time, off the event loop, so MAX_UPLOAD_BYTES x 8 is the most that parsing ever holds.
@@ -158,7 +158,7 @@ async def ready() -> Response:
             include_in_schema=False)
 async def model_metadata(name: ModelName, version: str | None = None) -> ModelMetadata:
     known_model(name, version)
-    return ModelMetadata(name=MODEL_NAME, versions=[MODEL_VERSION], platform="pytorch", inputs=INPUTS, outputs=OUTPUTS)
+    return ModelMetadata(name=MODEL_NAME, versions=[MODEL_VERSION], platform=PLATFORM, inputs=INPUTS, outputs=OUTPUTS)
 
 
 @router.get("/models/{name}/ready", response_class=Response, responses=protocol_errors(404, 503), summary="Model readiness")
@@ -179,7 +179,7 @@ class Requested:
     binary: bool
 
 
-def parse(body: bytes, headers: Headers) -> tuple[InferenceRequest, list[bytes] | torch.Tensor]:
+def parse(body: bytes, headers: Headers) -> tuple[InferenceRequest, list[bytes] | np.ndarray]:
     """The request body -> the inference request and its one input: encoded images, or a batch [N, 3, 224, 224]."""
     header_length = headers.get(HEADER_LENGTH)
     if header_length is not None:
@@ -264,7 +264,7 @@ def base64_elements(data: list[Any], count: int) -> list[bytes]:
         raise bad_request("input 'image': an element of 'data' is not base64") from None
 
 
-def fp32_images(values: np.ndarray, count: int) -> torch.Tensor:
+def fp32_images(values: np.ndarray, count: int) -> np.ndarray:
     """The flat numbers of input 'input' -> its images [N, 3, 224, 224], checked for size and finiteness."""
     expected = count * math.prod(IMAGE_SHAPE)
     if values.size != expected:
@@ -272,7 +272,7 @@ def fp32_images(values: np.ndarray, count: int) -> torch.Tensor:
                           f"({expected * 4} bytes in binary)")
     if not np.isfinite(values).all():
         raise bad_request("input 'input': the values must be finite numbers (no NaN or infinity)")
-    return torch.from_numpy(values.astype(np.float32, copy=True)).reshape(count, *IMAGE_SHAPE)  # writable, its own
+    return values.astype(np.float32, copy=True).reshape(count, *IMAGE_SHAPE)  # writable, its own
 
 
 def requested_outputs(request: InferenceRequest) -> list[Requested]:
@@ -296,19 +296,17 @@ def wanted(name: str, k: object, binary: bool) -> Requested:
     return Requested(k, binary)
 
 
-def encode(probabilities: torch.Tensor, requested: Requested) -> tuple[dict[str, Any], bytes | None]:
+def encode(probabilities: np.ndarray, requested: Requested) -> tuple[dict[str, Any], bytes | None]:
     """One output: its JSON description, and its binary data when asked for as binary."""
     count = probabilities.shape[0]
     if requested.classification is None:
         output = {"name": "probabilities", "datatype": "FP32", "shape": [count, len(LABELS)]}
         if requested.binary:
-            return output, probabilities.numpy().astype("<f4").tobytes()
+            return output, probabilities.astype("<f4").tobytes()
         return {**output, "data": probabilities.reshape(-1).tolist()}, None
     k = requested.classification
-    scores, indices = probabilities.topk(k, dim=1)
     # Triton's classification format, "score:index:label"; the score as /predict/topk gives it.
-    strings = [f"{float(score)!r}:{int(index)}:{LABELS[int(index)]}"
-               for row_scores, row_indices in zip(scores, indices) for score, index in zip(row_scores, row_indices)]
+    strings = [f"{best.score!r}:{best.index}:{best.label}" for row in probabilities for best in top_k(row, k)]
     output = {"name": "probabilities", "datatype": "BYTES", "shape": [count, k]}
     if requested.binary:
         return output, b"".join(struct.pack("<I", len(data)) + data for data in (s.encode() for s in strings))
@@ -356,16 +354,16 @@ async def infer(request: Request, name: ModelName, version: str | None = None) -
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
-async def classified(images: list[bytes] | torch.Tensor, input_name: str, request: Request | None = None) -> torch.Tensor:
+async def classified(images: list[bytes] | np.ndarray, input_name: str, request: Request | None = None) -> np.ndarray:
     """An input's images -> their probabilities [N, 1000], through the service's one pipeline (both bindings).
     The first bad image fails the request, naming the element, counted as on /predict; other requests in the
     same dynamic batch are not affected."""
-    answers = await service.classify(list(images) if isinstance(images, torch.Tensor) else images, request)
+    answers = await service.classify(list(images), request)
     for index, answer in enumerate(answers):
         if isinstance(answer, Exception):
             refused = failure(answer)
             raise HTTPException(refused.status, f"element {index} of input {input_name!r}: {refused.detail}")
-    return torch.stack(answers)
+    return np.stack(answers)
 
 
 # --- Errors in the protocol's shape --------------------------------------------------------------------

@@ -57,7 +57,7 @@ def calibration_inputs(photos: list[Path]) -> tuple[list[np.ndarray], str]:
     for path in photos:
         data = path.read_bytes()
         try:
-            inputs.append(model.prepare(data).numpy()[None])
+            inputs.append(model.prepare(data)[None])
         except images.ImageError as error:  # a photo the service would refuse calibrates nothing
             print(f"skipped {path}: {error}", file=sys.stderr)
             continue
@@ -86,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     import settings
 
     # The fp32 network is what gets quantized, whatever PRECISION says in this environment.
-    settings.use(settings.get_settings().model_copy(update={"precision": "fp32", "int8_model": None, "backend": "torch"}))
-    import onnx
+    settings.use(settings.get_settings().model_copy(update={"precision": "fp32", "int8_model": None, "backend": "torch",
+                                                                 "model_onnx": None}))
     import torch
 
-    import model
+    import onnx_model
+    import torch_model
     from classify import find_images
 
     photos, _ = find_images([args.calibration])
@@ -100,20 +101,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    graph = quantize(model.export_onnx(model.model), inputs)
-    recorded = {"classifier.weights": model.weights_hash, "classifier.weights_source": model.weights_source,
-                "classifier.calibration_images": str(len(inputs)), "classifier.calibration_hash": photos_hash,
-                "classifier.calibration_method": METHOD}
-    for key, value in recorded.items():
-        graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    partial = args.out.with_name(args.out.name + ".partial")
-    onnx.save(graph, str(partial))
-    os.replace(partial, args.out)  # a crash leaves no half-written model under the name
+    graph = quantize(torch_model.export_onnx(torch_model.model), inputs)
+    onnx_model.save(graph, {"weights": torch_model.weights_hash, "weights_source": torch_model.weights_source,
+                            "calibration_images": str(len(inputs)), "calibration_hash": photos_hash,
+                            "calibration_method": METHOD}, args.out)
 
     probe = np.concatenate(inputs[:8])
-    int8_forward, _ = model.int8_forward(args.out, model.get_settings().threads, model.weights_hash)
+    int8_forward, _ = torch_model.int8_forward(args.out, settings.get_settings().threads, torch_model.weights_hash)
     with torch.inference_mode():
-        fp32_scores = torch.softmax(model.forward(torch.from_numpy(probe)), 1)
+        fp32_scores = torch.softmax(torch_model.forward(torch.from_numpy(probe)), 1)
         int8_scores = torch.softmax(int8_forward(torch.from_numpy(probe)), 1)
     agree = int((int8_scores.argmax(1) == fp32_scores.argmax(1)).sum())
     print(f"wrote {args.out}: calibrated on {len(inputs)} photos; on {len(probe)} of them top-1 agrees with fp32 for "

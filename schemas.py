@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-import torch
+import numpy as np
 from fastapi import Query
 from pydantic import BaseModel, Field
 from sqlalchemy import Row
@@ -76,7 +76,7 @@ class Job(BaseModel):
                    results_url=f"/jobs/{row.id}/results", webhook=webhook)
 
 
-def result_line(index: int, filename: str | None, result: torch.Tensor | Exception, k: int) -> str:
+def result_line(index: int, filename: str | None, result: np.ndarray | Exception, k: int) -> str:
     """One image's entry of a job's results: a /predict/batch entry and its index, as one line of JSON."""
     named = {"filename": filename} if filename is not None else {}
     return json.dumps({"index": index, **named, **outcome(result, k)})

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from fastapi import Request, UploadFile
 from prometheus_client import REGISTRY
 from starlette.exceptions import HTTPException
@@ -116,8 +116,8 @@ class Service:
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
-    async def classify(self, images: list[UploadFile] | list[bytes | torch.Tensor], request: Request | None = None
-                       ) -> list[torch.Tensor | Exception]:
+    async def classify(self, images: list[UploadFile] | list[bytes | np.ndarray], request: Request | None = None
+                       ) -> list[np.ndarray | Exception]:
         """Uploaded files (or images already read, or already preprocessed to [3, 224, 224]) -> softmax
         probabilities [1000] each, or the exception that stopped that image.
 
@@ -132,7 +132,7 @@ class Service:
         timeout_s = settings.request_timeout_s
         try:
             with self.batcher.admit(len(images)):
-                images = [image if isinstance(image, (bytes, torch.Tensor)) else await read(image) for image in images]
+                images = [image if isinstance(image, (bytes, np.ndarray)) else await read(image) for image in images]
                 async with asyncio.timeout(timeout_s):
                     work = asyncio.gather(*(self.batcher.submit(data) for data in images), return_exceptions=True)
                     watcher = asyncio.ensure_future(_until_disconnected(request) if request else asyncio.Event().wait())

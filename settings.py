@@ -50,6 +50,8 @@ class Settings(BaseSettings):
 
     # The model
     model_weights: Path | None = Field(None, description="A ResNet18 state_dict file; unset: torchvision's cache under TORCH_HOME")
+    model_onnx: Path | None = Field(None, description="Slim replica: serve the model file python -m export wrote, with "
+                                    "ONNX Runtime and without torch (same answers, a fraction of the memory and start-up)")
     backend: Literal["torch", "onnxruntime"] = Field("torch", description="What runs the forward pass (PRECISION=int8: "
                                                      "always ONNX Runtime)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the forward pass runs; auto: a GPU if torch sees one")
@@ -114,7 +116,7 @@ class Settings(BaseSettings):
     def _lower_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("model_weights", "int8_model", mode="after")
+    @field_validator("model_weights", "model_onnx", "int8_model", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value else None
@@ -164,6 +166,13 @@ class Settings(BaseSettings):
                              "python -m quantize --calibration DIR --out FILE")
         if self.int8_model is not None and self.precision != "int8":
             raise ValueError("INT8_MODEL is set but PRECISION is not int8: set PRECISION=int8 to serve it, or unset INT8_MODEL")
+        if self.model_onnx is not None:
+            if self.model_weights is not None or self.demo:
+                raise ValueError("MODEL_ONNX serves the weights its file was exported from: unset MODEL_WEIGHTS and "
+                                 "DEMO (they choose what python -m export exports)")
+            if self.precision != "fp32" or self.device == "cuda":
+                raise ValueError("MODEL_ONNX runs in fp32 on the CPU (ONNX Runtime): unset PRECISION and DEVICE, "
+                                 "or serve with torch (unset MODEL_ONNX)")
         if self.demo and self.model_weights is not None:
             raise ValueError("DEMO=true serves stand-in weights: unset MODEL_WEIGHTS, or unset DEMO to serve that file")
         if self.webhook_allowed_hosts and not self.webhook_secret:
