@@ -117,14 +117,15 @@ def compare(reference_logits, candidate_logits, temperature: float = 1.0) -> dic
             "worst": differences.argsort(descending=True)[:5].tolist()}
 
 
-def logits_of(images: list, forward=None) -> torch.Tensor:
+def logits_of(images: list[np.ndarray], forward=None) -> torch.Tensor:
+    """The logits of prepared images (model.prepare), 16 at a time, by forward (default: the torch model's)."""
     import torch
 
-    import model
+    import torch_model
 
-    forward = forward or model.forward
+    forward = forward or torch_model.forward
     with torch.inference_mode():
-        return torch.cat([forward(torch.stack(images[i : i + 16])) for i in range(0, len(images), 16)])
+        return torch.cat([forward(torch.from_numpy(np.stack(images[i : i + 16]))) for i in range(0, len(images), 16)])
 
 
 def measure_draft(photos: list[tuple[str, bytes]], reference) -> dict:
@@ -152,9 +153,9 @@ def measure_precision(exact: list, reference, precision: str) -> dict:
     exactly decoded photos, exact)."""
     import torch
 
-    import model
+    import torch_model
 
-    candidate = logits_of(exact, model.torch_forward(model.model, torch.device("cpu"), precision))
+    candidate = logits_of(exact, torch_model.torch_forward(torch_model.model, torch.device("cpu"), precision))
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference))}
 
 
@@ -166,11 +167,12 @@ INT8_SIZES = [300, 375, 448, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3000]
 def measure_int8(model_file: Path) -> dict:
     """PRECISION=int8 (the model python -m quantize built) against fp32, on photos it was not calibrated on."""
     import model
+    import torch_model
 
     photos = list(int8_measured_set())
     exact = [model.prepare(data) for _, data in photos]
     reference = logits_of(exact)
-    forward, made = model.int8_forward(model_file, model.get_settings().threads, model.weights_hash)
+    forward, made = torch_model.int8_forward(model_file, model.get_settings().threads, torch_model.weights_hash)
     candidate = logits_of(exact, forward)
     return {"photos": len(photos), "made": made, "as_is": compare(reference, candidate),
             "sharpened": compare(reference, candidate, sharpening(reference)), "names": [name for name, _ in photos]}

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,7 +35,7 @@ def main() -> None:
     import model  # loads the weights
 
     data = photos(64)
-    batch = torch.stack([model.prepare(image) for image in data[:8]])
+    batch = np.stack([model.prepare(image) for image in data[:8]])
     inference = ThreadPoolExecutor(1, initializer=model.init_inference_thread)
     inference.submit(lambda: None).result()
 

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import build_int8, calibration_set, compare, int8_measured_set, logits_of, sharpening  # noqa: E402
 from harness import REPO, cpu_description, print_rows, service_env  # noqa: E402
@@ -41,7 +43,7 @@ def onnxruntime_static(prepared: Path, calibration: list, method: str, work: Pat
 
         def get_next(self) -> dict | None:
             image = next(self.remaining, None)
-            return None if image is None else {"images": image[None].numpy()}
+            return None if image is None else {"images": image[None]}
 
     out = work / f"ort-{method}.onnx"
     quantize_static(str(prepared), str(out), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -57,7 +59,7 @@ def openvino_candidates(fp32: Path, calibration: list, threads: int) -> dict[str
 
     core = ov.Core()
     network = core.read_model(str(fp32))
-    int8 = nncf.quantize(network, nncf.Dataset([image[None].numpy() for image in calibration]),
+    int8 = nncf.quantize(network, nncf.Dataset([image[None] for image in calibration]),
                          preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(calibration))
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
 
@@ -77,10 +79,10 @@ def torch_x86_candidate(network, calibration: list) -> Callable:
 
     torch.backends.quantized.engine = "x86"
     prepared = prepare_fx(copy.deepcopy(network).eval(), get_default_qconfig_mapping("x86"),
-                          (calibration[0][None],))
+                          (torch.from_numpy(calibration[0][None]),))
     with torch.inference_mode():
         for image in calibration:
-            prepared(image[None])
+            prepared(torch.from_numpy(image[None]))
     return convert_fx(prepared)
 
 
@@ -94,37 +96,40 @@ def main() -> None:
     import torch
 
     import model
+    import onnx_model
+    import torch_model as torch_runtime
 
     threads = model.get_settings().threads
     calibration = [model.prepare(data) for _, data in calibration_set()]
     measured = [model.prepare(data) for _, data in int8_measured_set()]
     reference = logits_of(measured)
     temperature = sharpening(reference)
-    batch = torch.stack(measured[:8])
+    batch = torch.from_numpy(np.stack(measured[:8]))
 
-    candidates: dict[str, Callable] = {"torch fp32": model.forward, "onnxruntime fp32": model.onnx_forward(model.model, threads)}
-    candidates["int8: NNCF + onnxruntime (python -m quantize)"], _ = model.int8_forward(build_int8(work), threads,
-                                                                                   model.weights_hash)
+    candidates: dict[str, Callable] = {"torch fp32": torch_runtime.forward,
+                                       "onnxruntime fp32": torch_runtime.onnx_forward(torch_runtime.model, threads)}
+    candidates["int8: NNCF + onnxruntime (python -m quantize)"], _ = torch_runtime.int8_forward(
+        build_int8(work), threads, torch_runtime.weights_hash)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32, prepared = work / "fp32.onnx", work / "prepared.onnx"  # exported and prepared once, for every candidate
-    fp32.write_bytes(model.export_onnx(model.model))
+    fp32.write_bytes(torch_runtime.export_onnx(torch_runtime.model))
     quant_pre_process(str(fp32), str(prepared))
     for method in ("MinMax", "Entropy", "Percentile"):
         made = onnxruntime_static(prepared, calibration, method, work)
-        candidates[f"int8: onnxruntime quantize_static {method}"] = model.session_forward(model.onnx_session(str(made), threads))
+        candidates[f"int8: onnxruntime quantize_static {method}"] = torch_runtime.session_forward(onnx_model.session(str(made), threads))
     try:
         candidates.update(openvino_candidates(fp32, calibration, threads))
     except ImportError:
         print("openvino rows skipped: pip install openvino to measure them", flush=True)
     try:
-        candidates["int8: torch x86 (torch.ao FX)"] = torch_x86_candidate(model.model, calibration)
+        candidates["int8: torch x86 (torch.ao FX)"] = torch_x86_candidate(torch_runtime.model, calibration)
     except (ImportError, RuntimeError) as error:
         print(f"torch x86 int8 skipped: {type(error).__name__}: {error}", flush=True)
 
     rows, fp32_ms = [], None
     for name, forward in candidates.items():
-        per_image = 1000 * model.best_time(forward, batch, tries=15) / len(batch)
+        per_image = 1000 * torch_runtime.best_time(forward, batch, tries=15) / len(batch)
         fp32_ms = fp32_ms or per_image
         figures = compare(reference, logits_of(measured, forward), temperature)
         rows.append({"row": name, "ms_per_image_batch8": round(per_image, 1), "speedup_vs_torch_fp32": round(fp32_ms / per_image, 2),

@@ -205,6 +205,62 @@ def server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     server.stop()
 
 
+# --- The slim replica: the seeded weights exported by python -m export, served where torch cannot be imported ---
+
+NO_TORCH = """import sys
+
+
+class NoTorch:  # a slim replica must never import torch or torchvision (tests/conftest.py's guard)
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}: torch is not importable here")
+
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def without_torch(folder: Path) -> dict[str, str]:
+    """The environment of a process in which importing torch or torchvision fails (a sitecustomize guard)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(NO_TORCH)
+    return {"PYTHONPATH": str(folder)}
+
+
+def torch_is_mapped(pid: int) -> bool:
+    """Whether a running process has any of torch's libraries loaded."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def export(out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env})
+
+
+@pytest.fixture(scope="session")
+def model_file(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded weights, exported by python -m export: what a slim replica serves."""
+    path = tmp_path_factory.mktemp("export") / "resnet18.onnx"
+    result = export(path, MODEL_WEIGHTS=str(weights_file))
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="session")
+def slim_server(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A slim replica (MODEL_ONNX) in a process where torch cannot be imported."""
+    tmp = tmp_path_factory.mktemp("slim")
+    server = start_server(tmp, MODEL_ONNX=str(model_file), MODEL_WEIGHTS="", **without_torch(tmp / "guard"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["torch", "slim"])
+def any_server(request: pytest.FixtureRequest) -> Server:
+    """The service as a server, with torch and as a slim replica: every answer must be the same."""
+    return request.getfixturevalue("server" if request.param == "torch" else "slim_server")
+
+
 API_KEY = "s3cret-key-for-tests"
 ALLOWED_ORIGIN = "https://app.example.com"
 

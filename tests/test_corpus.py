@@ -1,4 +1,4 @@
-"""A corpus of hostile and unusual uploads, sent over real HTTP to a running server.
+"""A corpus of hostile and unusual uploads, sent over real HTTP to a running server, with torch and slim.
 
 Each has its expected status, and each photo among them gets the reference pipeline's answer for the
 picture it shows; after all of them the server answers normally and has written nothing.
@@ -133,9 +133,9 @@ def test_the_corpus_has_at_least_25_cases():
 
 
 @pytest.mark.parametrize("case", CORPUS)
-def test_corpus_upload(server, reference, case):
+def test_corpus_upload(any_server, reference, case):
     field, filename, data, status, shown = CORPUS[case]
-    response = httpx.post(f"{server.url}/predict/topk?k=1000", files={field: (filename, data, "application/octet-stream")},
+    response = httpx.post(f"{any_server.url}/predict/topk?k=1000", files={field: (filename, data, "application/octet-stream")},
                           timeout=60)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
@@ -159,13 +159,14 @@ def test_corpus_upload(server, reference, case):
     ],
     ids=["JSON body", "60 MB body", "raw image body", "multipart with no part", "multipart without boundary"],
 )
-def test_corpus_request(server, request_options, status):
-    response = httpx.post(f"{server.url}/predict", timeout=60, **request_options)
+def test_corpus_request(any_server, request_options, status):
+    response = httpx.post(f"{any_server.url}/predict", timeout=60, **request_options)
     assert response.status_code == status, response.text
     assert isinstance(response.json()["detail"], str)
 
 
-def test_after_the_corpus_the_server_answers_normally_and_wrote_nothing(server):
+def test_after_the_corpus_the_server_answers_normally_and_wrote_nothing(any_server):
+    server = any_server
     for case in CORPUS.values():
         field, filename, data, _, _ = case
         httpx.post(f"{server.url}/predict", files={field: (filename, data)}, timeout=60)

@@ -63,7 +63,9 @@ def offline_scores(int8_model, app) -> dict[str, torch.Tensor]:
     """bench/accuracy.py's int8 path on the test photos: the scores every door must give."""
     from accuracy import logits_of
 
-    forward, _ = app.model.int8_forward(int8_model, 2, app.model.weights_hash)
+    import torch_model
+
+    forward, _ = torch_model.int8_forward(int8_model, 2, torch_model.weights_hash)
     logits = logits_of([app.model.prepare(photo_bytes(name)) for name in PHOTOS], forward)
     return dict(zip(PHOTOS, torch.softmax(logits, 1)))
 
@@ -75,7 +77,7 @@ def assert_scores(predictions: list[dict], expected: torch.Tensor) -> None:
 
 def start(env: dict[str, str]) -> subprocess.CompletedProcess:
     """Import the model the way the service does, in a fresh process."""
-    return subprocess.run([sys.executable, "-c", "import model; print(model.precision)"], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-c", "import model; print(model.served.precision)"], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **env})
 
 
@@ -83,7 +85,7 @@ def test_the_service_serves_int8_and_says_how_it_was_made(int8_server, int8_mode
     served = httpx.get(f"{int8_server.url}/model").json()
     assert (served["precision"], served["backend"]) == ("int8", "onnxruntime")
     made = served["int8"]
-    assert made["weights"] == app.model.weights_hash and made["calibration_images"] == len(CALIBRATION)
+    assert made["weights"] == app.model.served.weights_hash and made["calibration_images"] == len(CALIBRATION)
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted((int8_model.parent / "photos").iterdir()):
         if path.name != "broken.jpg":
@@ -164,10 +166,12 @@ def test_int8_without_a_model_and_a_model_without_int8_are_refused(weights_file,
 
 
 def test_int8_slower_than_fp32_is_refused_unless_forced(app):
-    problem = app.model.int8_problem(0.5, 0.4, force=False)
+    import torch_model
+
+    problem = torch_model.int8_problem(0.5, 0.4, force=False)
     assert problem and "not faster than fp32" in problem and "FORCE_PRECISION" in problem
-    assert app.model.int8_problem(0.5, 0.4, force=True) is None
-    assert app.model.int8_problem(0.2, 0.4, force=False) is None
+    assert torch_model.int8_problem(0.5, 0.4, force=True) is None
+    assert torch_model.int8_problem(0.2, 0.4, force=False) is None
 
 
 def test_quantize_needs_enough_photos(weights_file, tmp_path):

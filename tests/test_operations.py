@@ -211,8 +211,11 @@ def in_flight(server: Server) -> float:
     return metric(httpx.get(f"{server.url}/metrics").text, "images_in_flight")
 
 
-def test_sigterm_drains_accepted_requests_and_refuses_new_ones(weights_file, tmp_path):
-    server = start_server(tmp_path, SHUTDOWN_TIMEOUT_S="60", REQUEST_TIMEOUT_S="120", MAX_BATCH_SIZE="2", CACHE_ENTRIES="0")
+@pytest.mark.parametrize("runtime", ["torch", "slim"])
+def test_sigterm_drains_accepted_requests_and_refuses_new_ones(weights_file, tmp_path, request, runtime):
+    slim = {} if runtime == "torch" else {"MODEL_ONNX": str(request.getfixturevalue("model_file")), "MODEL_WEIGHTS": ""}
+    server = start_server(tmp_path, SHUTDOWN_TIMEOUT_S="60", REQUEST_TIMEOUT_S="120", MAX_BATCH_SIZE="2", CACHE_ENTRIES="0",
+                          **slim)
     big = encode(photo("astronaut.png").convert("RGB").resize((3000, 2250)), "JPEG", quality=95)
     with ThreadPoolExecutor(12) as pool:
         accepted = [pool.submit(predict, server, None, big) for _ in range(12)]

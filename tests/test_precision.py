@@ -11,7 +11,9 @@ from test_startup import assert_fails_clearly, start
 
 
 def test_precision_rules(app):
-    precision_problem = app.model.precision_problem
+    import torch_model
+
+    precision_problem = torch_model.precision_problem
 
     assert precision_problem("cpu", "fp32", False, False) is None
     assert precision_problem("cpu", "bf16", True, False) is None
@@ -24,9 +26,11 @@ def test_precision_rules(app):
 
 def test_auto_picks_cuda_only_where_torch_sees_a_gpu(app):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert app.model.pick_device("auto").type == expected
-    assert app.model.pick_device("cpu").type == "cpu"
-    assert app.model.device.type == expected  # the service's own choice under DEVICE=auto
+    import torch_model
+
+    assert torch_model.pick_device("auto").type == expected
+    assert torch_model.pick_device("cpu").type == "cpu"
+    assert app.model.served.device_type == expected  # the service's own choice under DEVICE=auto
 
 
 def test_cuda_without_a_gpu_fails_clearly(weights_file, tmp_path):

@@ -17,7 +17,7 @@ def start(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
     """Import the model the way the service does, in a fresh process."""
     base = {k: v for k, v in os.environ.items() if k != "MODEL_WEIGHTS"}
     return subprocess.run(
-        [sys.executable, "-c", "import model; print(model.weights_source)"],
+        [sys.executable, "-c", "import model; print(model.served.weights_source)"],
         cwd=REPO,
         env={**base, "TORCH_HOME": str(tmp_path / "torch-home"), **env},
         capture_output=True,
