@@ -10,7 +10,7 @@ IMAGE ?= registry.example.com/classifier:1.0.0
 
 .PHONY: run demo test bench image docs protos clean postgresql buildah
 
-$(BIN)/.installed: requirements.txt requirements-runtime.txt
+$(BIN)/.installed: requirements.txt requirements-runtime.txt requirements-slim.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@

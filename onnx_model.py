@@ -46,6 +46,8 @@ class ModelFileError(RuntimeError):
 
 def session(graph: bytes | str, threads: int):  # noqa: ANN201 (an onnxruntime.InferenceSession)
     """An ONNX Runtime session on the CPU, its forward pass on `threads` threads."""
+    # Unless told not to, ONNX Runtime's telemetry writes a session file (.ses) into TMPDIR at import.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime  # not imported by a torch replica that never runs ONNX
 
     options = onnxruntime.SessionOptions()

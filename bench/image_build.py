@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 BASE = "debian:bookworm-slim"
 TAG = "registry.example.com/classifier:1.0.0"  # what deploy/ runs
 TEST_TAG = "localhost/classifier:test"
+SLIM_TEST_TAG = "localhost/classifier:slim-test"
 # PyTorch's CPU-only wheel index is the Dockerfile's default; machines that cannot reach it (these) pass ""
 # (PyPI's torch: the CUDA build) and build from their wheel cache.
 DEFAULT_TORCH_INDEX_URL = "https://download.pytorch.org/whl/cpu"
@@ -88,11 +89,12 @@ def local_wheel_mounts(work: Path) -> list[str]:
     return [*mounts, f"-v={work / 'pip.conf'}:/etc/pip.conf:ro"]
 
 
-def build(tag: str, torch_index_url: str = "", cache: bool = True) -> str:
-    """Build the image as tag; with Buildah, from this machine's wheel cache. Returns the tag."""
+def build(tag: str, torch_index_url: str = "", cache: bool = True, target: str | None = None) -> str:
+    """Build the image as tag (target "slim": the slim replica's); with Buildah, from this machine's wheel cache.
+    Returns the tag."""
     tool = builder()
     arguments = ["--build-arg", f"TORCH_INDEX_URL={torch_index_url}", "-t", tag, *([] if cache else ["--no-cache"]),
-                 str(REPO)]
+                 *(["--target", target] if target else []), str(REPO)]
     if tool == "docker":
         subprocess.run(["docker", "build", *arguments], check=True)
         return tag
@@ -111,8 +113,9 @@ def size_bytes(tag: str) -> int:
     return round(float(number) * {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])
 
 
-def cold_start(tag: str, weights: Path) -> float:
-    """Seconds from starting a container of the image (Buildah) to its first 200 on /ready."""
+def cold_start(tag: str, model: Path, setting: str = "MODEL_WEIGHTS") -> float:
+    """Seconds from starting a container of the image (Buildah) to its first 200 on /ready; model: the weights
+    (MODEL_WEIGHTS) or the exported file (setting MODEL_ONNX) it serves."""
     import socket
     import urllib.request
 
@@ -122,7 +125,7 @@ def cold_start(tag: str, weights: Path) -> float:
     container = subprocess.run(["buildah", "from", tag], check=True, capture_output=True, text=True).stdout.strip()
     started = time.perf_counter()
     process = subprocess.Popen(["buildah", "run", "--isolation", "chroot", "--network", "host",
-                                f"-v={weights.parent}:/models:ro", f"-e=MODEL_WEIGHTS=/models/{weights.name}", "-e=GRPC_PORT=0",
+                                f"-v={model.parent}:/models:ro", f"-e={setting}=/models/{model.name}", "-e=GRPC_PORT=0",
                                 container, "--", "python", "-m", "uvicorn", "app:app", "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -148,11 +151,15 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="write size, build time and cold start here (JSON), after a "
                         "build without the layer cache")
     parser.add_argument("--weights", type=Path, help="a weights file for the cold start measurement")
+    parser.add_argument("--model-file", type=Path, help="an exported model file (python -m export) for the slim "
+                        "image's cold start")
     args = parser.parse_args()
     started = time.perf_counter()
     build(args.tag, args.torch_index_url, cache=args.results is None)
     seconds = time.perf_counter() - started
-    print(f"built {args.tag} in {seconds:.0f} s")
+    slim_tag = f"{args.tag}-slim" if ":" in args.tag.rsplit("/", 1)[-1] else f"{args.tag}:slim"
+    build(slim_tag, args.torch_index_url, cache=args.results is None, target="slim")
+    print(f"built {args.tag} in {seconds:.0f} s, and the slim replica's {slim_tag}")
     if args.results and builder() == "buildah":
         cpu = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
         args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +167,10 @@ def main() -> None:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
             "cpu": cpu.group(1) if cpu else "unknown", "cores": os.cpu_count(), "tag": args.tag,
             "torch_index_url": args.torch_index_url, "build_s": round(seconds), "size_bytes": size_bytes(args.tag),
-            **({"cold_start_s": round(cold_start(args.tag, args.weights), 1)} if args.weights else {})},
+            **({"cold_start_s": round(cold_start(args.tag, args.weights), 1)} if args.weights else {}),
+            "slim": {"tag": slim_tag, "size_bytes": size_bytes(slim_tag),
+                     **({"cold_start_s": round(cold_start(slim_tag, args.model_file, "MODEL_ONNX"), 1)}
+                        if args.model_file else {})}},
             indent=1) + "\n")
 
 

@@ -73,12 +73,26 @@ def volumes(tmp_path: Path, weights_file: Path) -> dict[str, Path]:
     return folders
 
 
-@pytest.fixture
-def container(image: str) -> Iterator[tuple[str, Path]]:
+@pytest.fixture(scope="session")
+def slim_image() -> str:
+    return image_build.build(image_build.SLIM_TEST_TAG, target="slim")
+
+
+def container_of(image: str) -> Iterator[tuple[str, Path]]:
     name = subprocess.run(["buildah", "from", image], check=True, capture_output=True, text=True).stdout.strip()
     rootfs = Path(subprocess.run(["buildah", "mount", name], check=True, capture_output=True, text=True).stdout.strip())
     yield name, rootfs
     subprocess.run(["buildah", "rm", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def container(image: str) -> Iterator[tuple[str, Path]]:
+    yield from container_of(image)
+
+
+@pytest.fixture
+def slim_container(slim_image: str) -> Iterator[tuple[str, Path]]:
+    yield from container_of(slim_image)
 
 
 def run(container: str, volumes: dict[str, Path], *command: str, env: dict[str, str] | None = None,
@@ -114,14 +128,11 @@ def test_the_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_image_serves_the_reference_answers_as_non_root_and_drains_on_sigterm(container, volumes, reference,
-                                                                                  tmp_path):
-    name, rootfs = container
-    started = time.time()
+def serve(name: str, rootfs: Path, volumes: dict[str, Path], log: Path, env: dict[str, str]) -> Running:
+    """The service in the container, as its non-root user, waited on until /ready."""
     port = free_port()
-    log = tmp_path / "service.log"
     process = run(name, volumes, "python", "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port),
-                  env={"SHUTDOWN_TIMEOUT_S": "60", "CACHE_ENTRIES": "0", "GRPC_PORT": "0"}, output=log)
+                  env={"SHUTDOWN_TIMEOUT_S": "60", "CACHE_ENTRIES": "0", "GRPC_PORT": "0", **env}, output=log)
     service = Running(process, rootfs, f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 300
@@ -137,13 +148,31 @@ def test_the_image_serves_the_reference_answers_as_non_root_and_drains_on_sigter
         pid = service.pid(rf"uvicorn app:app --host 127.0.0.1 --port {port}")
         uid = re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
         assert int(uid) == UID
+    except BaseException:
+        process.kill()
+        raise
+    return service
 
-        for photo_name in PHOTOS:
-            answer = httpx.post(f"{service.url}/predict/topk?k=1000", files=upload(photo_bytes(photo_name)), timeout=60)
-            assert answer.status_code == 200
-            got = {p["index"]: p["score"] for p in answer.json()["predictions"]}
-            expected = reference(photo(photo_name))
-            assert max(abs(got[i] - expected[i].item()) for i in range(1000)) < TOLERANCE
+
+def assert_reference_answers(service: Running, reference) -> None:
+    for photo_name in PHOTOS:
+        answer = httpx.post(f"{service.url}/predict/topk?k=1000", files=upload(photo_bytes(photo_name)), timeout=60)
+        assert answer.status_code == 200
+        got = {p["index"]: p["score"] for p in answer.json()["predictions"]}
+        expected = reference(photo(photo_name))
+        assert max(abs(got[i] - expected[i].item()) for i in range(1000)) < TOLERANCE
+
+
+def test_the_image_serves_the_reference_answers_as_non_root_and_drains_on_sigterm(container, volumes, reference,
+                                                                                  tmp_path):
+    name, rootfs = container
+    started = time.time()
+    log = tmp_path / "service.log"
+    service = serve(name, rootfs, volumes, log, {})
+    process = service.process
+    try:
+        pid = service.pid(r"uvicorn app:app --host 127.0.0.1")
+        assert_reference_answers(service, reference)
         job = httpx.post(f"{service.url}/jobs", files=[("files", ("a.png", photo_bytes("coffee.png")))],
                          headers={"Prefer": "wait=60"}, timeout=90).json()
         assert job["status"] == "succeeded" and (volumes["data"] / "jobs.sqlite3").exists()  # the job store on /data
@@ -185,3 +214,32 @@ def test_the_image_runs_the_offline_job(container, volumes, reference):
         for prediction in line["predictions"]:
             assert abs(prediction["score"] - expected[prediction["index"]].item()) < TOLERANCE
     assert written_outside_the_volumes(rootfs, started) == []
+
+
+def test_the_slim_image_serves_the_exported_model_without_torch(slim_container, slim_image, image, volumes,
+                                                                   model_file, reference, tmp_path):
+    """The slim target (requirements-slim.txt): no torch in it at all; the mounted model file gives the reference
+    answers online and offline, and the image is at most a quarter of the torch image's size."""
+    name, rootfs = slim_container
+    assert not list((rootfs / "opt/venv/lib").glob("python3*/site-packages/torch*"))
+    shutil.copy(model_file, volumes["models"] / "resnet18.onnx")  # where the image's MODEL_ONNX points
+    started = time.time()
+    log = tmp_path / "service.log"
+    service = serve(name, rootfs, volumes, log, {"MODEL_WEIGHTS": ""})
+    try:
+        assert httpx.get(f"{service.url}/model").json()["runtime"] == "slim"
+        assert_reference_answers(service, reference)
+    finally:
+        service.process.terminate()
+        service.process.wait(90)
+    assert "Traceback" not in log.read_text()
+    for photo_name in PHOTOS:
+        (volumes["photos"] / photo_name).write_bytes(photo_bytes(photo_name))
+    offline = run(name, volumes, "python", "-m", "classify", "/photos", "--out", "/results/r.jsonl", "--k", "1000",
+                  env={"MODEL_WEIGHTS": ""})
+    assert offline.wait(600) == 0
+    for line in map(json.loads, (volumes["results"] / "r.jsonl").read_text().splitlines()):
+        expected = reference(photo(line["path"].rsplit("/", 1)[1]))
+        assert max(abs(p["score"] - expected[p["index"]].item()) for p in line["predictions"]) < TOLERANCE
+    assert written_outside_the_volumes(rootfs, started) == []
+    assert 4 * image_build.size_bytes(slim_image) <= image_build.size_bytes(image)
