@@ -27,7 +27,8 @@ postgresql:
 buildah:
 	command -v buildah >/dev/null && command -v debootstrap >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends buildah debootstrap; }
 
-# The image deploy/ runs: docker build where Docker runs, else buildah (bench/image_build.py says how).
+# The images deploy/ runs (the default, and the slim replica's tagged -slim): docker build where Docker runs,
+# else buildah (bench/image_build.py says how).
 image:
 	$(PYTHON) bench/image_build.py --tag $(IMAGE)
 

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from async_jobs import measure as measure_jobs  # noqa: E402
 from bindings import measure as measure_bindings  # noqa: E402
 from repeats import measure as measure_repeats  # noqa: E402
+from slim import measure as measure_slim  # noqa: E402
+from slim import targets as slim_targets  # noqa: E402
 from harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart,  # noqa: E402
                      phone_size_jpeg, print_rows, service_env, start_server)
 
@@ -257,6 +259,11 @@ def main() -> None:
     print_rows(cache_rows)
     rows.extend(cache_rows)
 
+    # The slim replica (MODEL_ONNX, no torch) beside torch and the onnxruntime backend: start-up, memory, c=1, c=8.
+    replica_rows = measure_slim(args.seconds)
+    print_rows(replica_rows)
+    rows.extend(replica_rows)
+
     # 2: 12-megapixel JPEG, exact by default and with the opt-in draft decode.
     for draft in ("true", "false"):
         service = start_server({**env, "JPEG_DRAFT": draft})
@@ -301,7 +308,7 @@ def main() -> None:
         p50_503_ms=round(overload.percentile(50, "503") * 1000, 1), p99_503_ms=round(overload.percentile(99, "503") * 1000, 1))
     service.stop()
 
-    targets = report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9), int8)
+    targets = report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9), int8) + slim_targets(replica_rows)
     started_at = datetime.fromtimestamp(run_started, timezone.utc)
     out = args.out or REPO / "docs" / "results" / f"{started_at:%Y-%m-%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

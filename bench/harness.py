@@ -117,6 +117,26 @@ def start_server(env: dict[str, str], *, cwd: Path = REPO, output: IO | None = N
     raise RuntimeError(f"the service was not ready within {timeout:g} s")
 
 
+NO_TORCH = """import sys
+
+
+class NoTorch:  # a slim replica must never import torch or torchvision (bench/harness.py's guard)
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}: torch is not importable here")
+
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def without_torch(folder: Path) -> dict[str, str]:
+    """The environment of a process in which importing torch or torchvision fails (a sitecustomize guard)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(NO_TORCH)
+    return {"PYTHONPATH": str(folder)}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -101,12 +101,6 @@ def newest_results() -> Path:
     return runs[-1]
 
 
-def int8_candidates() -> dict | None:
-    """bench/int8_candidates.py's results, where it has been run."""
-    path = RESULTS / "int8-candidates.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def number(value: object, unit: str = "") -> str:
     if value is None or value != value:  # noqa: PLR0124 (NaN)
         return "–"
@@ -219,7 +213,27 @@ def int8_section(int8: dict | None, candidates: dict | None) -> list[str]:
     return lines
 
 
-def performance_page(results: dict, source: str, image: dict | None, candidates: dict | None = None) -> str:
+def slim_section(slim: dict | None) -> list[str]:
+    """The slim replica beside torch and the onnxruntime backend (docs/results/slim.json, bench/slim.py)."""
+    lines = ["## The slim replica (`MODEL_ONNX`)", ""]
+    if not slim:
+        return lines + ["Not measured yet: run `python bench/slim.py` (make bench runs it too).", ""]
+    lines += [f"`bench/slim.py`, **{slim['date']}**, on {slim['cpu']}, {slim['seconds_per_run']:g} s per load run: three "
+              "replicas in one run, ImageNet-size JPEGs, cache off. The slim one runs where torch cannot be imported.", "",
+              "| replica | start to `/ready` | RSS ready | RSS after 1,000 more requests | c=1 answers/s (p50) | c=8 answers/s (p50) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    by_name = {row["row"]: row for row in slim["rows"]}
+    for replica in ("torch", "onnxruntime", "slim"):
+        memory, c1, c8 = (by_name[f"replica {replica}{suffix}"] for suffix in (": start-up and memory", " c=1", " c=8"))
+        lines.append(f"| {replica} | {memory['startup_s']:.2f} s | {memory['rss_ready_mib']} MiB | "
+                     f"{memory['rss_after_1000_mib']} MiB | {c1['ok_per_s']} ({c1['p50_ms']} ms) | {c8['ok_per_s']} ({c8['p50_ms']} ms) |")
+    lines += ["", "| | target | measured |", "| --- | --- | --- |"]
+    lines += [f"| {'met' if t['met'] else '**MISS**'} | {t['target']} | {t['value']} |" for t in slim["targets"]]
+    return lines + [""]
+
+
+def performance_page(results: dict, source: str, image: dict | None, candidates: dict | None = None,
+                     slim: dict | None = None) -> str:
     machine = results["machine"]
     lines = [
         "# Performance",
@@ -269,24 +283,44 @@ def performance_page(results: dict, source: str, image: dict | None, candidates:
               f"{draft['same_top1']}/{draft['photos']}, decode alone {draft['decode_ms_draft']:.1f} ms against "
               f"{draft['decode_ms_full']:.1f} ms exact ([what it changes](model.md#what-jpeg_draft-changes)).", ""]
     lines += int8_section(results.get("int8"), candidates)
+    lines += slim_section(slim)
     lines += ["## The container image", ""]
     if image:
         lines += [f"`bench/image_build.py`, **{image['date']}**, on {image['cpu']}, {image['cores']} cores: "
                   f"`{image['tag']}` built in {image['build_s']} s, {image['size_bytes'] / 1e9:.2f} GB "
                   f"(torch from {image['torch_index_url'] or 'PyPI: the CUDA build'})."
-                  + (f" Cold start, container start to `/ready`: {image['cold_start_s']:.1f} s." if 'cold_start_s' in image else ""), ""]
+                  + (f" Cold start, container start to `/ready`: {image['cold_start_s']:.1f} s." if 'cold_start_s' in image else "")]
+        if "slim" in image:
+            slim_image = image["slim"]
+            lines += ["", f"The slim replica's image (`--target slim`, no torch), `{slim_image['tag']}`: "
+                          f"{slim_image['size_bytes'] / 1e9:.2f} GB, {slim_image['size_bytes'] / image['size_bytes']:.2f}× the torch "
+                          "image's size."
+                      + (f" Cold start: {slim_image['cold_start_s']:.1f} s." if "cold_start_s" in slim_image else "")]
+        lines += [""]
     else:
         lines += ["Not measured yet: run `python3 bench/image_build.py --results docs/results/image.json`.", ""]
     return "\n".join(lines)
 
 
-def main() -> None:
-    (DOCS / "settings.md").write_text(settings_page())
+def optional_results(name: str) -> dict | None:
+    """A results file beside the runs' (image.json, slim.json...), if it has been written."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def performance_from_files() -> tuple[Path, dict, str]:
+    """The newest run's file, its results, and the performance page every results file renders into."""
     source = newest_results()
     results = json.loads(source.read_text())
-    image_file = RESULTS / "image.json"
-    image = json.loads(image_file.read_text()) if image_file.exists() else None
-    (DOCS / "performance.md").write_text(performance_page(results, source.name, image, int8_candidates()))
+    page = performance_page(results, source.name, optional_results("image.json"),
+                            optional_results("int8-candidates.json"), optional_results("slim.json"))
+    return source, results, page
+
+
+def main() -> None:
+    (DOCS / "settings.md").write_text(settings_page())
+    source, results, page = performance_from_files()
+    (DOCS / "performance.md").write_text(page)
     IMAGES.mkdir(exist_ok=True)
     for name, data in plots(results).items():
         (IMAGES / name).write_bytes(data)

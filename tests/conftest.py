@@ -32,7 +32,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 import harness  # noqa: E402
-from harness import free_port  # noqa: E402
+from harness import free_port, without_torch  # noqa: E402
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
 TOLERANCE = 1e-5  # parity of scores with the reference pipeline
 
@@ -206,26 +206,6 @@ def server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 # --- The slim replica: the seeded weights exported by python -m export, served where torch cannot be imported ---
-
-NO_TORCH = """import sys
-
-
-class NoTorch:  # a slim replica must never import torch or torchvision (tests/conftest.py's guard)
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "torchvision"):
-            raise ModuleNotFoundError(f"No module named {name!r}: torch is not importable here")
-
-
-sys.meta_path.insert(0, NoTorch())
-"""
-
-
-def without_torch(folder: Path) -> dict[str, str]:
-    """The environment of a process in which importing torch or torchvision fails (a sitecustomize guard)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(NO_TORCH)
-    return {"PYTHONPATH": str(folder)}
-
 
 def torch_is_mapped(pid: int) -> bool:
     """Whether a running process has any of torch's libraries loaded."""

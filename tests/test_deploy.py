@@ -126,4 +126,23 @@ def test_the_manifests_and_make_image_name_the_same_image():
               for container in document["spec"]["template"]["spec"]["containers"]}
     import image_build
 
-    assert images == {tag} == {image_build.TAG}
+    assert images == {tag, f"{tag}-slim"} and tag == image_build.TAG
+    slim = manifests()["Deployment/classifier-slim"]["spec"]["template"]["spec"]["containers"][0]
+    assert slim["image"] == f"{tag}-slim"  # what bench/image_build.py tags the slim target
+
+
+def test_the_slim_replica_serves_the_file_the_export_job_writes(slim_server):
+    found = manifests()
+    (export,) = found["Job/export-model"]["spec"]["template"]["spec"]["containers"]
+    pod = found["Deployment/classifier-slim"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert export["command"][:3] == ["python", "-m", "export"]
+    env = env_of(container)
+    assert env["MODEL_ONNX"]["value"] == export["command"][export["command"].index("--out") + 1]
+    assert "MODEL_WEIGHTS" not in env and "MODEL_WEIGHTS" in env_of(export)  # the file records its weights
+    assert set(env) - {"PYTHONDONTWRITEBYTECODE"} <= settings_read()
+    assert int(env["THREADS"]["value"]) == int(container["resources"]["limits"]["cpu"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert httpx.get(f"{slim_server.url}{container[probe]['httpGet']['path']}").status_code == 200, probe
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop + float(env["SHUTDOWN_TIMEOUT_S"]["value"]) < pod["terminationGracePeriodSeconds"]

@@ -55,13 +55,8 @@ def test_the_settings_page_names_every_setting_once():
 
 
 def test_the_performance_page_and_its_plots_are_rendered_from_the_newest_results_file():
-    source = generate.newest_results()
-    results = json.loads(source.read_text())
-    image_file = DOCS / "results" / "image.json"
-    image = json.loads(image_file.read_text()) if image_file.exists() else None
-    assert (DOCS / "performance.md").read_text() == generate.performance_page(results, source.name, image,
-                                                                             generate.int8_candidates()), \
-        "run: .venv/bin/python docs/generate.py"
+    source, results, page = generate.performance_from_files()
+    assert (DOCS / "performance.md").read_text() == page, "run: .venv/bin/python docs/generate.py"
     for name, data in generate.plots(results).items():
         assert (DOCS / "img" / name).read_bytes() == data, f"{name} is not what {source.name} draws"
     assert results["machine"]["cpu"] in (DOCS / "performance.md").read_text()  # every figure names its machine
