@@ -59,13 +59,18 @@ def probe_images(seed: int = 0) -> list[bytes]:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
+    try:
+        import torch
+    except ImportError:
+        print("python -m export needs torch, which a slim replica does not have: run it where requirements-runtime.txt "
+              "is installed (the default image, or make's .venv)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import settings
 
     # Exported as loaded: fp32 on the CPU, whatever the environment says of serving.
     settings.use(settings.get_settings().model_copy(update={
         "precision": "fp32", "int8_model": None, "backend": "torch", "device": "cpu", "model_onnx": None}))
-    import torch
     import torchvision
 
     import images

@@ -176,6 +176,8 @@ def test_export_checks_its_arguments_and_needs_weights(tmp_path):
                                      env={**base, "TORCH_HOME": str(tmp_path / "empty-torch-home")})
     assert refused(without_weights, "Cannot load the model", "MODEL_WEIGHTS is not set")
     assert list(tmp_path.glob("x.onnx*")) == []  # nothing written
+    in_slim = export(tmp_path / "x.onnx", **without_torch(tmp_path / "guard"))
+    assert in_slim.returncode == 2 and "needs torch" in in_slim.stderr and "Traceback" not in in_slim.stderr
 
 
 def test_the_file_is_self_describing_onnx(model_file, weights_file):
