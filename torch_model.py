@@ -20,13 +20,13 @@ from torch.fx.experimental.optimization import fuse
 from torchvision.models import ResNet18_Weights, resnet18
 
 import onnx_model
-from labels import LABELS
 from preprocessing import Preprocessing
 from settings import get_settings
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = ResNet18_Weights.DEFAULT
+NUM_CLASSES = len(WEIGHTS.meta["categories"])  # labels.py's LABELS
 
 # What the weights were trained with: shorter side to 256 (bilinear, antialiased), centre crop 224,
 # ImageNet mean and std. Using torchvision's own object keeps us bit-identical to its reference.
@@ -53,7 +53,7 @@ def load_model(weights_path: Path | None) -> tuple[torch.nn.Module, str]:
     if get_settings().demo:
         log.warning("DEMO=true: serving seeded stand-in weights, not trained; every answer is meaningless")
         torch.manual_seed(0)  # always the same stand-in weights
-        return resnet18(num_classes=len(LABELS)).eval(), DEMO_WEIGHTS
+        return resnet18(num_classes=NUM_CLASSES).eval(), DEMO_WEIGHTS
     if weights_path is not None:
         # Clients see the file's name only (GET /model); the full path goes to the log.
         log.info("loading weights from %s", weights_path)
@@ -79,7 +79,7 @@ def _load_file(path: Path) -> torch.nn.Module:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ModelLoadError(f"MODEL_WEIGHTS={path} is not a PyTorch state_dict file ({error})") from None
-    model = resnet18(num_classes=len(LABELS))
+    model = resnet18(num_classes=NUM_CLASSES)
     try:
         model.load_state_dict(state_dict, strict=True)
     except Exception as error:
