@@ -59,6 +59,11 @@ def ensure_base() -> None:
         root = subprocess.run(["buildah", "mount", container], check=True, capture_output=True, text=True).stdout.strip()
         subprocess.run(["debootstrap", "--variant=minbase", "bookworm", root, "http://deb.debian.org/debian"],
                        check=True, capture_output=True)
+        # As the official image: no package archives or lists left behind (debootstrap keeps ~115 MB of .debs).
+        for leftovers in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for path in Path(root, leftovers).glob("*"):
+                if path.is_file():
+                    path.unlink()
         subprocess.run(["buildah", "umount", container], check=True, capture_output=True)
         subprocess.run(["buildah", "config", "--cmd", "bash", container], check=True)
         subprocess.run(["buildah", "commit", "--quiet", container, BASE], check=True, capture_output=True)
