@@ -62,10 +62,7 @@ def with_torch() -> Served:
 
 def slim(path: Path) -> Served:
     """MODEL_ONNX: the exported file, with no torch (its probe is checked once prepare exists, below)."""
-    try:
-        file = onnx_model.read(path, get_settings().threads)
-    except onnx_model.ModelFileError as error:
-        raise SystemExit(f"Cannot load the model: {error}") from None
+    file = onnx_model.read(path, get_settings().threads)
 
     def predict(batch: np.ndarray) -> np.ndarray:
         return onnx_model.softmax(file.forward(batch))
@@ -74,14 +71,9 @@ def slim(path: Path) -> Served:
                   file.weights, "onnxruntime", "cpu", "cpu", "fp32", float("nan"), model_file=file)
 
 
-served = slim(get_settings().model_onnx) if get_settings().model_onnx is not None else with_torch()
-RESIZE_SIZE, CROP_SIZE = served.preprocessing.resize, served.preprocessing.crop
-predict = served.predict
-
-
 def decode(data: bytes, draft: bool | None = None) -> Image.Image:
     """Uploaded bytes -> the upright RGB picture this model's preprocessing takes (images.decode)."""
-    return images.decode(data, RESIZE_SIZE, draft)
+    return images.decode(data, served.preprocessing.resize, draft)
 
 
 def prepare(data: bytes, draft: bool | None = None) -> np.ndarray:
@@ -119,11 +111,14 @@ def init_decode_thread() -> None:
         log.warning("could not lower the decode threads' CPU priority; the forward pass may be slowed by decoding")
 
 
-if served.model_file is not None:
-    try:
+try:
+    served = slim(get_settings().model_onnx) if get_settings().model_onnx is not None else with_torch()
+    if served.model_file is not None:  # the probe goes through prepare, as every upload does
         served = dataclasses.replace(served, max_score_difference=onnx_model.check_probe(served.model_file, prepare))
-    except onnx_model.ModelFileError as error:
-        raise SystemExit(f"Cannot load the model: {error}") from None
+except onnx_model.ModelFileError as error:
+    raise SystemExit(f"Cannot load the model: {error}") from None
+RESIZE_SIZE, CROP_SIZE = served.preprocessing.resize, served.preprocessing.crop
+predict = served.predict
 # A GPU's forward pass costs little more for 32 images than for 8; a CPU's grows with every image.
 DEFAULT_BATCH_SIZE = 32 if served.device_type == "cuda" else 8
 predict(np.zeros((1, 3, CROP_SIZE, CROP_SIZE), np.float32))
