@@ -4,8 +4,8 @@
 #
 #   make image                                    # docker or buildah, tagged as deploy/ names it
 #   docker build --target slim -t IMAGE-slim .    # the slim replica
-#   docker run -p 8000:8000 -v /srv/models:/models:ro IMAGE-slim   # serves /models/resnet18.onnx
-#   docker run -p 8000:8000 -v /srv/models:/models:ro -e MODEL_WEIGHTS=/models/resnet18-f37072fd.pth IMAGE
+#   docker run -p 8000:8000 -p 8001:8001 -v /srv/models:/models:ro IMAGE-slim   # serves /models/resnet18.onnx
+#   docker run -p 8000:8000 -p 8001:8001 -v /srv/models:/models:ro -e MODEL_WEIGHTS=/models/resnet18-f37072fd.pth IMAGE
 #   docker run -v /srv/models:/models:ro -v /srv/photos:/photos:ro -v /srv/out:/results \
 #       -e MODEL_WEIGHTS=/models/resnet18-f37072fd.pth IMAGE python -m classify /photos --out /results/r.jsonl
 #
@@ -35,6 +35,7 @@ RUN python3 -m venv /opt/venv \
 COPY *.py /app/
 COPY static/ /app/static/
 COPY migrations/ /app/migrations/
+COPY protos/ /app/protos/
 # Compiled now: the root filesystem is read-only at run time, and start-up need not compile.
 RUN /opt/venv/bin/python -m compileall -q /app /opt/venv/lib
 
@@ -69,11 +70,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp \
+    HOST=0.0.0.0 \
     JOBS_DATABASE_URL=sqlite:////data/jobs.sqlite3
 WORKDIR /app
-EXPOSE 8000
+# HTTP (PORT) and the Open Inference Protocol over gRPC (GRPC_PORT), both on HOST: every interface here.
+EXPOSE 8000 8001
 # Exec form: python is PID 1 and gets SIGTERM itself, so the drain runs (SHUTDOWN_TIMEOUT_S).
-CMD ["python", "-m", "uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "app"]
 
 # The slim replica: no torch. MODEL_ONNX names the exported file (mount it, or bake it in a derived image).
 FROM runtime AS slim

@@ -10,8 +10,16 @@ IMAGE ?= registry.example.com/classifier:1.0.0
 
 .PHONY: run demo test bench image docs protos clean postgresql buildah
 
-$(BIN)/.installed: requirements.txt requirements-runtime.txt requirements-slim.txt
-	$(PYTHON) -m venv $(VENV)
+# Serving needs requirements-runtime.txt alone; the tests, benchmarks and docs add requirements.txt's tools.
+RUNTIME := $(VENV)/.runtime-installed
+DEV := $(VENV)/.dev-installed
+
+$(RUNTIME): requirements-runtime.txt requirements-slim.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-runtime.txt
+	touch $@
+
+$(DEV): $(RUNTIME) requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
@@ -32,26 +40,27 @@ buildah:
 image:
 	$(PYTHON) bench/image_build.py --tag $(IMAGE)
 
-run: $(BIN)/.installed
-	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
+# HTTP on HOST:PORT, gRPC on HOST:GRPC_PORT (default 8001; GRPC_PORT=0 turns it off).
+run: $(RUNTIME)
+	HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app
 
 # Without the pretrained weights: seeded stand-in weights, and every answer, page and log line says so.
-demo: $(BIN)/.installed
-	DEMO=true MODEL_WEIGHTS= $(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
+demo: $(RUNTIME)
+	DEMO=true MODEL_WEIGHTS= HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app
 
 # The documentation site (MkDocs): docs/generate.py's pages from their sources, then the site in site/.
-docs: $(BIN)/.installed
+docs: $(DEV)
 	$(BIN)/python docs/generate.py
 	$(BIN)/mkdocs build --strict
 
 # The gRPC binding's code, generated from its .proto (committed, so the service needs no grpcio-tools).
-protos: $(BIN)/.installed
+protos: $(DEV)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/inference.proto
 
-test: $(BIN)/.installed $(CHROMIUM) postgresql buildah
+test: $(DEV) $(CHROMIUM) postgresql buildah
 	$(BIN)/python -m pytest -q tests
 
-bench: $(BIN)/.installed
+bench: $(DEV)
 	command -v hey >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q hey; }
 	$(BIN)/python bench/benchmark.py
 

@@ -4,6 +4,8 @@ routes (batcher, job worker, readiness) is built in service.py; the model lives 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -374,3 +376,31 @@ def openapi() -> dict[str, Any]:
 
 
 app.openapi = openapi  # type: ignore[method-assign]
+
+
+# --- python -m app: HTTP on HOST:PORT, gRPC beside it on HOST:GRPC_PORT -------------------------------------
+
+
+def listening_socket(host: str, port: int, what: str, setting: str) -> socket.socket:
+    """A socket bound to host:port, or the one line that names the settings to change (the port is taken, the
+    address is not this machine's)."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as error:
+        raise SystemExit(f"Cannot listen for {what} on {host}:{port} (HOST, {setting}): "
+                         f"{os.strerror(error.errno) if error.errno else error}") from None
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = get_settings()
+    http = listening_socket(settings.host, settings.port, "HTTP", "PORT")  # uvicorn serves this socket
+    if settings.grpc_port:  # gRPC binds its own in the lifespan: its port is tried now, for the same one line
+        listening_socket(settings.host, settings.grpc_port, "gRPC", "GRPC_PORT").close()
+    log.info("HTTP on %s:%d", settings.host, settings.port)
+    uvicorn.Server(uvicorn.Config(app)).run(sockets=[http])
+
+
+if __name__ == "__main__":
+    main()

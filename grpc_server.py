@@ -168,15 +168,22 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def serve(port: int) -> grpc.aio.Server:
-    """The gRPC server, listening on port (all interfaces, as uvicorn does in a container). A message over
+async def serve(host: str, port: int) -> grpc.aio.Server:
+    """The gRPC server, listening on host:port (HOST, GRPC_PORT: where HTTP listens too). A message over
     MAX_UPLOAD_BYTES is refused by gRPC itself with RESOURCE_EXHAUSTED before it is read whole."""
     limit = get_settings().max_upload_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+                                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                                      ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(), server)
-    if server.add_insecure_port(f"[::]:{port}") == 0:
-        raise SystemExit(f"cannot listen for gRPC on port {port} (GRPC_PORT): in use?")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
+    if bound == 0:
+        raise SystemExit(f"Cannot listen for gRPC on {address} (HOST, GRPC_PORT): the port is in use, or the "
+                         "address is not this machine's")
     await server.start()
-    log.info("Open Inference Protocol over gRPC on port %d", port)
+    log.info("Open Inference Protocol over gRPC on %s", address)
     return server

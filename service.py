@@ -79,7 +79,7 @@ class Service:
         if get_settings().grpc_port:
             import grpc_server  # the gRPC binding of /v2, on its own port
 
-            self.grpc = await grpc_server.serve(get_settings().grpc_port)
+            self.grpc = await grpc_server.serve(get_settings().host, get_settings().grpc_port)
         self._drain_on_sigterm()
         self.ready = True
 

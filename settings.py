@@ -87,14 +87,19 @@ class Settings(BaseSettings):
     cache_entries: int = Field(10_000, ge=0, description="Answers kept for repeated images (exact bytes), about 4.3 KB each "
                                "(the default about 42 MB); 0 turns the cache off")
 
+    # Where it listens
+    host: str = Field("127.0.0.1", min_length=1, description="The address HTTP and gRPC listen on (python -m app): "
+                      "127.0.0.1 this machine only; 0.0.0.0 every interface (the container image's; HTTP on IPv4 only), :: IPv6 too")
+    port: int = Field(8000, ge=1, le=65535, description="The port of HTTP (python -m app)")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="The port of the Open Inference Protocol over gRPC, on "
+                           "HOST beside HTTP; 0 turns it off")
+
     # HTTP
     cors_origins: Names = Field([], description="Web origins allowed to call the API from a browser, comma-separated")
     api_key: str | None = Field(None, repr=False, description="When set, the key every prediction and job route requires")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe log level written")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object each")
     shutdown_timeout_s: float = Field(20, ge=0, description="On SIGTERM, how long accepted requests may take to finish")
-    grpc_port: int = Field(8001, ge=0, le=65535, description="The port of the Open Inference Protocol over gRPC, beside "
-                           "the HTTP one; 0 turns it off")
 
     # Asynchronous jobs
     jobs_database_url: str = Field("sqlite:///data/jobs.sqlite3",
@@ -223,6 +228,10 @@ def _sentence(error: ValidationError) -> str:
             return f"{name}={raw!r} must be true or false"
         if kind in ("greater_than_equal", "finite_number"):
             return f"{name}={raw} must be at least {context.get('ge', 0):g}"
+        if kind == "less_than_equal":
+            return f"{name}={raw} must be at most {context.get('le', 0):g}"
+        if kind == "string_too_short":
+            return f"{name} must not be empty"
         if kind == "literal_error":
             return f"{name}={raw!r} must be one of {context['expected'].replace(' or ', ', ')}"
         return f"{name}={raw!r}: {problem['msg']}"

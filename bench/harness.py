@@ -97,12 +97,15 @@ class Server:
 
 def start_server(env: dict[str, str], *, cwd: Path = REPO, output: IO | None = None, timeout: float = 300,
                  app: str = "app:app", app_dir: Path = REPO) -> Server:
-    """`uvicorn app:app` (or another app) on a free port of 127.0.0.1 with exactly env, from cwd; returns once
-    /ready answers 200. output: where its logs go (default: this process's)."""
+    """The service as the image runs it, `python -m app` (another app: with uvicorn), on a free port of 127.0.0.1
+    with exactly env (and HOST, PORT), from cwd; returns once /ready answers 200. output: where its logs go
+    (default: this process's)."""
     port = free_port()
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--port", str(port)],
-                               cwd=cwd, env=env, stdout=output, stderr=output)
+    command = ["-m", "app"] if app == "app:app" else ["-m", "uvicorn", app, "--port", str(port)]
+    path = os.pathsep.join(filter(None, [str(app_dir), env.get("PYTHONPATH")]))  # cwd need not be the code's folder
+    process = subprocess.Popen([sys.executable, *command], cwd=cwd, stdout=output, stderr=output,
+                               env={**env, "PYTHONPATH": path, "HOST": "127.0.0.1", "PORT": str(port)})
     url = f"http://127.0.0.1:{port}"
     while time.perf_counter() - started < timeout:
         if process.poll() is not None:

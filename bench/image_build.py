@@ -129,9 +129,13 @@ def cold_start(tag: str, model: Path, setting: str = "MODEL_WEIGHTS") -> float:
         port = probe.getsockname()[1]
     container = subprocess.run(["buildah", "from", tag], check=True, capture_output=True, text=True).stdout.strip()
     started = time.perf_counter()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    # The image's command, gRPC included; on loopback, as this machine's network is shared with the container.
     process = subprocess.Popen(["buildah", "run", "--isolation", "chroot", "--network", "host",
-                                f"-v={model.parent}:/models:ro", f"-e={setting}=/models/{model.name}", "-e=GRPC_PORT=0",
-                                container, "--", "python", "-m", "uvicorn", "app:app", "--port", str(port)],
+                                f"-v={model.parent}:/models:ro", f"-e={setting}=/models/{model.name}", "-e=HOST=127.0.0.1",
+                                f"-e=PORT={port}", f"-e=GRPC_PORT={grpc_port}", container, "--", "python", "-m", "app"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:

@@ -55,9 +55,7 @@ def test_the_deployment_matches_the_service_it_runs(server: Server):
     pod = found["Deployment/classifier"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    command = container["command"]
-    assert command[:4] == ["python", "-m", "uvicorn", "app:app"]
-    assert int(command[command.index("--port") + 1]) == ports["http"]
+    assert container["command"] == ["python", "-m", "app"]  # HTTP on PORT, gRPC on GRPC_PORT, both on the image's HOST
     assert {port["targetPort"] for port in found["Service/classifier"]["spec"]["ports"]} == set(ports)
 
     # The probes name paths this service answers 200 on, on its port.
@@ -73,6 +71,7 @@ def test_the_deployment_matches_the_service_it_runs(server: Server):
     from settings import Settings
 
     assert int(env["GRPC_PORT"]["value"]) == ports["grpc"] == Settings.model_fields["grpc_port"].default
+    assert int(env["PORT"]["value"]) == ports["http"] == Settings.model_fields["port"].default
     assert set(env) - {"PYTHONDONTWRITEBYTECODE"} <= settings_read()
     secret = found["Secret/classifier"]["stringData"]
     for item in env.values():

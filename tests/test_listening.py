@@ -1,0 +1,113 @@
+"""Where `python -m app` listens: HTTP and gRPC both on HOST (loopback unless told otherwise), read from the
+kernel's table of listening sockets, never by sending traffic anywhere but loopback; a port in use is one line
+that names the setting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import REPO, free_port, start_server
+
+LISTEN = "0A"  # the TCP state in /proc/net/tcp*
+
+
+def address(hex_address: str) -> str:
+    """/proc/net/tcp's hex address -> text: 0100007F -> 127.0.0.1; an IPv6 one, IPv4-mapped ones as IPv4."""
+    raw = bytes.fromhex(hex_address)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    ipv6 = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # four little-endian words
+    text = socket.inet_ntop(socket.AF_INET6, ipv6)
+    return text.removeprefix("::ffff:") if text.startswith("::ffff:") and "." in text else text
+
+
+def listening(pid: int) -> dict[int, set[str]]:
+    """The ports a process listens on, each with the addresses it is bound to."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports: dict[int, set[str]] = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == LISTEN and inode in inodes:
+                host, port = local.split(":")
+                ports.setdefault(int(port, 16), set()).add(address(host))
+    return ports
+
+
+def test_the_address_reader_reads_ipv4_ipv6_and_mapped_addresses():
+    assert address("0100007F") == "127.0.0.1" and address("00000000") == "0.0.0.0"
+    assert address("0000000000000000FFFF00000100007F") == "127.0.0.1"
+    assert address("00000000000000000000000001000000") == "::1"
+    assert address("00000000000000000000000000000000") == "::"
+
+
+def test_with_host_loopback_http_and_grpc_listen_on_loopback_only(weights_file, tmp_path):
+    grpc_port = free_port()
+    server = start_server(tmp_path, GRPC_PORT=str(grpc_port))  # HOST=127.0.0.1, as make run sets it
+    try:
+        http_port = int(server.url.rsplit(":", 1)[1])
+        assert listening(server.process.pid) == {http_port: {"127.0.0.1"}, grpc_port: {"127.0.0.1"}}
+    finally:
+        server.stop()
+
+
+def serve(env: dict[str, str], tmp_path: Path) -> subprocess.Popen:
+    """python -m app as a user starts it, with exactly these settings added (no HOST unless given)."""
+    base = {key: value for key, value in os.environ.items() if key not in ("HOST", "PORT", "GRPC_PORT")}
+    return subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**base, "LOG_LEVEL": "warning", "JOBS_DATABASE_URL":
+                                            f"sqlite:///{tmp_path / 'jobs.sqlite3'}", **env})
+
+
+def test_by_default_both_listen_on_loopback(weights_file, tmp_path):
+    http_port, grpc_port = free_port(), free_port()
+    process = serve({"PORT": str(http_port), "GRPC_PORT": str(grpc_port)}, tmp_path)  # HOST unset: its default
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.1)
+        assert listening(process.pid) == {http_port: {"127.0.0.1"}, grpc_port: {"127.0.0.1"}}
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("taken", ["PORT", "GRPC_PORT"])
+def test_a_port_in_use_is_one_line_naming_its_setting(weights_file, tmp_path, taken):
+    with socket.create_server(("127.0.0.1", 0)) as other:  # another program holds the port
+        ports = {"PORT": str(free_port()), "GRPC_PORT": str(free_port()), taken: str(other.getsockname()[1])}
+        process = serve({"HOST": "127.0.0.1", **ports}, tmp_path)
+        _, stderr = process.communicate(timeout=120)
+    protocol = "HTTP" if taken == "PORT" else "gRPC"
+    assert process.returncode == 1
+    assert stderr.strip() == f"Cannot listen for {protocol} on 127.0.0.1:{ports[taken]} (HOST, {taken}): Address already in use"
+
+
+def test_a_port_out_of_range_is_one_line():
+    from settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=r"^PORT=70000 must be at most 65535$"):
+        Settings.from_env({"PORT": "70000"})
