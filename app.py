@@ -43,7 +43,7 @@ from images import ImageError  # noqa: E402
 from labels import LABELS  # noqa: E402
 from observability import REJECTED, every_route  # noqa: E402
 from outcomes import Prediction, failure, outcome, top_k  # noqa: E402
-from schemas import BatchItem, BatchResults, Error, TopK, TopKParameter, errors  # noqa: E402
+from schemas import FILE_PART, BatchItem, BatchResults, Error, TopK, TopKParameter, errors  # noqa: E402
 from service import UNAUTHORIZED, authorized, service  # noqa: E402
 
 log = logging.getLogger("app")
@@ -367,6 +367,8 @@ def openapi() -> dict[str, Any]:
                 operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
                 operation["responses"]["401"] = {"description": "No valid API key",
                                                  "content": {"application/json": {"schema": error}}}
+    batch = document["paths"]["/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    schemas[batch["$ref"].rsplit("/", 1)[1]]["properties"]["files"]["items"] = FILE_PART  # bytes, whatever they spell
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     if get_settings().api_key is not None:

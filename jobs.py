@@ -28,7 +28,7 @@ from images import ImageTooLarge
 from jobstore import TERMINAL, JobStore, NewImage, PendingFull
 from jobworker import JobWorker
 from observability import JOBS_FINISHED, JOBS_SUBMITTED, REJECTED
-from schemas import BatchItem, Job, TopKParameter, errors, result_line
+from schemas import FILE_PART, BatchItem, Job, TopKParameter, errors, result_line
 from service import service, too_many
 from settings import get_settings
 
@@ -59,7 +59,7 @@ def submission_schema() -> dict:
     """The multipart body of POST /jobs, as this service takes it: files, and a webhook only where one may be
     given (WEBHOOK_ALLOWED_HOSTS), to one of those hosts."""
     settings = get_settings()
-    fields = {"files": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+    fields = {"files": {"type": "array", "items": FILE_PART,
                         "minItems": 1, "maxItems": settings.max_job_files,
                         "description": f"1 to {settings.max_job_files} photos (MAX_JOB_FILES), field repeated; more: 413"}}
     if settings.webhook_allowed_hosts:
@@ -161,19 +161,21 @@ async def submit(
     or an error of its own (a bad image does not fail the job)."""
     settings = get_settings()
     jobs = store()
-    multipart_only(request)  # also for a repeated key: a request that is no submission gets no job
-    if idempotency_key and (existing := await asyncio.to_thread(jobs.by_idempotency_key, idempotency_key)):
-        return job_response(existing, 200)
+    multipart_only(request)
+    existing = await asyncio.to_thread(jobs.by_idempotency_key, idempotency_key) if idempotency_key else None
     declared = request.headers.get("content-length", "")
-    if declared.isdigit():  # refuse before reading a body that would not fit
+    if existing is None and declared.isdigit():  # refuse before reading a body that would not fit
         backlog = await asyncio.to_thread(jobs.backlog)
         if backlog.bytes + int(declared) > settings.jobs_max_pending_bytes:
             raise jobs_full(backlog.bytes)
+    # A repeated key's body is read and checked too: a request that is no valid submission gets no job.
     files, webhook = await read_submission(request)
     if not files:
         raise HTTPException(422, "no images: send them as multipart/form-data field 'files', repeated")
     if webhook and (reason := webhooks.refusal(webhook, settings.webhook_allowed_hosts)):
         raise HTTPException(422, reason)
+    if existing is not None:
+        return job_response(existing, 200)
     images = []
     for index, upload in enumerate(files):
         data = await upload.read()

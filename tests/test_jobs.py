@@ -199,6 +199,11 @@ def test_the_same_idempotency_key_returns_the_same_job(jobs_server):
     assert (first.status_code, again.status_code) == (202, 200)
     assert again.json()["id"] == first.json()["id"] and again.json()["total"] == 3
     assert again.headers["location"] == first.headers["location"]
+    # A repeated key does not excuse the body: what is no valid submission is refused, as without a key.
+    stray = httpx.post(f"{jobs_server.url}/jobs", headers=key, files=[("files", ("a.png", photo_bytes("coffee.png"))),
+                                                                      ("colour", (None, "blue"))])
+    assert stray.status_code == 422 and "unknown field 'colour'" in stray.json()["detail"]
+    assert httpx.post(f"{jobs_server.url}/jobs", headers=key, files=[("webhook", (None, "x"))]).status_code == 422
     assert httpx.delete(f"{jobs_server.url}/jobs/{first.json()['id']}").status_code == 204
     fresh = submit(jobs_server, variants(2), headers=key)  # the key's job is gone: a new one
     assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
