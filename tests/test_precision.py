@@ -45,6 +45,37 @@ def test_fp16_on_the_cpu_is_refused(weights_file, tmp_path):
     assert_fails_clearly(result, "PRECISION=fp16 is for GPUs")
 
 
+def confident_weights(weights_file, folder) -> str:
+    """The stand-in with its logits sharpened (x3): on the start-up probe its top scores look like a trained
+    model's rather than near-uniform, so bf16's rounding moves them by more than 1e-2 (1.4e-2 on an AVX512_BF16
+    CPU), as real pretrained weights do."""
+    state = torch.load(weights_file, weights_only=True)
+    state["fc.weight"] *= 3
+    state["fc.bias"] *= 3
+    torch.save(state, folder / "confident.pth")
+    return str(folder / "confident.pth")
+
+
+def test_bf16_starts_with_confident_weights(weights_file, tmp_path):
+    # FORCE_PRECISION: the test also runs on CPUs without native bf16, where the service would refuse it.
+    result = start({"MODEL_WEIGHTS": confident_weights(weights_file, tmp_path), "PRECISION": "bf16",
+                    "DEVICE": "cpu", "FORCE_PRECISION": "true"}, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_reduced_precision_is_measured_and_refused_only_when_broken(app):
+    import torch_model
+
+    def rounded(batch):  # a forward pass whose scores differ from fp32's far beyond rounding
+        return torch_model.model(batch) * 3
+
+    assert torch_model.check_parity(rounded, None) > 0.1  # shown, not refused: bench/accuracy.py judges it
+    with pytest.raises(torch_model.ModelLoadError, match="differs from fp32 torch"):
+        torch_model.check_parity(rounded)  # fp32 must match
+    with pytest.raises(torch_model.ModelLoadError, match="not numbers"):
+        torch_model.check_parity(lambda batch: torch.full((len(batch), 1000), float("nan")), None)
+
+
 def test_onnxruntime_with_reduced_precision_is_a_settings_error():
     from settings import Settings, SettingsError
 
