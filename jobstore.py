@@ -38,14 +38,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = ("succeeded", "canceled")
 MAX_ATTEMPTS = 3  # an image claimed this often without a result keeps killing its worker: it gets an error instead
 
 metadata = MetaData()
 jobs = Table(
     "jobs", metadata,
     Column("id", String(32), primary_key=True),
-    Column("status", String(16), nullable=False),  # queued, running, succeeded, failed, canceled
+    Column("status", String(16), nullable=False),  # queued, running, succeeded, canceled
     Column("k", Integer, nullable=False),
     Column("total", Integer, nullable=False),
     Column("done", Integer, nullable=False, default=0),

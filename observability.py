@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching import BatchStats
 from cache import ResultCache
+from jobstore import TERMINAL
 from settings import get_settings
 
 REQUESTS = Counter("http_requests_total", "HTTP requests answered, by route and status", ["method", "endpoint", "status"])
@@ -50,7 +51,7 @@ JOB_OLDEST_PENDING_AGE = Gauge("job_oldest_pending_image_age_seconds",
                                "Age of the oldest unclassified job image; 0 when there is none (a signal to scale on)")
 JOB_STORE_DISK_FULL = Gauge("job_store_disk_full",
                             "1 while the job store's disk is full (its last write failed for lack of space), else 0")
-for status in ("succeeded", "failed", "canceled"):
+for status in TERMINAL:
     JOBS_FINISHED.labels(status)
 for outcome in ("classified", "error"):
     JOB_IMAGES.labels(outcome)

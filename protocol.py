@@ -37,7 +37,8 @@ MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "inference-header-content-length"
 IMAGE_SHAPE = (3, model.CROP_SIZE, model.CROP_SIZE)
-PLATFORM = "onnxruntime_onnx" if model.served.model_file is not None else "pytorch"  # Triton's names
+# Triton's names for what runs the forward pass: ONNX Runtime for a slim replica, BACKEND=onnxruntime and int8.
+PLATFORM = "onnxruntime_onnx" if model.served.backend == "onnxruntime" else "pytorch"
 
 # A JSON body of numbers grows about eightfold once parsed (a Python float per "0.1,"): large bodies are
 # parsed one at a time, off the event loop, so MAX_UPLOAD_BYTES x 8 is the most that parsing ever holds.

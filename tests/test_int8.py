@@ -84,6 +84,7 @@ def start(env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_the_service_serves_int8_and_says_how_it_was_made(int8_server, int8_model, app):
     served = httpx.get(f"{int8_server.url}/model").json()
     assert (served["precision"], served["backend"]) == ("int8", "onnxruntime")
+    assert httpx.get(f"{int8_server.url}/v2/models/resnet18").json()["platform"] == "onnxruntime_onnx"  # what runs it
     made = served["int8"]
     assert made["weights"] == app.model.served.weights_hash and made["calibration_images"] == len(CALIBRATION)
     digest = hashlib.blake2b(digest_size=16)

@@ -44,7 +44,7 @@ def job_when(server: Server, job_id: str, until, timeout: float = 180) -> dict:
 
 
 def ended(job: dict) -> bool:
-    return job["status"] in ("succeeded", "failed", "canceled")
+    return job["status"] in ("succeeded", "canceled")
 
 
 def stored(database: str, job_id: str) -> tuple[int, int, int]:
