@@ -2,11 +2,11 @@
 forward pass as the slim replica's), and the slim replica (MODEL_ONNX, python -m export's file, run where
 torch cannot be imported).
 
-    python bench/slim.py [--seconds 10] [--out docs/results/slim.json]
+    python bench/slim.py [--seconds 10] [--out bench/results/slim.json]
 
 For each: process start to /ready, resident memory once ready and after the load runs and 1,000 more
 requests at c=8, its peak, and /predict at c=1 and c=8 with ImageNet-size JPEGs (cache off). Also run by
-bench/benchmark.py (make bench), which checks the issue's targets on these rows.
+bench/benchmark.py (make bench), which checks their targets and publishes these rows.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "slim.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "slim.json")
     args = parser.parse_args()
     started = datetime.now(timezone.utc)
     rows = measure(args.seconds)

@@ -62,6 +62,13 @@ def test_the_performance_page_and_its_plots_are_rendered_from_the_newest_results
     assert results["machine"]["cpu"] in (DOCS / "performance.md").read_text()  # every figure names its machine
 
 
+def test_the_readme_set_up_figures_are_rendered_from_the_newest_results_file():
+    source, results, _ = generate.performance_from_files()
+    text = (REPO / "README.md").read_text()
+    assert generate.readme(text, results, source.name) == text, "run: .venv/bin/python docs/generate.py"
+    assert f"{results['setup']['runtime_install_s']:g} s" in text
+
+
 def test_a_figure_changed_by_hand_is_caught():
     source = generate.newest_results()
     results = json.loads(source.read_text())
