@@ -111,3 +111,27 @@ def test_a_port_out_of_range_is_one_line():
 
     with pytest.raises(SettingsError, match=r"^PORT=70000 must be at most 65535$"):
         Settings.from_env({"PORT": "70000"})
+
+
+def test_connections_to_the_http_socket_go_without_nagles_delay(app):
+    """asyncio turns Nagle's algorithm off only on sockets made as TCP (proto IPPROTO_TCP): with it on, a
+    response waited for the client's delayed ACK, about 40 ms per request."""
+    import asyncio
+
+    async def accepted_nodelay() -> int:
+        listener = app.listening_socket("127.0.0.1", free_port(), "HTTP", "PORT")
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(connected, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
