@@ -107,16 +107,26 @@ def start_server(env: dict[str, str], *, cwd: Path = REPO, output: IO | None = N
     process = subprocess.Popen([sys.executable, *command], cwd=cwd, stdout=output, stderr=output,
                                env={**env, "PYTHONPATH": path, "HOST": "127.0.0.1", "PORT": str(port)})
     url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - started < timeout:
+    try:
+        wait_until_ready(url, process, timeout)
+    except RuntimeError:
+        process.kill()
+        raise
+    return Server(url, process, time.perf_counter() - started)
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until url/ready answers 200; RuntimeError if the process exits first or timeout passes."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the service exited with {process.returncode} before it was ready; see its output")
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return Server(url, process, time.perf_counter() - started)
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    process.kill()
     raise RuntimeError(f"the service was not ready within {timeout:g} s")
 
 

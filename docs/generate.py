@@ -234,7 +234,7 @@ def candidates_section(candidates: dict | None) -> list[str]:
     lines = []
     if candidates:
         lines += [f"## How int8's quantizer was chosen: `bench/int8_candidates.py`, {candidates['date']}, on "
-                  f"{candidates['machine']}", "",
+                  f"{candidates['machine']} {{#how-int8s-quantizer-was-chosen}}", "",
                   f"Not part of `make bench`. {candidates['threads']} threads; forward pass alone at batch 8; calibrated on "
                   f"{candidates['calibration_photos']} photos, measured on {candidates['measured_photos']} others "
                   "(agreement with fp32 torch, the logits sharpened to a median top-1 score of 0.8):", "",
@@ -320,6 +320,7 @@ def performance_page(results: dict, source: str, image: dict | None, candidates:
         lines.append(f"| {backend} | {ceiling['images_per_s']:.1f} | {ceiling['low']:.1f}–{ceiling['high']:.1f} | "
                      f"{before['images_per_s']:.1f} / {after['images_per_s']:.1f} | {before['steal_pct']} % / "
                      f"{after['steal_pct']} % | {ceiling['single_image_s'] * 1000:.1f} |")
+    lines.append("")
     lines += accuracy_section(results["accuracy"])
     lines += int8_section(results.get("int8"))
     rows = {row["row"]: row for row in results["rows"]}
@@ -335,7 +336,7 @@ def image_section(image: dict | None) -> list[str]:
         return ["## The container image", "", "Not measured yet: run `python3 bench/image_build.py --results "
                 "docs/results/image.json`.", ""]
     torch_from = image["torch_index_url"] or "PyPI's CUDA build (its default index unreachable there), not the CPU wheels `make image` installs"
-    lines = [f"## The container image: `bench/image_build.py`, {image['date']}, on {image['cpu']}", "",
+    lines = [f"## The container image: `bench/image_build.py`, {image['date']}, on {image['cpu']} {{#the-container-image}}", "",
              "Not part of `make bench`: a build without the layer cache, run on its own.", "",
              "| image | torch in it | size | container start to `/ready` | build |", "| --- | --- | ---: | ---: | ---: |",
              f"| `{image['tag']}` | {torch_from} | {image['size_bytes'] / 1e9:.2f} GB | "

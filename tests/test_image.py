@@ -30,7 +30,7 @@ import pytest
 import tritonclient.grpc as tritonclient
 from PIL import Image
 
-from conftest import API_KEY, PHOTOS, REPO, TOLERANCE, encode, free_port, photo, photo_bytes, upload
+from conftest import API_KEY, PHOTOS, REPO, TOLERANCE, encode, free_port, harness, photo, photo_bytes, upload
 from test_listening import listening
 
 import image_build  # bench/image_build.py: what make image and bench/image.py run too
@@ -186,16 +186,10 @@ def serve(name: str, rootfs: Path, volumes: dict[str, Path], log: Path, containe
     service = Running(process, rootfs, f"http://127.0.0.1:{ports['PORT']}", f"127.0.0.1:{ports['GRPC_PORT']}",
                       {"Authorization": f"Bearer {API_KEY}"})
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{service.url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service in the image was never ready"
-            time.sleep(0.2)
+        try:
+            harness.wait_until_ready(service.url, process)
+        except RuntimeError as error:
+            raise AssertionError(f"{error}\n{log.read_text()[-3000:]}") from None
         (service.pid,) = set(processes(SERVICE)) - earlier
         uid = re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{service.pid}/status").read_text(), re.M).group(1)
         assert int(uid) == UID

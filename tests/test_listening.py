@@ -8,13 +8,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import REPO, free_port, start_server
+from conftest import REPO, free_port, harness, start_server
 
 LISTEN = "0A"  # the TCP state in /proc/net/tcp*
 
@@ -79,16 +77,7 @@ def test_by_default_both_listen_on_loopback(weights_file, tmp_path):
     http_port, grpc_port = free_port(), free_port()
     process = serve({"PORT": str(http_port), "GRPC_PORT": str(grpc_port)}, tmp_path)  # HOST unset: its default
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.communicate()
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "never ready"
-            time.sleep(0.1)
+        harness.wait_until_ready(f"http://127.0.0.1:{http_port}", process)
         assert listening(process.pid) == {http_port: {"127.0.0.1"}, grpc_port: {"127.0.0.1"}}
     finally:
         process.terminate()
