@@ -104,10 +104,22 @@ def build(tag: str, torch_index_url: str = "", cache: bool = True, target: str |
         subprocess.run(["docker", "build", *arguments], check=True)
         return tag
     ensure_base()
+    replaced = image_id(tag)
     with tempfile.TemporaryDirectory() as work:
         subprocess.run(["buildah", "bud", "--isolation", "chroot", "--network", "host", "--layers",
                         *local_wheel_mounts(Path(work)), *arguments], check=True)
+    if replaced and replaced != image_id(tag):
+        # The image the tag named before, and the build-cache layers no image uses any more: each build of
+        # changed code leaves several GB of them, and they filled a test machine's disk.
+        subprocess.run(["buildah", "rmi", replaced], capture_output=True)
+        subprocess.run(["buildah", "rmi", "--prune"], capture_output=True)
     return tag
+
+
+def image_id(name: str) -> str | None:
+    found = subprocess.run(["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", name],
+                           capture_output=True, text=True)
+    return found.stdout.strip() or None if found.returncode == 0 else None
 
 
 def size_bytes(tag: str) -> int:
