@@ -159,6 +159,9 @@ def measure_precision(exact: list, reference, precision: str) -> dict:
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference))}
 
 
+SIZES = [375, 512, 768, 1024, 1536, 2048, 3000]  # the shorter sides each photo is measured at, by default
+
+
 # int8 is calibrated on variants of these photos and measured on the others': never on its calibration photos.
 CALIBRATION_PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "retina.jpg", "coins.png")
 INT8_SIZES = [300, 375, 448, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3000]
@@ -244,7 +247,7 @@ def measure_draft_and_bf16(sizes: list[int], skip: set[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="375,512,768,1024,1536,2048,3000",
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
                         type=lambda text: [int(size) for size in text.split(",")], help="shorter sides, in pixels")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json")
     parser.add_argument("--int8-model", type=Path, help="measure this int8 model (default: build one with python -m quantize)")

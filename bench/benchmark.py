@@ -90,12 +90,12 @@ def native_bf16() -> bool:
 def opt_in_accuracy() -> dict:
     """What JPEG_DRAFT and PRECISION=bf16 change in the answers against the exact default, over bench/accuracy.py's
     photos at its default sizes (375 to 3000 px): largest and median score differences, top-1 and top-5 kept."""
-    from accuracy import measure_draft_and_bf16
+    from accuracy import SIZES, measure_draft_and_bf16
 
     import model
 
     model.init_inference_thread()
-    return measure_draft_and_bf16([375, 512, 768, 1024, 1536, 2048, 3000], set())
+    return measure_draft_and_bf16(SIZES, set())
 
 
 def int8_model(work: str) -> str:

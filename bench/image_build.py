@@ -130,20 +130,23 @@ def size_bytes(tag: str) -> int:
     return round(float(number) * {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])
 
 
-def cold_start(tag: str, model: Path, setting: str = "MODEL_WEIGHTS") -> float:
-    """Seconds from starting a container of the image (Buildah) to its first 200 on /ready; model: the weights
-    (MODEL_WEIGHTS) or the exported file (setting MODEL_ONNX) it serves."""
+def free_port() -> int:
+    """A port of 127.0.0.1 free now (harness.free_port's twin: this file needs only the standard library)."""
     import socket
-    import urllib.request
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def cold_start(tag: str, model: Path, setting: str = "MODEL_WEIGHTS") -> float:
+    """Seconds from starting a container of the image (Buildah) to its first 200 on /ready; model: the weights
+    (MODEL_WEIGHTS) or the exported file (setting MODEL_ONNX) it serves."""
+    import urllib.request
+
+    port, grpc_port = free_port(), free_port()
     container = subprocess.run(["buildah", "from", tag], check=True, capture_output=True, text=True).stdout.strip()
     started = time.perf_counter()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        grpc_port = probe.getsockname()[1]
     # The image's command, gRPC included; on loopback, as this machine's network is shared with the container.
     process = subprocess.Popen(["buildah", "run", "--isolation", "chroot", "--network", "host",
                                 f"-v={model.parent}:/models:ro", f"-e={setting}=/models/{model.name}", "-e=HOST=127.0.0.1",
