@@ -296,7 +296,8 @@ def test_draft_decode_keeps_twice_the_resize_and_the_answer(app, name, shorter_s
     with torch.inference_mode():
         logits = torch_model.forward(torch.from_numpy(np.stack([drafted, full])))
     # The stand-in weights' answers are flat; sharpened x7 they are as confident as trained weights
-    # (bench/accuracy.py), which is where a score difference shows. The performance page publishes what make bench measured.
+    # (bench/accuracy.py), which is where a score difference shows. The performance page publishes what
+    # make bench measured.
     for sharpening, bound in ((1, 0.03), (7, 0.06)):
         scores = torch.softmax(logits * sharpening, 1)
         difference = (scores[0] - scores[1]).abs().max().item()
