@@ -32,12 +32,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cache import ResultCache
+from errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 
-class Overloaded(Exception):
+class Overloaded(Unavailable):
     """More images are in flight than `max_queue` allows: refuse now rather than queue forever."""
+
+    reason = "overloaded"
 
 
 @dataclass
@@ -159,11 +162,15 @@ class Batcher:
     def full(self, images: int = 1) -> bool:
         return self.in_flight + images > self.max_queue
 
+    def overloaded(self) -> Overloaded:
+        return Overloaded(f"the service is overloaded (more than MAX_QUEUE={self.max_queue} images in flight); "
+                          "retry shortly")
+
     @contextmanager
     def admit(self, images: int = 1) -> Iterator[None]:
         """Count images in flight (decoding, queued or in a forward pass), refusing past max_queue."""
         if self.full(images):
-            raise Overloaded(f"{self.in_flight} images are already in flight (MAX_QUEUE={self.max_queue})")
+            raise self.overloaded()
         self.in_flight += images
         try:
             yield

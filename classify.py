@@ -7,8 +7,9 @@ One line per image, appended and flushed as each batch finishes, so a crash lose
 `--resume` carries on where the file ends. Each line is an image's outcome as the API gives it:
 {"path", "predictions": [{label, index, score}, ...]} or {"path", "error": {"status", "detail"}} (CSV: the
 columns path, status, error, then label/index/score by rank). Decoding and the forward pass are the service's
-(model.prepare, batching.predict_each: a batch that fails is retried image by image). Exit status: 0 when
-every image was classified, 1 when any failed, 2 for a usage error.
+(model.Runtime.prepare, batching.predict_each: a batch that fails is retried image by image), with the
+service's settings (MODEL_WEIGHTS, BACKEND, PRECISION, MAX_IMAGE_PIXELS, JPEG_DRAFT, ...). Exit status: 0
+when every image was classified, 1 when any failed, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import sys
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model import NUM_CLASSES
+
 if TYPE_CHECKING:
     from cache import ResultCache
+    from model import Runtime
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".avif", ".bmp", ".tif", ".tiff"}
 
@@ -66,8 +70,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="i/n",
                         help="classify only shard i of n (0-based); run n copies anywhere to split the work")
     args = parser.parse_args(argv)
-    if args.k > 1000:
-        parser.error("--k must be at most 1000")
+    if args.k > NUM_CLASSES:
+        parser.error(f"--k must be at most {NUM_CLASSES}")
     if args.out.exists() and not args.resume:
         parser.error(f"{args.out} exists: pass --resume to continue it, or choose another --out")
     return args
@@ -140,10 +144,9 @@ class Prepared:
     image: Any = None  # the model's input [3, 224, 224], when the answer is not known yet
 
 
-def read_and_prepare(path: Path, cache: ResultCache | None) -> Prepared:
+def read_and_prepare(path: Path, cache: ResultCache | None, prepare: Callable[[bytes], Any]) -> Prepared:
     """A file -> its answer from the cache, or its model input, or why it has none (in a decode thread)."""
     import images
-    import model
 
     try:
         data = path.read_bytes()
@@ -153,15 +156,14 @@ def read_and_prepare(path: Path, cache: ResultCache | None) -> Prepared:
     if key is not None and (kept := cache.get(key)) is not None:
         return Prepared(key, kept)
     try:
-        return Prepared(key, None, model.prepare(data))
+        return Prepared(key, None, prepare(data))
     except images.ImageError as error:
         return Prepared(key, error)
 
 
-def answer(batch: list[Prepared], cache: ResultCache | None) -> list[Any]:
+def answer(batch: list[Prepared], cache: ResultCache | None, predict: Callable[[Any], Any]) -> list[Any]:
     """Each file's probabilities or exception: one forward pass for the images whose answer is not known, each
     distinct image once (a batch that fails is retried image by image, batching.predict_each), then kept."""
-    import model
     from batching import predict_each
 
     todo: dict[bytes | int, int] = {}  # key (or position, without a cache) -> index in the forward pass
@@ -172,7 +174,7 @@ def answer(batch: list[Prepared], cache: ResultCache | None) -> list[Any]:
             todo.setdefault(item.key or position, len(todo))
     images = {index: item.image for position, item in enumerate(batch) if item.answer is None
               for index in [todo[item.key or position]]}
-    computed = predict_each(model.predict, [images[index] for index in range(len(todo))]) if todo else []
+    computed = predict_each(predict, [images[index] for index in range(len(todo))]) if todo else []
     if cache is not None:
         for key, index in todo.items():
             if isinstance(key, bytes):
@@ -181,13 +183,13 @@ def answer(batch: list[Prepared], cache: ResultCache | None) -> list[Any]:
             for position, item in enumerate(batch)]
 
 
-def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int, cache: ResultCache | None
-            ) -> Iterator[tuple[list[Path], list[Prepared]]]:
+def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int, cache: ResultCache | None,
+            prepare: Callable[[bytes], Any]) -> Iterator[tuple[list[Path], list[Prepared]]]:
     """(paths, what each became) a batch at a time; the next batch decodes while this one is predicted."""
     pending: deque[tuple[list[Path], list[Future]]] = deque()
     for start in range(0, len(paths), size):
         chunk = paths[start : start + size]
-        pending.append((chunk, [pool.submit(read_and_prepare, path, cache) for path in chunk]))
+        pending.append((chunk, [pool.submit(read_and_prepare, path, cache, prepare) for path in chunk]))
         if len(pending) > 1:
             done, futures = pending.popleft()
             yield done, [future.result() for future in futures]
@@ -196,18 +198,30 @@ def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int, cache: Resul
         yield done, [future.result() for future in futures]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
+    """runtime: a model already loaded (tests share one); by default the one the settings choose."""
     args = arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
 
-    import model  # loads the weights: the service's settings apply (MODEL_WEIGHTS, BACKEND, PRECISION, ...)
+    import runtimes
     from cache import ResultCache
+    from errors import ModelLoadError
     from outcomes import outcome
     from settings import get_settings
 
+    settings = get_settings()
+    if runtime is None:
+        try:
+            runtime = runtimes.load(settings)
+        except ModelLoadError as error:
+            raise SystemExit(f"Cannot load the model: {error}") from None
     # Identical files are classified once per run (the same bytes: a copy, a re-export of the same file).
-    cache = ResultCache(get_settings().cache_entries, model.answer_context) if get_settings().cache_entries else None
+    context = runtime.answer_context(settings)
+    cache = ResultCache(settings.cache_entries, lambda: context) if settings.cache_entries else None
+
+    def prepare(data: bytes) -> Any:
+        return runtime.prepare(data, settings.max_image_pixels, settings.jpeg_draft)
 
     images, others = find_images(args.inputs)
     images = [path for path in images if in_shard(path, args.shard)]
@@ -215,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     already = results.done() if args.resume else set()
     todo = [path for path in images if str(path) not in already]
 
-    model.init_inference_thread()  # this thread runs the forward passes; decoders start after it
+    runtime.init_inference_thread()  # this thread runs the forward passes; decoders start after it
     failed = 0
     started = time.perf_counter()
-    with ThreadPoolExecutor(args.workers, "decode", initializer=model.init_decode_thread) as pool, \
+    with ThreadPoolExecutor(args.workers, "decode", initializer=runtime.init_decode_thread) as pool, \
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress:
-        for paths, prepared in batches(todo, pool, args.batch_size, cache):
-            lines = [{"path": str(path), **outcome(result, args.k)} for path, result in zip(paths, answer(prepared, cache))]
+        for paths, prepared in batches(todo, pool, args.batch_size, cache, prepare):
+            lines = [{"path": str(path), **outcome(result, args.k, runtime.labels)}
+                     for path, result in zip(paths, answer(prepared, cache, runtime.predict))]
             failed += sum("error" in line for line in lines)
             results.append(lines)
             progress.update(len(paths))

@@ -66,42 +66,45 @@ def main(argv: list[str] | None = None) -> int:
               "is installed (the default image, or make's .venv)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import settings
-
-    # Exported as loaded: fp32 on the CPU, whatever the environment says of serving.
-    settings.use(settings.get_settings().model_copy(update={
-        "precision": "fp32", "int8_model": None, "backend": "torch", "device": "cpu", "model_onnx": None}))
     import torchvision
 
     import images
     import onnx_model
     import torch_model
-    from labels import LABELS
+    from errors import ModelLoadError
+    from settings import get_settings
 
+    settings = get_settings()  # of them, those that choose the weights: the export is fp32, on the CPU
+    try:
+        network, weights_source, weights_hash = torch_model.load_network(settings)
+    except ModelLoadError as error:
+        print(f"Cannot load the model: {error}", file=sys.stderr)
+        return 1
+    preprocessing = torch_model.preprocessing
     pictures = probe_images()
     with torch.inference_mode():  # torchvision's own pipeline: its transforms, the model as loaded
-        inputs = torch.stack([torch_model.transforms(images.decode(picture, torch_model.preprocessing.resize))
+        inputs = torch.stack([torch_model.transforms(images.decode(picture, preprocessing.resize, settings.max_image_pixels))
                               for picture in pictures])
-        scores = torch.softmax(torch_model.model(inputs), 1).numpy()
+        scores = torch.softmax(network(inputs), 1).numpy()
     import onnx
 
-    graph = onnx.load_from_string(torch_model.export_onnx(torch_model.model))
-    records = onnx_model.describe(LABELS, torch_model.preprocessing, torch_model.weights_hash,
-                                  torch_model.weights_source, pictures, scores,
+    graph = onnx.load_from_string(torch_model.export_onnx(network))
+    records = onnx_model.describe(tuple(torch_model.WEIGHTS.meta["categories"]), preprocessing, weights_hash,
+                                  weights_source, pictures, scores,
                                   f"torch {torch.__version__}, torchvision {torchvision.__version__}")
     unchecked = args.out.with_name(args.out.name + ".unchecked")
     onnx_model.save(graph, records, unchecked)
     try:  # opened and probed exactly as a slim replica's start-up does
-        file = onnx_model.read(unchecked, settings.get_settings().threads)
+        file = onnx_model.read(unchecked, settings.threads)
         difference = onnx_model.check_probe(
-            file, lambda data: file.preprocessing(images.decode(data, file.preprocessing.resize)))
+            file, lambda data: file.preprocessing(images.decode(data, file.preprocessing.resize, settings.max_image_pixels)))
     except onnx_model.ModelFileError as error:
         unchecked.unlink()
         print(f"not written: {error}", file=sys.stderr)
         return 1
     os.replace(unchecked, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): weights {torch_model.weights_hash} from "
-          f"{torch_model.weights_source}; on its {len(pictures)} probe images ONNX Runtime's scores are within "
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): weights {weights_hash} from "
+          f"{weights_source}; on its {len(pictures)} probe images ONNX Runtime's scores are within "
           f"{difference:.1e} of torch's. Serve it without torch: MODEL_ONNX={args.out}", file=sys.stderr)
     return 0
 

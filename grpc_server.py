@@ -1,12 +1,13 @@
 """The Open Inference Protocol over gRPC (inference.GRPCInferenceService, protos/inference.proto), beside /v2
 over HTTP and answering the same way: the same model name and version, inputs and outputs, limits, API key,
-pipeline and answers (protocol.py holds what both bindings share).
+pipeline and answers (protocol.py holds what both bindings share, rules.py who may call and when).
 
     ModelInferRequest --parse--> photos or an FP32 batch --protocol.classified--> probabilities
                       --protocol.encode--> ModelInferResponse (raw_output_contents)
 
-Errors are gRPC status codes, mapped once from the HTTP statuses the shared rules raise (CODES). Requests
-count against the same queue bound (MAX_QUEUE) and body budget (MAX_BODY_BUFFER_BYTES) as HTTP ones.
+The server is started by the application's lifespan, handed the service it serves. Our errors (errors.py)
+are answered as gRPC status codes, mapped once (CODES). Requests count against the same queue bound
+(MAX_QUEUE) and body budget (MAX_BODY_BUFFER_BYTES) as HTTP ones.
 """
 
 from __future__ import annotations
@@ -19,28 +20,35 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from starlette.exceptions import HTTPException
 
 import protocol
-from batching import Overloaded
-from observability import GRPC_LATENCY, GRPC_REQUESTS, REJECTED
+import rules
+from errors import (BadRequest, InsufficientStorage, NotFound, ServiceError, TooLarge, Unauthorized, Unavailable,
+                    Unprocessable)
+from observability import GRPC_LATENCY, GRPC_REQUESTS, refused
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from service import UNAUTHORIZED, authorized, service
-from settings import get_settings
+from service import Service
 
 log = logging.getLogger("app")
 
-# The statuses of the shared rules (protocol.py, service.py), as gRPC codes.
+# Our errors as gRPC codes (an image's own error, e.g. 415, by its status: the codes are fewer).
 CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unprocessable: grpc.StatusCode.INVALID_ARGUMENT,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    InsufficientStorage: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+BY_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+             415: grpc.StatusCode.INVALID_ARGUMENT}
+
+
+def code(error: ServiceError) -> grpc.StatusCode:
+    found = next((code for kind, code in CODES.items() if isinstance(error, kind)), None)
+    return found or BY_STATUS.get(error.status, grpc.StatusCode.INTERNAL)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -52,47 +60,43 @@ def answered(method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitabl
 
     @functools.wraps(method)
     async def handler(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
-        started, code = time.perf_counter(), grpc.StatusCode.OK
+        started, status = time.perf_counter(), grpc.StatusCode.OK
         try:
             return await method(self, request, context)
-        except HTTPException as error:
-            code = CODES.get(error.status_code, grpc.StatusCode.INTERNAL)
-            await context.abort(code, str(error.detail))
-        except Overloaded:
-            code = grpc.StatusCode.UNAVAILABLE
-            REJECTED.labels("overloaded").inc()
-            await context.abort(code, f"the service is overloaded (more than MAX_QUEUE={get_settings().max_queue} "
-                                      "images in flight); retry shortly")
+        except ServiceError as error:
+            refused(error)
+            status = code(error)
+            await context.abort(status, error.detail)
         except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("unexpected error in gRPC %s", method.__name__)
-            code = grpc.StatusCode.INTERNAL
-            await context.abort(code, "internal error; it has been logged")
+            status = grpc.StatusCode.INTERNAL
+            await context.abort(status, "internal error; it has been logged")
         finally:
-            GRPC_REQUESTS.labels(method.__name__, code.name).inc()
+            GRPC_REQUESTS.labels(method.__name__, status.name).inc()
             GRPC_LATENCY.labels(method.__name__).observe(time.perf_counter() - started)
 
     return handler
 
 
-def parse(request: pb.ModelInferRequest) -> tuple[str, list[bytes] | np.ndarray]:
+def parse(service: Service, request: pb.ModelInferRequest) -> tuple[str, list[bytes] | np.ndarray]:
     """The request's one input: its name, and its photos (BYTES) or its batch [N, 3, 224, 224] (FP32)."""
     if len(request.inputs) != 1:
-        raise protocol.bad_request("send exactly one input: 'image' (BYTES, encoded photos) or 'input' (FP32, [N, 3, 224, 224])")
+        raise BadRequest("send exactly one input: 'image' (BYTES, encoded photos) or 'input' (FP32, [N, 3, 224, 224])")
     tensor = request.inputs[0]
-    count = protocol.elements(tensor.name, tensor.datatype, list(tensor.shape))
+    count = protocol.elements(service, tensor.name, tensor.datatype, list(tensor.shape))
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     if tensor.name == "image":
         if raw is not None:
             return tensor.name, protocol.split_bytes(raw, count)
         photos = list(tensor.contents.bytes_contents)
         if len(photos) != count:
-            raise protocol.bad_request(f"input 'image': {len(photos)} elements in bytes_contents; the shape says {count}")
+            raise BadRequest(f"input 'image': {len(photos)} elements in bytes_contents; the shape says {count}")
         return tensor.name, photos
     values = np.frombuffer(raw, dtype="<f4") if raw is not None and len(raw) % 4 == 0 else \
         np.asarray(tensor.contents.fp32_contents, dtype=np.float32) if raw is None else np.zeros(0, np.float32)
-    return tensor.name, protocol.fp32_images(values, count)
+    return tensor.name, protocol.fp32_images(values, count, protocol.image_shape(service))
 
 
 def wanted_outputs(request: pb.ModelInferRequest) -> list[protocol.Requested]:
@@ -106,32 +110,35 @@ def wanted_outputs(request: pb.ModelInferRequest) -> list[protocol.Requested]:
 
 
 class Inference(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
     @answered
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     @answered
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=service.ready)
+        return pb.ServerReadyResponse(ready=self.service.ready)
 
     @answered
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         try:
             protocol.known_model(request.name, request.version or None)
-        except HTTPException:  # as Triton answers: not ready, rather than an error
+        except NotFound:  # as Triton answers: not ready, rather than an error
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=service.ready)
+        return pb.ModelReadyResponse(ready=self.service.ready)
 
     @answered
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        metadata = await protocol.server_metadata()
+        metadata = protocol.server_metadata()
         return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)
 
     @answered
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        metadata = await protocol.model_metadata(request.name, request.version or None)
+        metadata = protocol.model_metadata(self.service, request.name, request.version or None)
 
         def tensors(described: list[protocol.TensorMetadata]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
             return [pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in described]
@@ -141,41 +148,37 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
 
     @answered
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        if not authorized({key.lower(): value for key, value in context.invocation_metadata() or ()
-                           if isinstance(value, str)}):
-            REJECTED.labels("unauthorized").inc()
-            raise HTTPException(401, UNAUTHORIZED)
-        if not service.ready:
-            REJECTED.labels("shutting_down").inc()
-            raise HTTPException(503, "the service is shutting down; retry on another replica")
+        service = self.service
+        rules.authorize(service.settings.api_key, {key.lower(): value for key, value in context.invocation_metadata() or ()
+                                                   if isinstance(value, str)})
+        rules.accepting(service.ready)
         protocol.known_model(request.model_name, request.model_version or None)
         size = request.ByteSize()
-        if not service.bodies.fits(size):
-            raise HTTPException(503, service.bodies.refusal())
         service.bodies.take(size)
         try:
-            input_name, images = parse(request)
+            input_name, images = parse(service, request)
             outputs = wanted_outputs(request)
-            probabilities = await protocol.classified(images, input_name)
+            probabilities = await protocol.classified(service, images, input_name)
         finally:
             service.bodies.give_back(size)
         response = pb.ModelInferResponse(model_name=protocol.MODEL_NAME, model_version=protocol.MODEL_VERSION, id=request.id)
         for output in outputs:
-            described, data = protocol.encode(probabilities, output)
+            described, data = protocol.encode(probabilities, output, service.runtime.labels)
             response.outputs.append(pb.ModelInferResponse.InferOutputTensor(
                 name=described["name"], datatype=described["datatype"], shape=described["shape"]))
             response.raw_output_contents.append(data)
         return response
 
 
-async def serve(host: str, port: int) -> grpc.aio.Server:
-    """The gRPC server, listening on host:port (HOST, GRPC_PORT: where HTTP listens too). A message over
+async def serve(service: Service) -> grpc.aio.Server:
+    """The gRPC server of this service, listening on HOST:GRPC_PORT (where HTTP listens too). A message over
     MAX_UPLOAD_BYTES is refused by gRPC itself with RESOURCE_EXHAUSTED before it is read whole."""
-    limit = get_settings().max_upload_bytes
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+    settings = service.settings
+    host, port = settings.host, settings.grpc_port
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_upload_bytes),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024),
                                       ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(service), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

@@ -3,7 +3,7 @@
     bytes --sniff (allowed formats only)--> header --size limits--> decode (EXIF orientation, first frame)
           --> RGB (transparency over white, 16-bit to 8-bit)
 
-The errors carry the HTTP status every door answers them with (and `/predict/batch`, jobs and
+The errors are errors.py's: the status every door answers them with (and `/predict/batch`, jobs and
 `python -m classify` write beside their message), and the reason they are counted under.
 """
 
@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from settings import get_settings
+from errors import BadRequest
+
 
 # Pillow may only parse these. Everything else (EPS, which runs Ghostscript, and dozens of exotic
 # plugins) is refused before any of its code sees the bytes.
@@ -40,11 +41,10 @@ _WHITE = (255, 255, 255, 255)
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-class ImageError(ValueError):
+class ImageError(BadRequest):
     """An upload that cannot be classified. The message is safe to show to the client."""
 
-    status = 400
-    reason = "bad_image"  # rejected_requests_total's label
+    reason = "bad_image"
 
 
 class NotAnImage(ImageError):
@@ -64,18 +64,17 @@ class ImageTooLarge(ImageError):
     reason = "too_large"
 
 
-def decode(data: bytes, shorter_side: int, draft: bool | None = None) -> Image.Image:
+def decode(data: bytes, shorter_side: int, max_pixels: int, draft: bool = False) -> Image.Image:
     """Uploaded bytes -> an upright RGB image: EXIF orientation applied, first frame of animations.
 
     shorter_side: what the preprocessing resizes the shorter side to (the model's, see model.RESIZE_SIZE);
-    images that would outgrow MAX_IMAGE_PIXELS once resized are refused.
-    draft: let big JPEGs decode at a reduced scale (see _draft); None: JPEG_DRAFT. Off by default: the image
-    is decoded in full, exactly as torchvision's reference pipeline sees it.
+    max_pixels: MAX_IMAGE_PIXELS; images larger, or that would outgrow it once resized, are refused.
+    draft: let big JPEGs decode at a reduced scale (see _draft; JPEG_DRAFT). Off by default: the image is
+    decoded in full, exactly as torchvision's reference pipeline sees it.
     """
-    settings = get_settings()
     if not data:
         raise NotAnImage("the file is empty")
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's own bomb check, at the same limit
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check is _check_size's, below, at max_pixels
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -83,12 +82,10 @@ def decode(data: bytes, shorter_side: int, draft: bool | None = None) -> Image.I
         if unsupported:
             raise UnsupportedImage(f"{unsupported} files are not supported; send {READABLE}") from None
         raise NotAnImage(f"the file is not an image this service can read ({READABLE})") from None
-    except Image.DecompressionBombError as error:
-        raise ImageTooLarge(str(error)) from None
     except Exception as error:  # Pillow's plugins raise many types on malformed headers
         raise NotAnImage(f"the image data is corrupt or truncated ({type(error).__name__})") from None
-    _check_size(*image.size, shorter_side, settings.max_image_pixels)
-    if (settings.jpeg_draft if draft is None else draft) and image.format in ("JPEG", "MPO"):
+    _check_size(*image.size, shorter_side, max_pixels)
+    if draft and image.format in ("JPEG", "MPO"):
         _draft(image, 2 * shorter_side)
     try:
         # In place and without needless copies: a decoded 24 MP photo is 72 MB, and every copy counts.

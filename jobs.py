@@ -1,15 +1,13 @@
 """The /jobs routes: submit many images at once, follow the job, read its results, cancel or delete it.
 
 The job store (jobstore.py) holds the images until the worker (jobworker.py) has classified them.
-app.py includes this router behind the API key.
+The app includes this router behind the API key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
-import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -18,24 +16,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import iterate_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from sqlalchemy.exc import DBAPIError
 from starlette.requests import ClientDisconnect
 
+import rules
 import webhooks
+from errors import BadRequest, NotFound, Unavailable, Unprocessable
+from http_base import Served
 from images import ImageTooLarge
-from jobstore import TERMINAL, JobStore, NewImage, PendingFull
-from jobworker import JobWorker
-from observability import JOBS_FINISHED, JOBS_SUBMITTED, REJECTED
-from schemas import FILE_PART, BatchItem, Job, TopKParameter, errors, result_line
-from service import service, too_many
-from settings import get_settings
+from jobstore import TERMINAL, NewImage, PendingFull
+from observability import JOBS_FINISHED, JOBS_SUBMITTED
+from schemas import BatchItem, Job, TopKParameter, errors, result_line
+from settings import Settings
 
 # Every route reads the job database: while it is unreachable, each answers 503 (database_error).
 router = APIRouter(prefix="/jobs", tags=["asynchronous jobs"], responses=errors(503))
-
-log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 60  # Prefer: wait=N is honoured up to this
 
@@ -55,48 +50,11 @@ class JobResults(BaseModel):
     results: list[JobResult] = Field(description="One entry per image answered so far, in upload order")
 
 
-def submission_schema() -> dict:
-    """The multipart body of POST /jobs, as this service takes it: files, and a webhook only where one may be
-    given (WEBHOOK_ALLOWED_HOSTS), to one of those hosts."""
-    settings = get_settings()
-    fields = {"files": {"type": "array", "items": FILE_PART,
-                        "minItems": 1, "maxItems": settings.max_job_files,
-                        "description": f"1 to {settings.max_job_files} photos (MAX_JOB_FILES), field repeated; more: 413"}}
-    if settings.webhook_allowed_hosts:
-        hosts = "|".join(re.escape(host) for host in settings.webhook_allowed_hosts)
-        fields["webhook"] = {"type": "string", "format": "uri", "pattern": f"^https?://({hosts})([:/?#]|$)",
-                             "description": "Called with the job when it ends, signed (Standard Webhooks); "
-                                            "its host must be one of WEBHOOK_ALLOWED_HOSTS"}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["files"], "properties": fields, "additionalProperties": False}}}}}
-
-
 JOB_HEADERS = {"Location": {"description": "/jobs/{id}", "schema": {"type": "string"}}}
 
 
-def worker() -> JobWorker:
-    return service.jobs
-
-
-def store() -> JobStore:
-    return service.jobs.store
-
-
-async def database_error(request: Request, error: DBAPIError) -> JSONResponse:
-    """The job store failed. Its disk is full: 507 Insufficient Storage, retry later (an operator must free or
-    grow it). It cannot be reached (a restart, a failover): 503, retry soon. Online routes do not use it and
-    keep answering. Registered by app.py for DBAPIError."""
-    full, cause = worker().store_failed(error)
-    log.warning("%s %s: %s", request.method, request.url.path, cause)
-    if full:
-        REJECTED.labels("store_full").inc()
-        return JSONResponse({"detail": "the job store is out of disk space; retry later"}, 507, headers={"Retry-After": "60"})
-    REJECTED.labels("database_unavailable").inc()
-    return JSONResponse({"detail": "the job database is unavailable; retry shortly"}, 503, headers={"Retry-After": "5"})
-
-
-def not_found(job_id: str) -> HTTPException:
-    return HTTPException(404, f"no job {job_id[:64]!r}: unknown, expired or deleted")
+def not_found(job_id: str) -> NotFound:
+    return NotFound(f"no job {job_id[:64]!r}: unknown, expired or deleted")
 
 
 def wait_preference(prefer: str | None) -> float | None:
@@ -120,37 +78,38 @@ def job_response(row, status: int, waited: float | None = None) -> JSONResponse:
 
 def multipart_only(request: Request) -> None:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise HTTPException(422, "send the images as multipart/form-data, field 'files' repeated")
+        raise Unprocessable("send the images as multipart/form-data, field 'files' repeated")
 
 
-async def read_submission(request: Request) -> tuple[list[UploadFile], str | None]:
+async def read_submission(request: Request, settings: Settings) -> tuple[list[UploadFile], str | None]:
     """The multipart body: its files (field `files`) and webhook. Parsed here, not by FastAPI, so that the
     files are counted against MAX_JOB_FILES and their bytes never spill to a temporary file on disk."""
     multipart_only(request)
-    settings = get_settings()
     parser = MultiPartParser(request.headers, request.stream(), max_files=settings.max_job_files, max_fields=8)
     parser.spool_max_size = settings.max_job_bytes  # the body limit: every part stays in memory
     try:
         form = await parser.parse()
     except MultiPartException as error:
         if error.message.startswith("Too many files"):
-            raise too_many(None, settings.max_job_files, "MAX_JOB_FILES") from None
-        raise HTTPException(400, f"the multipart body could not be read: {error.message}") from None
+            rules.within(None, settings.max_job_files, "MAX_JOB_FILES")
+        raise BadRequest(f"the multipart body could not be read: {error.message}") from None
     except ClientDisconnect:
-        raise HTTPException(400, "the upload was cut off") from None
+        raise BadRequest("the upload was cut off") from None
     if unknown := sorted(set(form.keys()) - {"files", "webhook"}):
-        raise HTTPException(422, f"unknown field {unknown[0][:64]!r}: send the images as field 'files', and a 'webhook'")
+        raise Unprocessable(f"unknown field {unknown[0][:64]!r}: send the images as field 'files', and a 'webhook'")
     files = [value for value in form.getlist("files") if isinstance(value, UploadFile)]
     webhook = form.get("webhook")
     return files, webhook.strip() if isinstance(webhook, str) and webhook.strip() else None
 
 
-@router.post("", status_code=202, response_model=Job, openapi_extra=submission_schema(),
+# openapi.py writes this route's request body (job_submission): what it is depends on the settings.
+@router.post("", status_code=202, response_model=Job,
              responses={202: {"headers": JOB_HEADERS},
                         200: {"model": Job, "description": "The job already existed (Idempotency-Key), or ended within Prefer: wait"},
                         **errors(400, 413, 422, 503, 507)},
              summary="Submit many images; classified in the background")
 async def submit(
+    service: Served,
     request: Request,
     k: TopKParameter = 5,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255,
@@ -159,21 +118,20 @@ async def submit(
 ) -> JSONResponse:
     """Answers 202 with the job at once. Each image gets a result like a `/predict/batch` entry: its top k,
     or an error of its own (a bad image does not fail the job)."""
-    settings = get_settings()
-    jobs = store()
+    settings, jobs = service.settings, service.jobs.store
     multipart_only(request)
     existing = await asyncio.to_thread(jobs.by_idempotency_key, idempotency_key) if idempotency_key else None
     declared = request.headers.get("content-length", "")
     if existing is None and declared.isdigit():  # refuse before reading a body that would not fit
         backlog = await asyncio.to_thread(jobs.backlog)
         if backlog.bytes + int(declared) > settings.jobs_max_pending_bytes:
-            raise jobs_full(backlog.bytes)
+            raise jobs_full(backlog.bytes, settings)
     # A repeated key's body is read and checked too: a request that is no valid submission gets no job.
-    files, webhook = await read_submission(request)
+    files, webhook = await read_submission(request, settings)
     if not files:
-        raise HTTPException(422, "no images: send them as multipart/form-data field 'files', repeated")
+        raise Unprocessable("no images: send them as multipart/form-data field 'files', repeated")
     if webhook and (reason := webhooks.refusal(webhook, settings.webhook_allowed_hosts)):
-        raise HTTPException(422, reason)
+        raise Unprocessable(reason)
     if existing is not None:
         return job_response(existing, 200)
     images = []
@@ -182,7 +140,8 @@ async def submit(
         await upload.close()
         if len(data) > settings.max_upload_bytes:  # answered now, like /predict would, and never stored
             too_large = ImageTooLarge(f"the file is larger than {settings.max_upload_bytes:,} bytes (MAX_UPLOAD_BYTES)")
-            images.append(NewImage(upload.filename, None, result_line(index, upload.filename, too_large, k)))
+            images.append(NewImage(upload.filename, None,
+                                   result_line(index, upload.filename, too_large, k, service.runtime.labels)))
         else:
             images.append(NewImage(upload.filename, data))
     del files
@@ -190,33 +149,31 @@ async def submit(
         row, created = await asyncio.to_thread(jobs.create, k, images, webhook_url=webhook, idempotency_key=idempotency_key,
                                                max_pending_bytes=settings.jobs_max_pending_bytes)
     except PendingFull as full:
-        raise jobs_full(full.args[0]) from None
+        raise jobs_full(full.args[0], settings) from None
     if not created:
         return job_response(row, 200)
     JOBS_SUBMITTED.inc()
     if row.status in TERMINAL:
         JOBS_FINISHED.labels(row.status).inc()
-    worker().submitted()
+    service.jobs.submitted()
     waited = wait_preference(prefer)
     if waited and row.status not in TERMINAL:
-        row = await worker().wait_until_ended(row.id, waited) or row
+        row = await service.jobs.wait_until_ended(row.id, waited) or row
     return job_response(row, 200 if waited is not None and row.status in TERMINAL else 202, waited)
 
 
-def jobs_full(pending: int) -> HTTPException:
-    REJECTED.labels("jobs_full").inc()
-    return HTTPException(503, f"the job store holds {pending:,} bytes of images waiting to be classified, too near its "
-                              f"limit of {get_settings().jobs_max_pending_bytes:,} (JOBS_MAX_PENDING_BYTES); retry later",
-                         headers={"Retry-After": "30"})
+def jobs_full(pending: int, settings: Settings) -> Unavailable:
+    return Unavailable(f"the job store holds {pending:,} bytes of images waiting to be classified, too near its "
+                       f"limit of {settings.jobs_max_pending_bytes:,} (JOBS_MAX_PENDING_BYTES); retry later", "jobs_full")
 
 
 @router.get("", response_model=JobList, responses=errors(404), summary="Jobs, newest first")
 async def list_jobs(
-    request: Request,
+    service: Served,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     before: Annotated[str | None, Query(description="A job id: the page after it")] = None,
 ) -> JobList:
-    rows = await asyncio.to_thread(store().newest, limit, before)
+    rows = await asyncio.to_thread(service.jobs.store.newest, limit, before)
     if rows is None:
         raise not_found(before or "")
     page = [Job.from_row(row) for row in rows]
@@ -226,17 +183,17 @@ async def list_jobs(
 @router.get("/{job_id}", response_model=Job, responses={200: {"headers": JOB_HEADERS}, **errors(404)},
             summary="A job's status and progress")
 async def get_job(
-    request: Request,
+    service: Served,
     job_id: str,
     prefer: Annotated[str | None, Header(description="wait=N: answer when the job ends, or after N ≤ 60 s")] = None,
 ) -> JSONResponse:
     """With `Prefer: wait=N`, a long poll: the answer comes when the job ends, or after N seconds as it is then."""
-    row = await asyncio.to_thread(store().get, job_id)
+    row = await asyncio.to_thread(service.jobs.store.get, job_id)
     if row is None:
         raise not_found(job_id)
     waited = wait_preference(prefer)
     if waited and row.status not in TERMINAL:
-        row = await worker().wait_until_ended(row.id, waited)
+        row = await service.jobs.wait_until_ended(row.id, waited)
         if row is None:
             raise not_found(job_id)
     return job_response(row, 200, waited)
@@ -249,13 +206,14 @@ async def get_job(
     summary="The results so far, in upload order",
 )
 async def get_results(
+    service: Served,
     request: Request,
     job_id: str,
     format: Annotated[Literal["json", "jsonl"] | None, Query(description="jsonl: one entry per line, streamed")] = None,
 ) -> StreamingResponse:
     """Streamed from the store a page at a time, so a large job's results never sit in memory whole.
     `?format=jsonl` or `Accept: application/x-ndjson` gives one JSON entry per line."""
-    jobs = store()
+    jobs = service.jobs.store
     row = await asyncio.to_thread(jobs.get, job_id)
     if row is None:
         raise not_found(job_id)
@@ -282,21 +240,21 @@ async def json_document(head: str, lines: AsyncIterator[str]) -> AsyncIterator[s
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=errors(404),
              summary="Drop the images not yet classified")
-async def cancel_job(request: Request, job_id: str) -> Job:
+async def cancel_job(service: Served, job_id: str) -> Job:
     """A finished job is returned unchanged."""
-    row, canceled = await asyncio.to_thread(store().cancel, job_id)
+    row, canceled = await asyncio.to_thread(service.jobs.store.cancel, job_id)
     if row is None:
         raise not_found(job_id)
     if canceled:
         JOBS_FINISHED.labels("canceled").inc()
-        worker().ended()
+        service.jobs.ended()
     return Job.from_row(row)
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses=errors(404),
                summary="Cancel if needed, then delete the job, its images and results")
-async def delete_job(request: Request, job_id: str) -> Response:
-    await cancel_job(request, job_id)  # 404 for an unknown job
-    await asyncio.to_thread(store().delete, job_id)
+async def delete_job(service: Served, job_id: str) -> Response:
+    await cancel_job(service, job_id)  # 404 for an unknown job
+    await asyncio.to_thread(service.jobs.store.delete, job_id)
     return Response(status_code=204)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 
 import httpx
 from sqlalchemy import Row
@@ -23,6 +23,7 @@ from standardwebhooks.webhooks import Webhook
 
 import webhooks
 from batching import Batcher
+from errors import InsufficientStorage, ServiceError, Unavailable
 from images import ImageError
 from jobstore import MAX_ATTEMPTS, TERMINAL, ClaimedImage, JobStore, Outcome, disk_full
 from observability import (JOB_IMAGES, JOB_IMAGES_PENDING, JOB_IMAGES_RETRIED, JOB_OLDEST_PENDING_AGE, JOB_PENDING_BYTES,
@@ -42,10 +43,11 @@ class GaveUp(ImageError):
 
 
 class JobWorker:
-    def __init__(self, store: JobStore, batcher: Batcher, *, webhook_secret: str | None,
+    def __init__(self, store: JobStore, batcher: Batcher, labels: Sequence[str], *, webhook_secret: str | None,
                  webhook_first_retry_s: float) -> None:
         self.store = store
         self.batcher = batcher
+        self.labels = labels
         self.signer = Webhook(webhook_secret) if webhook_secret else None
         self.webhook_first_retry_s = webhook_first_retry_s
         self._submitted = asyncio.Event()  # a job was stored: look for work now, not at the next poll
@@ -100,13 +102,17 @@ class JobWorker:
         self._submitted.set()
         self.store_written()
 
-    def store_failed(self, error: DBAPIError) -> tuple[bool, str]:
-        """What a failed store operation means: (whether its disk is full, a sentence for the log). A full disk
-        raises the job_store_disk_full gauge until a write succeeds again."""
+    def store_failed(self, error: DBAPIError, doing: str) -> ServiceError:
+        """A failed store operation: logged with its cause, and what it means for a client: the store's disk is
+        full (507: an operator must free or grow it; the job_store_disk_full gauge stays up until a write
+        succeeds again), or the database cannot be reached (503: a restart, a failover)."""
         if disk_full(error):
             JOB_STORE_DISK_FULL.set(1)
-            return True, f"the job store's disk is full: {self.store.location}"
-        return False, f"the job database is unavailable ({type(error).__name__}: {str(error.orig).splitlines()[0]})"
+            log.warning("%s: the job store's disk is full: %s", doing, self.store.location)
+            return InsufficientStorage("the job store is out of disk space; retry later")
+        log.warning("%s: the job database is unavailable (%s: %s)", doing, type(error).__name__,
+                    str(error.orig).splitlines()[0])
+        return Unavailable("the job database is unavailable; retry shortly", "database_unavailable")
 
     def store_written(self) -> None:
         JOB_STORE_DISK_FULL.set(0)
@@ -182,7 +188,7 @@ class JobWorker:
             if isinstance(answer, BaseException) and not isinstance(answer, Exception):
                 raise answer  # cancellation: leave the images to be claimed again
             failed = isinstance(answer, Exception)
-            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k), failed))
+            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k, self.labels), failed))
         while True:
             try:
                 ended = await asyncio.to_thread(self.store.record, outcomes)
@@ -216,7 +222,7 @@ class JobWorker:
                     if swept:
                         log.info("swept %d expired jobs", swept)
             except DBAPIError as error:
-                log.warning("job housekeeping: %s", self.store_failed(error)[1])
+                self.store_failed(error, "job housekeeping")
             await asyncio.sleep(1.0)
 
     async def _call_back(self, job: Row) -> None:
@@ -235,5 +241,5 @@ class JobWorker:
             log.warning("webhook of job %s: could not record the attempt (%s)", job.id, type(error).__name__)
 
     async def _pause(self, doing: str, error: DBAPIError) -> None:
-        log.warning("%s: %s; retrying in 1 s", doing, self.store_failed(error)[1])
+        self.store_failed(error, f"{doing} (retrying in 1 s)")
         await asyncio.sleep(1.0)

@@ -1,18 +1,23 @@
-"""The 1000 ImageNet class names, in the order of the model's outputs.
+"""The 1000 ImageNet class names, in the order of the model's outputs: torchvision's, read on first use.
 
-They ship inside torchvision with the weights' metadata, so reading them needs no network. A slim replica
-(MODEL_ONNX) imports no torchvision: it reads the copy python -m export wrote into the model file, which
-model.py opens.
+They ship inside torchvision with the weights' metadata, so reading them needs no network. A loaded model
+carries the names it answers with (model.Runtime.labels): a slim replica's come from its model file, and it
+never imports this module's torchvision.
 """
 
-from settings import get_settings
+from __future__ import annotations
 
-if get_settings().model_onnx is None:
+from functools import cache
+
+
+@cache
+def imagenet() -> tuple[str, ...]:
     from torchvision.models import ResNet18_Weights
 
-    LABELS: tuple[str, ...] = tuple(ResNet18_Weights.DEFAULT.meta["categories"])
-else:
-    from model import served
+    return tuple(ResNet18_Weights.DEFAULT.meta["categories"])
 
-    assert served.model_file is not None
-    LABELS = served.model_file.labels
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "LABELS":  # labels.LABELS, as before: read when first asked for, not at import
+        return imagenet()
+    raise AttributeError(name)

@@ -8,9 +8,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
@@ -19,8 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching import BatchStats
 from cache import ResultCache
+from errors import ServiceError
 from jobstore import TERMINAL
-from settings import get_settings
 
 REQUESTS = Counter("http_requests_total", "HTTP requests answered, by route and status", ["method", "endpoint", "status"])
 LATENCY = Histogram("http_request_duration_seconds", "Time from request start to the end of the response", ["endpoint"])
@@ -60,26 +60,45 @@ for reason in ("overloaded", "memory", "jobs_full", "database_unavailable", "sto
                "unauthorized", "shutting_down"):
     REJECTED.labels(reason)  # export every reason from the start, at 0
 
+
+def refused(error: ServiceError) -> None:
+    """Count a refusal under its reason (each transport calls this where it answers one of our errors)."""
+    if error.reason is not None:
+        REJECTED.labels(error.reason).inc()
+
 # Every page this service serves (the web page, /docs, /redoc) needs nothing from another origin; the
 # browser enforces it. (ReDoc's bundle would otherwise fetch its vendor's logo from a CDN.)
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
                            "img-src 'self' data: blob:; worker-src 'self' blob:; frame-ancestors 'self'")
 
-class CacheMetrics:
-    """cache_hits_total, cache_misses_total, cache_evictions_total and cache_entries, read from the cache itself
-    at each scrape (all 0 with the cache off)."""
+# The service being served (watch): its cache and its count of images in flight.
+_watched: list[tuple[ResultCache | None, Callable[[], int]]] = []
+IN_FLIGHT.set_function(lambda: _watched[-1][1]() if _watched else 0)
 
-    def __init__(self, cache: ResultCache | None) -> None:
-        self.cache = cache
+
+class CacheMetrics:
+    """cache_hits_total, cache_misses_total, cache_evictions_total and cache_entries, read from the serving cache
+    itself at each scrape (all 0 with the cache off)."""
 
     def collect(self) -> Iterator[Metric]:
-        cache = self.cache
+        cache = _watched[-1][0] if _watched else None
         yield CounterMetricFamily("cache_hits", "Images answered from the cache", value=cache.hits if cache is not None else 0)
         yield CounterMetricFamily("cache_misses", "Images looked up in the cache and computed",
                                   value=cache.misses if cache is not None else 0)
         yield CounterMetricFamily("cache_evictions", "Answers dropped from the cache, least recently used first (CACHE_ENTRIES)",
                                   value=cache.evictions if cache is not None else 0)
         yield GaugeMetricFamily("cache_entries", "Answers in the cache", value=len(cache) if cache is not None else 0)
+
+
+REGISTRY.register(CacheMetrics())
+
+
+def watch(cache: ResultCache | None, in_flight: Callable[[], int]) -> Callable[[], None]:
+    """Read the cache and the images in flight of this service from now on (a process serves one service; tests
+    build several, one after another). Returns what puts back those read before."""
+    entry = (cache, in_flight)
+    _watched.append(entry)
+    return lambda: _watched.remove(entry)
 
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -163,8 +182,9 @@ class Observe:
     Content-Security-Policy on HTML pages),
     metrics by route and status, and one access log line. Neither bodies nor headers are logged."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, demo: bool) -> None:
         self.app = app
+        self.demo = demo  # DEMO: every response says the answers mean nothing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -188,7 +208,7 @@ class Observe:
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 headers["X-Content-Type-Options"] = "nosniff"
-                if get_settings().demo:
+                if self.demo:
                     headers["X-Demo"] = "stand-in weights, not trained: the answers mean nothing"
                 if headers.get("content-type", "").startswith("text/html"):
                     headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from errors import ModelLoadError
 from preprocessing import Preprocessing
 
 FORMAT = "classifier-onnx/1"
@@ -40,7 +41,7 @@ PROBE_TOLERANCE = 1e-4  # the largest score difference from torch's recorded ans
 Forward = Callable[[np.ndarray], np.ndarray]  # images [N, 3, H, W] float32 -> logits [N, classes]
 
 
-class ModelFileError(RuntimeError):
+class ModelFileError(ModelLoadError):
     """A model file that cannot be served; the message says why and how to fix it."""
 
 

@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +49,15 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def calibration_inputs(photos: list[Path]) -> tuple[list[np.ndarray], str]:
+def calibration_inputs(photos: list[Path], prepare: Callable[[bytes], np.ndarray]) -> tuple[list[np.ndarray], str]:
     """The model's inputs [1, 3, 224, 224] for the photos the service can read, and a hash of their bytes."""
     import images
-    import model
 
     inputs, digest = [], hashlib.blake2b(digest_size=16)
     for path in photos:
         data = path.read_bytes()
         try:
-            inputs.append(model.prepare(data)[None])
+            inputs.append(prepare(data)[None])
         except images.ImageError as error:  # a photo the service would refuse calibrates nothing
             print(f"skipped {path}: {error}", file=sys.stderr)
             continue
@@ -83,33 +83,42 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import settings
-
-    # The fp32 network is what gets quantized, whatever PRECISION says in this environment.
-    settings.use(settings.get_settings().model_copy(update={"precision": "fp32", "int8_model": None, "backend": "torch",
-                                                                 "model_onnx": None}))
     import torch
 
+    import images
     import onnx_model
     import torch_model
     from classify import find_images
+    from errors import ModelLoadError
+    from settings import get_settings
+
+    settings = get_settings()  # of them, those that choose the weights: the fp32 network is what gets quantized
+    try:
+        network, weights_source, weights_hash = torch_model.load_network(settings)
+    except ModelLoadError as error:
+        print(f"Cannot load the model: {error}", file=sys.stderr)
+        return 1
+
+    def prepare(data: bytes) -> np.ndarray:  # the service's decoding and preprocessing
+        return torch_model.preprocess(images.decode(data, torch_model.preprocessing.resize, settings.max_image_pixels))
 
     photos, _ = find_images([args.calibration])
-    inputs, photos_hash = calibration_inputs(photos[: args.max_images])
+    inputs, photos_hash = calibration_inputs(photos[: args.max_images], prepare)
     if len(inputs) < MIN_PHOTOS:
         print(f"{len(inputs)} usable photos in {args.calibration}: at least {MIN_PHOTOS} are needed to calibrate",
               file=sys.stderr)
         return 2
 
-    graph = quantize(torch_model.export_onnx(torch_model.model), inputs)
-    onnx_model.save(graph, {"weights": torch_model.weights_hash, "weights_source": torch_model.weights_source,
+    graph = quantize(torch_model.export_onnx(network), inputs)
+    onnx_model.save(graph, {"weights": weights_hash, "weights_source": weights_source,
                             "calibration_images": str(len(inputs)), "calibration_hash": photos_hash,
                             "calibration_method": METHOD}, args.out)
 
     probe = np.concatenate(inputs[:8])
-    int8_forward, _ = torch_model.int8_forward(args.out, settings.get_settings().threads, torch_model.weights_hash)
+    int8_forward, _ = torch_model.int8_forward(args.out, settings.threads, weights_hash)
+    fp32_forward = torch_model.torch_forward(network, torch.device("cpu"), "fp32")
     with torch.inference_mode():
-        fp32_scores = torch.softmax(torch_model.forward(torch.from_numpy(probe)), 1)
+        fp32_scores = torch.softmax(fp32_forward(torch.from_numpy(probe)), 1)
         int8_scores = torch.softmax(int8_forward(torch.from_numpy(probe)), 1)
     agree = int((int8_scores.argmax(1) == fp32_scores.argmax(1)).sum())
     print(f"wrote {args.out}: calibrated on {len(inputs)} photos; on {len(probe)} of them top-1 agrees with fp32 for "

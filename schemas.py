@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -11,7 +12,7 @@ from fastapi import Query
 from pydantic import BaseModel, Field
 from sqlalchemy import Row
 
-from labels import LABELS
+from model import NUM_CLASSES
 from outcomes import ItemError, Prediction, outcome
 
 
@@ -38,7 +39,7 @@ class Error(BaseModel):
 # makes Swagger UI offer a file picker (OpenAPI 3.1).
 FILE_PART = {"contentMediaType": "application/octet-stream"}
 
-TopKParameter = Annotated[int, Query(ge=1, le=len(LABELS), description="How many labels")]
+TopKParameter = Annotated[int, Query(ge=1, le=NUM_CLASSES, description="How many labels")]
 
 
 def errors(*codes: int) -> dict[int | str, dict]:
@@ -81,7 +82,7 @@ class Job(BaseModel):
                    results_url=f"/jobs/{row.id}/results", webhook=webhook)
 
 
-def result_line(index: int, filename: str | None, result: np.ndarray | Exception, k: int) -> str:
+def result_line(index: int, filename: str | None, result: np.ndarray | Exception, k: int, labels: Sequence[str]) -> str:
     """One image's entry of a job's results: a /predict/batch entry and its index, as one line of JSON."""
     named = {"filename": filename} if filename is not None else {}
-    return json.dumps({"index": index, **named, **outcome(result, k)})
+    return json.dumps({"index": index, **named, **outcome(result, k, labels)})

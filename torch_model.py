@@ -1,6 +1,6 @@
 """The torch runtime (the default): torchvision's ResNet18 and weights, its preprocessing, and the forward
-pass in torch, in ONNX Runtime (BACKEND=onnxruntime) or in int8 (PRECISION=int8). Loaded once, when
-model.py first imports it; numpy arrays in and out, like every runtime (model.py says what they provide).
+pass in torch, in ONNX Runtime (BACKEND=onnxruntime) or in int8 (PRECISION=int8). load(settings) builds it
+(model.load calls it); numpy arrays in and out, like every runtime (model.Runtime says what they provide).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from torch.fx.experimental.optimization import fuse
 from torchvision.models import ResNet18_Weights, resnet18
 
 import onnx_model
+from errors import ModelLoadError
+from model import Runtime
 from preprocessing import Preprocessing
-from settings import get_settings
+from settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,6 @@ preprocessing = Preprocessing(resize=transforms.resize_size[0], crop=transforms.
 CROP_SIZE = preprocessing.crop
 
 
-class ModelLoadError(RuntimeError):
-    """The weights could not be loaded; the message says how to fix it."""
-
-
 def preprocess(image: Image.Image) -> np.ndarray:
     """An RGB picture -> the model's input [3, 224, 224], by torchvision's own transforms."""
     return transforms(image).numpy()
@@ -48,9 +46,9 @@ def preprocess(image: Image.Image) -> np.ndarray:
 DEMO_WEIGHTS = "demo: seeded stand-in weights, not trained (DEMO=true): the answers mean nothing"
 
 
-def load_model(weights_path: Path | None) -> tuple[torch.nn.Module, str]:
+def load_model(weights_path: Path | None, demo: bool = False) -> tuple[torch.nn.Module, str]:
     """The ResNet18 in eval mode, and a description of where its weights came from."""
-    if get_settings().demo:
+    if demo:
         log.warning("DEMO=true: serving seeded stand-in weights, not trained; every answer is meaningless")
         torch.manual_seed(0)  # always the same stand-in weights
         return resnet18(num_classes=NUM_CLASSES).eval(), DEMO_WEIGHTS
@@ -202,9 +200,10 @@ def best_time(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tens
     return min(times)
 
 
-def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], tolerance: float | None = 1e-4) -> float:
+def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module, what: str,
+                 tolerance: float | None = 1e-4) -> float:
     """Largest difference of softmax scores between forward and the plain fp32 torch model on the CPU,
-    on a probe batch.
+    network (as loaded, fp32 on the CPU) on a probe batch; what: the backend, device and precision, for errors.
 
     Start-up refuses an fp32 backend or device that does not match (tolerance): speed never buys a different
     answer. Reduced precision (bf16, fp16, int8; tolerance None) is an opt-in difference, measured and shown:
@@ -215,13 +214,11 @@ def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], tolerance: flo
     probe = torch.randn(4, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         scores = torch.softmax(forward(probe), 1)
-        difference = (scores - torch.softmax(model(probe), 1)).abs().max().item()
+        difference = (scores - torch.softmax(network(probe), 1)).abs().max().item()
     if not torch.isfinite(scores).all():
-        raise ModelLoadError(f"the {backend} backend on {device.type} in {precision} gives scores that are not "
-                             "numbers (NaN or infinite): a broken backend")
+        raise ModelLoadError(f"{what} gives scores that are not numbers (NaN or infinite): a broken backend")
     if tolerance is not None and difference > tolerance:
-        raise ModelLoadError(f"the {backend} backend on {device.type} in {precision} differs from fp32 torch "
-                             f"on the CPU by {difference:.2e} > {tolerance:.0e}")
+        raise ModelLoadError(f"{what} differs from fp32 torch on the CPU by {difference:.2e} > {tolerance:.0e}")
     return difference
 
 
@@ -234,45 +231,57 @@ def fingerprint(network: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-@torch.inference_mode()
-def predict(batch: np.ndarray) -> np.ndarray:
-    """Preprocessed images [N, 3, 224, 224] -> softmax probabilities [N, 1000]."""
-    return torch.softmax(forward(torch.from_numpy(batch)), dim=1).numpy()
+def predictor(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.ndarray], np.ndarray]:
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        """Preprocessed images [N, 3, 224, 224] -> softmax probabilities [N, 1000]."""
+        return torch.softmax(forward(torch.from_numpy(batch)), dim=1).numpy()
+
+    return predict
 
 
 def set_threads(threads: int) -> None:
     """torch's thread count is per thread once a thread has run a parallel op, but set_num_threads also sets
-    the default for threads that have not (model.init_inference_thread relies on it)."""
+    the default for threads that have not (Runtime.init_inference_thread relies on it)."""
     torch.set_num_threads(threads)
 
 
-# fp32 on a GPU means fp32: no TensorFloat-32 shortcuts in convolutions or matrix products.
-torch.backends.cudnn.allow_tf32 = False
-torch.backends.cuda.matmul.allow_tf32 = False
-# What is being served, fixed at import: the settings that chose it are read once, here.
-precision = get_settings().precision
-backend = "onnxruntime" if precision == "int8" else get_settings().backend  # int8 runs in ONNX Runtime
-torch.set_num_threads(get_settings().threads)
-try:
-    device = torch.device("cpu") if backend == "onnxruntime" else pick_device(get_settings().device)
-    problem = precision_problem(device.type, precision, native_bf16(), get_settings().force_precision)
-    if problem:
+def load_network(settings: Settings) -> tuple[torch.nn.Module, str, str]:
+    """The weights the settings choose (MODEL_WEIGHTS, TORCH_HOME, DEMO) in fp32 on the CPU: the network, where
+    its weights came from, and their hash. What python -m export and python -m quantize start from."""
+    network, weights_source = load_model(settings.model_weights, settings.demo)
+    return network, weights_source, fingerprint(network)
+
+
+def load(settings: Settings) -> Runtime:
+    """The torch runtime the settings choose (BACKEND, DEVICE, PRECISION, INT8_MODEL), checked against fp32 torch
+    on the CPU. Raises ModelLoadError."""
+    # fp32 on a GPU means fp32: no TensorFloat-32 shortcuts in convolutions or matrix products.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_num_threads(settings.threads)
+    precision = settings.precision
+    backend = "onnxruntime" if precision == "int8" else settings.backend  # int8 runs in ONNX Runtime
+    device = torch.device("cpu") if backend == "onnxruntime" else pick_device(settings.device)
+    if problem := precision_problem(device.type, precision, native_bf16(), settings.force_precision):
         raise ModelLoadError(problem)
-    model, weights_source = load_model(get_settings().model_weights)
-    weights_hash = fingerprint(model)
+    network, weights_source, weights_hash = load_network(settings)
     int8_made: dict[str, str] = {}  # what the int8 model records of its calibration, and its measured speed-up
     if precision == "int8":
-        forward, int8_made = int8_forward(get_settings().int8_model, get_settings().threads, weights_hash)
+        assert settings.int8_model is not None  # the settings refuse int8 without it
+        forward, int8_made = int8_forward(settings.int8_model, settings.threads, weights_hash)
         probe_batch = torch.rand(8, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(1))
-        int8_s, fp32_s = best_time(forward, probe_batch), best_time(torch_forward(model, device, "fp32"), probe_batch)
-        if problem := int8_problem(int8_s, fp32_s, get_settings().force_precision):
+        int8_s, fp32_s = best_time(forward, probe_batch), best_time(torch_forward(network, device, "fp32"), probe_batch)
+        if problem := int8_problem(int8_s, fp32_s, settings.force_precision):
             raise ModelLoadError(problem)
         int8_made["speedup_vs_fp32"] = f"{fp32_s / int8_s:.2f}"
     elif backend == "torch":
-        forward = torch_forward(model, device, precision)
+        forward = torch_forward(network, device, precision)
     else:
-        forward = onnx_forward(model, get_settings().threads)
-    backend_difference = check_parity(forward, 1e-4 if precision == "fp32" else None)
-except ModelLoadError as error:
-    raise SystemExit(f"Cannot load the model: {error}") from None
-device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        forward = onnx_forward(network, settings.threads)
+    difference = check_parity(forward, network, f"the {backend} backend on {device.type} in {precision}",
+                              1e-4 if precision == "fp32" else None)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return Runtime(tuple(WEIGHTS.meta["categories"]), preprocessing, preprocess, predictor(forward), set_threads,
+                   settings.threads, weights_source, weights_hash, backend, device.type, device_name, precision,
+                   difference, int8_made)

@@ -117,48 +117,45 @@ def compare(reference_logits, candidate_logits, temperature: float = 1.0) -> dic
             "worst": differences.argsort(descending=True)[:5].tolist()}
 
 
-def logits_of(images: list[np.ndarray], forward=None) -> torch.Tensor:
-    """The logits of prepared images (model.prepare), 16 at a time, by forward (default: the torch model's)."""
+def logits_of(images: list[np.ndarray], forward) -> torch.Tensor:
+    """The logits of prepared images (Runtime.prepare), 16 at a time, by forward (images -> logits)."""
     import torch
 
-    import torch_model
-
-    forward = forward or torch_model.forward
     with torch.inference_mode():
         return torch.cat([forward(torch.from_numpy(np.stack(images[i : i + 16]))) for i in range(0, len(images), 16)])
 
 
-def measure_draft(photos: list[tuple[str, bytes]], reference) -> dict:
+def measure_draft(photos: list[tuple[str, bytes]], reference, runtime, fp32) -> dict:
     """JPEG_DRAFT=true against the full decode (reference: its fp32 logits): the answers at the stand-in's
     scale and sharpened, and the time it saves in decoding."""
-    import model
-
     drafted, timings = [], {True: [], False: []}
     for name, data in photos:
         for draft in (False, True):
             started = time.perf_counter()
-            model.decode(data, draft)
+            runtime.decode(data, MAX_PIXELS, draft)
             timings[draft].append(time.perf_counter() - started)
-        drafted.append(model.prepare(data, draft=True))
-    candidate = logits_of(drafted)
-    big = [i for i, (name, _) in enumerate(photos) if min(map(int, name.rsplit(":", 1)[1].split("x"))) >= 4 * model.RESIZE_SIZE]
+        drafted.append(runtime.prepare(data, MAX_PIXELS, draft=True))
+    candidate = logits_of(drafted, fp32)
+    resize = runtime.preprocessing.resize
+    big = [i for i, (name, _) in enumerate(photos) if min(map(int, name.rsplit(":", 1)[1].split("x"))) >= 4 * resize]
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference)),
             "decoded_smaller": len(big),
             "decode_ms_full_median_big": 1000 * statistics.median(timings[False][i] for i in big) if big else None,
             "decode_ms_draft_median_big": 1000 * statistics.median(timings[True][i] for i in big) if big else None}
 
 
-def measure_precision(exact: list, reference, precision: str) -> dict:
+def measure_precision(exact: list, reference, network, precision: str) -> dict:
     """PRECISION=bf16 (the whole forward pass in bfloat16) against fp32 (reference: the fp32 logits of the
     exactly decoded photos, exact)."""
     import torch
 
     import torch_model
 
-    candidate = logits_of(exact, torch_model.torch_forward(torch_model.model, torch.device("cpu"), precision))
+    candidate = logits_of(exact, torch_model.torch_forward(network, torch.device("cpu"), precision))
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference))}
 
 
+MAX_PIXELS = 0  # MAX_IMAGE_PIXELS, as the settings say (measure_all reads them)
 SIZES = [375, 512, 768, 1024, 1536, 2048, 3000]  # the shorter sides each photo is measured at, by default
 
 
@@ -167,15 +164,14 @@ CALIBRATION_PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "ret
 INT8_SIZES = [300, 375, 448, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3000]
 
 
-def measure_int8(model_file: Path) -> dict:
+def measure_int8(model_file: Path, runtime, fp32) -> dict:
     """PRECISION=int8 (the model python -m quantize built) against fp32, on photos it was not calibrated on."""
-    import model
     import torch_model
 
     photos = list(int8_measured_set())
-    exact = [model.prepare(data) for _, data in photos]
-    reference = logits_of(exact)
-    forward, made = torch_model.int8_forward(model_file, model.get_settings().threads, torch_model.weights_hash)
+    exact = [runtime.prepare(data, MAX_PIXELS) for _, data in photos]
+    reference = logits_of(exact, fp32)
+    forward, made = torch_model.int8_forward(model_file, runtime.threads, runtime.weights_hash)
     candidate = logits_of(exact, forward)
     return {"photos": len(photos), "made": made, "as_is": compare(reference, candidate),
             "sharpened": compare(reference, candidate, sharpening(reference)), "names": [name for name, _ in photos]}
@@ -217,31 +213,59 @@ def report(name: str, figures: dict, names: list[str]) -> None:
     print("  largest differences on: " + ", ".join(names[i] for i in figures["worst"][:3]))
 
 
-def measure_draft_and_bf16(sizes: list[int], skip: set[str]) -> dict:
+def measure_draft_and_bf16(sizes: list[int], skip: set[str], runtime, network, fp32) -> dict:
     """JPEG_DRAFT and bf16 against the exact fp32 default, on every photo at every size, with their reports."""
-    import model
-
     photos = list(photo_set(sizes))
     names = [name for name, _ in photos]
     shown = sorted({name.rsplit(":", 1)[1] for name in names}, key=lambda s: int(s.split("x")[0]) * int(s.split("x")[1]))
     print(f"{len(photos)} JPEGs from {len(PHOTOS)} photos, {shown[0]} to {shown[-1]}; weights {os.environ['MODEL_WEIGHTS']}\n")
     results: dict = {"photos": len(photos)}
-    exact = [model.prepare(data, draft=False) for _, data in photos]  # the default path, decoded once
-    reference = logits_of(exact)
+    exact = [runtime.prepare(data, MAX_PIXELS, draft=False) for _, data in photos]  # the default path, decoded once
+    reference = logits_of(exact, fp32)
     if "draft" not in skip:
-        draft = results["draft"] = measure_draft(photos, reference)
+        draft = results["draft"] = measure_draft(photos, reference, runtime, fp32)
         report("JPEG_DRAFT=true vs exact, stand-in weights as they are", draft["as_is"], names)
         report(f"JPEG_DRAFT=true vs exact, sharpened x{draft['sharpened']['temperature']:.0f} like trained weights",
                draft["sharpened"], names)
         if draft["decoded_smaller"]:
-            print(f"{draft['decoded_smaller']} photos with a shorter side >= {4 * model.RESIZE_SIZE} px decode at a reduced "
+            print(f"{draft['decoded_smaller']} photos with a shorter side >= {4 * runtime.preprocessing.resize} px decode at a reduced "
                   f"scale: median decode {draft['decode_ms_draft_median_big']:.1f} ms instead of {draft['decode_ms_full_median_big']:.1f} ms")
         print()
     if "bf16" not in skip:
-        bf16 = results["bf16"] = measure_precision(exact, reference, "bf16")
+        bf16 = results["bf16"] = measure_precision(exact, reference, network, "bf16")
         report("PRECISION=bf16 vs fp32, stand-in weights as they are", bf16["as_is"], names)
         report(f"PRECISION=bf16 vs fp32, sharpened x{bf16['sharpened']['temperature']:.0f} like trained weights",
                bf16["sharpened"], names)
+    return results
+
+
+def measure_all(sizes: list[int], skip: set[str], int8_model: Path | None) -> dict:
+    """In a process whose environment chose the settings: int8 (built by python -m quantize unless int8_model is
+    given), then JPEG_DRAFT and bf16 at these sizes, each unless skipped."""
+    import torch
+
+    import model
+    import torch_model
+    from settings import get_settings
+
+    global MAX_PIXELS
+    settings = get_settings()
+    MAX_PIXELS = settings.max_image_pixels  # every photo here is decoded as the service decodes it
+    runtime = model.load(settings)
+    network, _, _ = torch_model.load_network(settings)
+    fp32 = torch_model.torch_forward(network, torch.device("cpu"), "fp32")  # what the service runs by default
+    runtime.init_inference_thread()
+    results: dict = {"sizes": sizes}
+    if "int8" not in skip:  # on photos of its own, kept apart from its calibration photos
+        int8 = results["int8"] = measure_int8(int8_model or build_int8(Path(tempfile.mkdtemp(prefix="accuracy-int8-"))),
+                                              runtime, fp32)
+        print(f"{int8['photos']} photos not used to calibrate; calibration {int8['made']}")
+        report("PRECISION=int8 vs fp32, stand-in weights as they are", int8["as_is"], int8["names"])
+        report(f"PRECISION=int8 vs fp32, sharpened x{int8['sharpened']['temperature']:.0f} like trained weights",
+               int8["sharpened"], int8["names"])
+        print()
+    if not {"draft", "bf16"} <= skip:
+        results.update(measure_draft_and_bf16(sizes, skip, runtime, network, fp32))
     return results
 
 
@@ -257,20 +281,7 @@ def main() -> None:
     os.environ.update(service_env(Path(tempfile.mkdtemp(prefix="accuracy-"))))
     os.environ["JPEG_DRAFT"] = "false"  # the reference side is the default, exact path
     sys.path.insert(0, str(REPO))
-    import model
-
-    model.init_inference_thread()
-    results: dict = {"sizes": args.sizes}
-    if "int8" not in args.skip:  # on photos of its own, kept apart from its calibration photos
-        int8 = results["int8"] = measure_int8(args.int8_model or build_int8(Path(tempfile.mkdtemp(prefix="accuracy-int8-"))))
-        print(f"{int8['photos']} photos not used to calibrate; calibration {int8['made']}")
-        report("PRECISION=int8 vs fp32, stand-in weights as they are", int8["as_is"], int8["names"])
-        report(f"PRECISION=int8 vs fp32, sharpened x{int8['sharpened']['temperature']:.0f} like trained weights",
-               int8["sharpened"], int8["names"])
-        print()
-    if not {"draft", "bf16"} <= args.skip:
-        results.update(measure_draft_and_bf16(args.sizes, args.skip))
-
+    results = measure_all(args.sizes, args.skip, args.int8_model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"\nwritten to {args.out}")

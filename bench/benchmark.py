@@ -34,7 +34,7 @@ from install import measure as measure_install  # noqa: E402
 from repeats import measure as measure_repeats  # noqa: E402
 from slim import measure as measure_slim  # noqa: E402
 from slim import targets as slim_targets  # noqa: E402
-from harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart,  # noqa: E402
+from harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart, served_model,  # noqa: E402
                      phone_size_jpeg, print_rows, service_env, start_server)
 
 
@@ -52,14 +52,13 @@ def ceiling(image_path: str, batch_size: int, seconds: float) -> dict:
     on a shared virtual machine a neighbour's load moves every figure."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import model
-
+    runtime, prepare = served_model()
     data = Path(image_path).read_bytes()
-    model.init_inference_thread()
-    decoder = ThreadPoolExecutor(1, initializer=model.init_decode_thread)
+    runtime.init_inference_thread()
+    decoder = ThreadPoolExecutor(1, initializer=runtime.init_decode_thread)
 
     def one_batch() -> None:
-        model.predict(np.stack(list(decoder.map(model.prepare, [data] * batch_size))))
+        runtime.predict(np.stack(list(decoder.map(prepare, [data] * batch_size))))
 
     one_batch()
     times = []
@@ -90,12 +89,9 @@ def native_bf16() -> bool:
 def opt_in_accuracy() -> dict:
     """What JPEG_DRAFT and PRECISION=bf16 change in the answers against the exact default, over bench/accuracy.py's
     photos at its default sizes (375 to 3000 px): largest and median score differences, top-1 and top-5 kept."""
-    from accuracy import SIZES, measure_draft_and_bf16
+    import accuracy
 
-    import model
-
-    model.init_inference_thread()
-    return measure_draft_and_bf16(SIZES, set())
+    return accuracy.measure_all(accuracy.SIZES, {"int8"}, None)
 
 
 def int8_model(work: str) -> str:
@@ -107,9 +103,9 @@ def int8_model(work: str) -> str:
 
 def int8_agreement(model_file: str) -> dict:
     """PRECISION=int8 against fp32 over bench/accuracy.py's photos kept apart from the calibration photos."""
-    from accuracy import measure_int8
+    import accuracy
 
-    figures = measure_int8(Path(model_file))
+    figures = accuracy.measure_all([], {"draft", "bf16"}, Path(model_file))["int8"]
     kept = ("images", "temperature", "score_max_abs_difference", "score_median_max_difference", "same_top1",
             "top5_overlap_mean", "confident", "confident_same_top1")
     return {"made": figures["made"], **{view: {key: figures[view][key] for key in kept} for view in ("as_is", "sharpened")}}
@@ -125,7 +121,7 @@ def machine() -> dict:
 
 
 def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
-    """Call a function of this file in a fresh process (the model loads at import, with env's settings)."""
+    """Call a function of this file in a fresh process, whose environment (env) chooses the settings."""
     code = (
         "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; import benchmark;"
         f"print(json.dumps(benchmark.{function}(*json.loads(sys.argv[2]))))"

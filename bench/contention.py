@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import service_env  # noqa: E402
+from harness import served_model, service_env  # noqa: E402
 from async_jobs import photos  # noqa: E402
 
 
@@ -32,17 +32,16 @@ def main() -> None:
     parser.add_argument("--decoders", type=int, default=2)
     args = parser.parse_args()
     os.environ.update(service_env(Path(tempfile.mkdtemp(prefix="bench-"))))
-    import model  # loads the weights
-
+    runtime, prepare = served_model()
     data = photos(64)
-    batch = np.stack([model.prepare(image) for image in data[:8]])
-    inference = ThreadPoolExecutor(1, initializer=model.init_inference_thread)
+    batch = np.stack([prepare(image) for image in data[:8]])
+    inference = ThreadPoolExecutor(1, initializer=runtime.init_inference_thread)
     inference.submit(lambda: None).result()
 
     def forward_ms_per_image(batches: int = 15) -> float:
         started = time.perf_counter()
         for _ in range(batches):
-            model.predict(batch)
+            runtime.predict(batch)
         return (time.perf_counter() - started) / batches / len(batch) * 1000
 
     print(f"no decoding: {inference.submit(forward_ms_per_image).result():.1f} ms per image")
@@ -53,7 +52,7 @@ def main() -> None:
             torch.set_num_threads(1)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
             while not stop.is_set():
-                model.prepare(data[decoded[0] % len(data)])
+                prepare(data[decoded[0] % len(data)])
                 decoded[0] += 1
 
         threads = [threading.Thread(target=decode) for _ in range(args.decoders)]

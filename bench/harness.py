@@ -197,6 +197,22 @@ def ms(seconds: float) -> str:
     return "-" if seconds != seconds else f"{seconds * 1000:.0f} ms"
 
 
+def served_model():  # noqa: ANN201 (model.Runtime, and bytes -> input)
+    """In a process whose environment chose the settings (service_env): the model as the service loads it, and
+    the service's decoding and preprocessing of one upload."""
+    sys.path.insert(0, str(REPO))
+    import model
+    from settings import get_settings
+
+    settings = get_settings()
+    runtime = model.load(settings)
+
+    def prepare(data: bytes) -> np.ndarray:
+        return runtime.prepare(data, settings.max_image_pixels, settings.jpeg_draft)
+
+    return runtime, prepare
+
+
 def service_env(work: Path) -> dict[str, str]:
     """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work; the
     response cache off (hey sends one photo again and again: every request would be a hit)."""

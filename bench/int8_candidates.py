@@ -95,25 +95,29 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    import model
     import onnx_model
     import torch_model as torch_runtime
+    from harness import served_model
+    from settings import get_settings
 
-    threads = model.get_settings().threads
-    calibration = [model.prepare(data) for _, data in calibration_set()]
-    measured = [model.prepare(data) for _, data in int8_measured_set()]
-    reference = logits_of(measured)
+    runtime, prepare = served_model()
+    network, _, weights_hash = torch_runtime.load_network(get_settings())
+    threads = runtime.threads
+    calibration = [prepare(data) for _, data in calibration_set()]
+    measured = [prepare(data) for _, data in int8_measured_set()]
+    torch_fp32 = torch_runtime.torch_forward(network, torch.device("cpu"), "fp32")
+    reference = logits_of(measured, torch_fp32)
     temperature = sharpening(reference)
     batch = torch.from_numpy(np.stack(measured[:8]))
 
-    candidates: dict[str, Callable] = {"torch fp32": torch_runtime.forward,
-                                       "onnxruntime fp32": torch_runtime.onnx_forward(torch_runtime.model, threads)}
+    candidates: dict[str, Callable] = {"torch fp32": torch_fp32,
+                                       "onnxruntime fp32": torch_runtime.onnx_forward(network, threads)}
     candidates["int8: NNCF + onnxruntime (python -m quantize)"], _ = torch_runtime.int8_forward(
-        build_int8(work), threads, torch_runtime.weights_hash)
+        build_int8(work), threads, weights_hash)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32, prepared = work / "fp32.onnx", work / "prepared.onnx"  # exported and prepared once, for every candidate
-    fp32.write_bytes(torch_runtime.export_onnx(torch_runtime.model))
+    fp32.write_bytes(torch_runtime.export_onnx(network))
     quant_pre_process(str(fp32), str(prepared))
     for method in ("MinMax", "Entropy", "Percentile"):
         made = onnxruntime_static(prepared, calibration, method, work)
@@ -123,7 +127,7 @@ def main() -> None:
     except ImportError:
         print("openvino rows skipped: pip install openvino to measure them", flush=True)
     try:
-        candidates["int8: torch x86 (torch.ao FX)"] = torch_x86_candidate(torch_runtime.model, calibration)
+        candidates["int8: torch x86 (torch.ao FX)"] = torch_x86_candidate(network, calibration)
     except (ImportError, RuntimeError) as error:
         print(f"torch x86 int8 skipped: {type(error).__name__}: {error}", flush=True)
 

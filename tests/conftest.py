@@ -3,8 +3,9 @@
 Pretrained weights cannot be downloaded here, so the service is pointed at a seeded, randomly
 initialised ResNet18. Correctness is proven by parity with torchvision's own pipeline.
 
-Settings are read, and the model loaded, when the service's modules are first imported: test modules
-import them inside fixtures or tests, after `weights_file` has set MODEL_WEIGHTS, never at the top.
+One model is loaded per session (`runtime`); every in-process app is built on it by the factory
+(app.create_app), from the settings a user gets by default (`settings`) or a variant of them (`app_with`).
+Servers in subprocesses are for what needs a process: start-up, signals, memory, ports, replicas.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,11 +103,17 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference(weights_file: Path) -> Callable[[Image.Image], torch.Tensor]:
-    """torchvision's reference pipeline: official transforms + the same weights + softmax."""
+def reference_network(weights_file: Path) -> torch.nn.Module:
+    """torchvision's ResNet18 with the seeded weights, in eval mode: images -> logits."""
     network = resnet18()
     network.load_state_dict(torch.load(weights_file, weights_only=True))
-    network.eval()
+    return network.eval()
+
+
+@pytest.fixture(scope="session")
+def reference(reference_network: torch.nn.Module) -> Callable[[Image.Image], torch.Tensor]:
+    """torchvision's reference pipeline: official transforms + the same weights + softmax."""
+    network = reference_network
     transforms = ResNet18_Weights.DEFAULT.transforms()
 
     def probabilities(image: Image.Image) -> torch.Tensor:
@@ -116,31 +124,62 @@ def reference(weights_file: Path) -> Callable[[Image.Image], torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def app(weights_file: Path):
-    import app  # after weights_file has set MODEL_WEIGHTS: the model loads at import
+def settings(weights_file: Path):
+    """The settings a user gets by default, with the seeded weights, the job store in a temporary file (never
+    the working directory's data/) and no gRPC server (a test that needs one asks for it on a free port)."""
+    from settings import Settings
 
-    return app
+    return Settings.from_env({"MODEL_WEIGHTS": str(weights_file), "GRPC_PORT": "0",
+                              "JOBS_DATABASE_URL": f"sqlite:///{weights_file.parent / 'jobs.sqlite3'}"})
 
 
 @pytest.fixture(scope="session")
-def client(app) -> Iterator:
+def runtime(settings):
+    """The model, loaded once for every in-process app of the session."""
+    import model
+
+    return model.load(settings)
+
+
+def in_process(app) -> Any:
+    """A TestClient that runs the app's lifespan (its service starts and stops with it)."""
     with warnings.catch_warnings():
         # Starlette suggests httpx2 for its TestClient; httpx works the same.
         warnings.filterwarnings("ignore", message=".*httpx2.*")
         from fastapi.testclient import TestClient
 
-    with TestClient(app.app, raise_server_exceptions=False) as client:
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def client(settings, runtime) -> Iterator:
+    from app import create_app
+
+    with in_process(create_app(settings, runtime)) as client:
         yield client
 
 
-@pytest.fixture
-def override_settings(app) -> Iterator[Callable[..., None]]:
-    """override_settings(name=value, ...): the settings every module reads, changed until the test ends."""
-    import settings
+@pytest.fixture(scope="session")
+def service(client):
+    """The in-process app's service: its batcher, cache, job worker."""
+    return client.app.state.service
 
-    original = settings.get_settings()
-    yield lambda **changes: settings.use(original.model_copy(update=changes))
-    settings.use(original)
+
+@pytest.fixture
+def app_with(settings, runtime, tmp_path) -> Callable[..., Any]:
+    """app_with(NAME=value, ...): a client of an app built on the session's model with these settings changed
+    (as environment variables name them) and a job store of its own; use it in a `with` block."""
+    from app import create_app
+
+    def variant(**changes: str):
+        from settings import Settings
+
+        env = {"MODEL_WEIGHTS": str(settings.model_weights), "GRPC_PORT": "0",
+               "JOBS_DATABASE_URL": f"sqlite:///{tmp_path / f'jobs-{len(changes)}-{abs(hash(str(changes)))}.sqlite3'}",
+               **changes}
+        return in_process(create_app(Settings.from_env(env), runtime))
+
+    return variant
 
 
 def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> None:
@@ -159,24 +198,24 @@ def assert_top_k(predictions: list[dict], expected: torch.Tensor, k: int) -> Non
 
 
 @pytest.fixture
-def uncached(app, monkeypatch) -> None:
+def uncached(service, monkeypatch) -> None:
     """The in-process service with its cache off: every image is decoded and goes through a forward pass."""
-    monkeypatch.setattr(app.service.batcher, "cache", None)
+    monkeypatch.setattr(service.batcher, "cache", None)
 
 
-def block_the_worker(app, monkeypatch) -> tuple[threading.Event, threading.Event]:
+def block_the_worker(service, monkeypatch) -> tuple[threading.Event, threading.Event]:
     """Make the next forward pass wait (the cache off, so images reach it): (started, release) events for the
     test to watch and end it."""
-    monkeypatch.setattr(app.service.batcher, "cache", None)
+    monkeypatch.setattr(service.batcher, "cache", None)
     started, release = threading.Event(), threading.Event()
-    real_predict = app.service.batcher.predict
+    real_predict = service.batcher.predict
 
     def blocked_predict(batch):
         started.set()
         assert release.wait(30), "the test never released the forward pass"
         return real_predict(batch)
 
-    monkeypatch.setattr(app.service.batcher, "predict", blocked_predict)
+    monkeypatch.setattr(service.batcher, "predict", blocked_predict)
     return started, release
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -53,10 +54,8 @@ def test_batch_default_k_is_five(client):
     assert len(results[0]["predictions"]) == 5
 
 
-def test_too_many_files_is_413(client, app):
-    from settings import get_settings
-
-    too_many = get_settings().max_batch_files + 1
+def test_too_many_files_is_413(client, settings):
+    too_many = settings.max_batch_files + 1
     response = client.post("/predict/batch", files=batch_files(*[("x.png", b"x")] * too_many))
     assert response.status_code == 413
     assert "MAX_BATCH_FILES" in response.json()["detail"]
@@ -101,10 +100,11 @@ def folder(tmp_path: Path) -> Path:
     return photos
 
 
-def run_job(app, *args: str) -> int:
+def run_job(runtime, *args: str) -> int:
+    """python -m classify in this process, on the session's model."""
     import classify
 
-    return classify.main([str(a) for a in args])
+    return classify.main([str(a) for a in args], runtime=runtime)
 
 
 def read_jsonl(path: Path) -> dict[str, dict]:
@@ -115,9 +115,9 @@ SOURCES = {"chelsea.png": "chelsea.png", "nested/coffee.png": "coffee.png",
            "nested/deeper/rocket.jpg": "rocket.jpg", "astronaut.PNG": "astronaut.png"}
 
 
-def test_job_classifies_a_folder_recursively_like_the_reference(app, folder, tmp_path, reference):
+def test_job_classifies_a_folder_recursively_like_the_reference(runtime, folder, tmp_path, reference):
     out = tmp_path / "results.jsonl"
-    assert run_job(app, folder, "--out", out, "--k", "5", "--batch-size", "3", "--workers", "2") == 1  # corrupt.jpg
+    assert run_job(runtime, folder, "--out", out, "--k", "5", "--batch-size", "3", "--workers", "2") == 1  # corrupt.jpg
     lines = read_jsonl(out)
     assert set(lines) == {str(folder / name) for name in [*SOURCES, "corrupt.jpg"]}
     for name, source in SOURCES.items():
@@ -127,41 +127,39 @@ def test_job_classifies_a_folder_recursively_like_the_reference(app, folder, tmp
     assert not any("notes.txt" in path for path in lines)
 
 
-def test_job_resume_skips_what_is_done_and_repairs_a_torn_line(app, folder, tmp_path):
+def test_job_resume_skips_what_is_done_and_repairs_a_torn_line(runtime, folder, tmp_path):
     out = tmp_path / "results.jsonl"
     (folder / "corrupt.jpg").unlink()
-    run_job(app, folder, "--out", out)
+    run_job(runtime, folder, "--out", out)
     first = out.read_text().splitlines()
     assert len(first) == 4
     # A crash mid-write leaves half a line; a new photo arrives meanwhile.
     out.write_text("\n".join(first[:3]) + "\n" + first[3][:20])
     (folder / "new.png").write_bytes(photo_bytes("coffee.png"))
-    assert run_job(app, folder, "--out", out, "--resume") == 0
+    assert run_job(runtime, folder, "--out", out, "--resume") == 0
     lines = out.read_text().splitlines()
     assert len(lines) == 5 and all(json.loads(line) for line in lines)
     assert lines[:3] == first[:3]
     assert {json.loads(line)["path"] for line in lines[3:]} == {json.loads(first[3])["path"], str(folder / "new.png")}
-    assert run_job(app, folder, "--out", out, "--resume") == 0
+    assert run_job(runtime, folder, "--out", out, "--resume") == 0
     assert len(out.read_text().splitlines()) == 5
 
 
-def test_job_survives_a_forward_pass_that_fails_for_one_image(app, folder, tmp_path, monkeypatch, reference):
+def test_job_survives_a_forward_pass_that_fails_for_one_image(runtime, settings, folder, tmp_path, reference):
     """As the service's batcher does: a batch whose forward pass fails is retried image by image, so only the
     image that breaks it gets an error line."""
     import numpy as np
 
     (folder / "corrupt.jpg").unlink()
-    breaking = app.model.prepare(photo_bytes("chelsea.png"))
-    real_predict = app.model.predict
+    breaking = runtime.prepare(photo_bytes("chelsea.png"), settings.max_image_pixels)
 
     def predict(batch):
         if any(np.array_equal(image, breaking) for image in batch):
             raise RuntimeError("this image breaks the forward pass")
-        return real_predict(batch)
+        return runtime.predict(batch)
 
-    monkeypatch.setattr(app.model, "predict", predict)
     out = tmp_path / "results.jsonl"
-    assert run_job(app, folder, "--out", out, "--batch-size", "4") == 1
+    assert run_job(dataclasses.replace(runtime, predict=predict), folder, "--out", out, "--batch-size", "4") == 1
     lines = read_jsonl(out)
     assert lines[str(folder / "chelsea.png")]["error"] == {"status": 500, "detail": "internal error; it has been logged"}
     for name, source in SOURCES.items():
@@ -169,56 +167,56 @@ def test_job_survives_a_forward_pass_that_fails_for_one_image(app, folder, tmp_p
             assert_top_k(lines[str(folder / name)]["predictions"], reference(photo(source)), 5)
 
 
-def test_job_resume_skips_recorded_errors_too(app, folder, tmp_path):
+def test_job_resume_skips_recorded_errors_too(runtime, folder, tmp_path):
     """An image whose error is recorded is done: --resume does not try it again (delete its line to retry it)."""
     out = tmp_path / "results.jsonl"
-    assert run_job(app, folder, "--out", out) == 1
+    assert run_job(runtime, folder, "--out", out) == 1
     before = out.read_text()
     assert "error" in read_jsonl(out)[str(folder / "corrupt.jpg")]
-    assert run_job(app, folder, "--out", out, "--resume") == 0  # nothing left to do, so nothing failed
+    assert run_job(runtime, folder, "--out", out, "--resume") == 0  # nothing left to do, so nothing failed
     assert out.read_text() == before
 
 
-def test_job_refuses_to_overwrite_without_resume(app, folder, tmp_path):
+def test_job_refuses_to_overwrite_without_resume(runtime, folder, tmp_path):
     out = tmp_path / "results.jsonl"
     out.write_text("precious\n")
     with pytest.raises(SystemExit) as exit_info:
-        run_job(app, folder, "--out", out)
+        run_job(runtime, folder, "--out", out)
     assert exit_info.value.code == 2
     assert out.read_text() == "precious\n"
 
 
-def test_job_writes_csv(app, folder, tmp_path, reference):
+def test_job_writes_csv(runtime, folder, tmp_path, reference):
     out = tmp_path / "results.csv"
     (folder / "corrupt.jpg").unlink()
-    assert run_job(app, folder, "--out", out, "--format", "csv", "--k", "2") == 0
+    assert run_job(runtime, folder, "--out", out, "--format", "csv", "--k", "2") == 0
     rows = {row["path"]: row for row in csv.DictReader(out.open())}
     assert list(next(iter(rows.values()))) == ["path", "status", "error", "label_1", "index_1", "score_1", "label_2", "index_2", "score_2"]
     expected = reference(photo("coffee.png"))
     row = rows[str(folder / "nested" / "coffee.png")]
     assert float(row["score_1"]) == pytest.approx(expected[int(row["index_1"])].item(), abs=1e-5)
     assert int(row["index_1"]) == expected.argmax().item()
-    assert run_job(app, folder, "--out", out, "--format", "csv", "--resume") == 0
+    assert run_job(runtime, folder, "--out", out, "--format", "csv", "--resume") == 0
     assert len(out.read_text().splitlines()) == 1 + 4
 
 
-def test_job_shards_split_the_files_without_overlap(app, folder, tmp_path):
+def test_job_shards_split_the_files_without_overlap(runtime, folder, tmp_path):
     (folder / "corrupt.jpg").unlink()
     for name in ("a", "b", "c", "d"):
         (folder / f"{name}.png").write_bytes(photo_bytes("coffee.png"))
     shards = []
     for i in range(3):
         out = tmp_path / f"shard{i}.jsonl"
-        run_job(app, folder, "--out", out, "--shard", f"{i}/3")
+        run_job(runtime, folder, "--out", out, "--shard", f"{i}/3")
         shards.append(set(read_jsonl(out)) if out.exists() else set())
     assert sum(len(s) for s in shards) == 8
     assert set.union(*shards) == {str(p) for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg")}
 
 
 @pytest.mark.parametrize("bad", [["--shard", "3/3"], ["--shard", "x"], ["--k", "0"], ["--k", "1001"], ["--batch-size", "0"]])
-def test_job_rejects_bad_arguments(app, folder, tmp_path, bad):
+def test_job_rejects_bad_arguments(runtime, folder, tmp_path, bad):
     with pytest.raises(SystemExit) as exit_info:
-        run_job(app, folder, "--out", tmp_path / "r.jsonl", *bad)
+        run_job(runtime, folder, "--out", tmp_path / "r.jsonl", *bad)
     assert exit_info.value.code == 2
 
 

@@ -3,6 +3,8 @@ changes the key, it holds at most CACHE_ENTRIES, and every door shares it (onlin
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,18 +54,19 @@ def test_a_refused_image_is_refused_again_the_same_way(client):
     assert after["cache_hits_total"] == before["cache_hits_total"] + 1
 
 
-def test_another_setting_that_changes_the_answer_never_gets_this_answer(client, override_settings):
+def test_another_setting_that_changes_the_answer_never_gets_this_answer(client, service, app_with):
     """JPEG_DRAFT decodes big JPEGs smaller: the same bytes under it are another key, and get the draft answer."""
     data = large_jpeg("coffee.png", 1600, seed=3)
     exact = client.post("/predict/topk?k=1000", files=upload(data)).json()["predictions"]
-    override_settings(jpeg_draft=True)
-    before = values(client, "cache_misses_total")
-    drafted = client.post("/predict/topk?k=1000", files=upload(data)).json()["predictions"]
-    assert values(client, "cache_misses_total")["cache_misses_total"] == before["cache_misses_total"] + 1
+    with app_with(JPEG_DRAFT="true") as drafting:  # the setting whose answers differ
+        drafted_service = drafting.app.state.service
+        assert drafted_service.cache.key(data) != service.cache.key(data)
+        drafted = drafting.post("/predict/topk?k=1000", files=upload(data)).json()["predictions"]
+        assert drafted_service.cache.misses == 1
     assert drafted != exact  # computed anew, from the smaller decode
 
 
-def test_identical_images_at_once_are_computed_once(client, app):
+def test_identical_images_at_once_are_computed_once(client):
     data = distinct_jpeg(2)
     before = values(client, *COUNTS)
     with ThreadPoolExecutor(8) as pool:
@@ -144,7 +147,7 @@ def test_a_job_with_duplicates_computes_each_distinct_photo_once(small_cache):
     assert entries[0]["predictions"] == entries[3]["predictions"] == entries[9]["predictions"]
 
 
-def test_the_offline_job_classifies_identical_files_once(app, tmp_path: Path, monkeypatch, reference):
+def test_the_offline_job_classifies_identical_files_once(runtime, tmp_path: Path, reference):
     import classify
 
     folder = tmp_path / "photos"
@@ -152,15 +155,15 @@ def test_the_offline_job_classifies_identical_files_once(app, tmp_path: Path, mo
     for i in range(9):  # 3 distinct photos, 3 copies each, spread over batches of 4
         (folder / f"{i}.png").write_bytes(photo_bytes(("chelsea.png", "coffee.png", "astronaut.png")[i % 3]))
     forwarded = []
-    real_predict = app.model.predict
+
     def counting_predict(batch):
         if abs(batch).sum() > 0:  # not the warm-up pass on zeros
             forwarded.append(len(batch))
-        return real_predict(batch)
+        return runtime.predict(batch)
 
-    monkeypatch.setattr(app.model, "predict", counting_predict)
     out = tmp_path / "results.jsonl"
-    assert classify.main([str(folder), "--out", str(out), "--batch-size", "4"]) == 0
+    counting = dataclasses.replace(runtime, predict=counting_predict)
+    assert classify.main([str(folder), "--out", str(out), "--batch-size", "4"], runtime=counting) == 0
     assert sum(forwarded) == 3
     import json
 

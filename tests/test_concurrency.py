@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from conftest import block_the_worker, photo_bytes, upload
 
 
-def test_health_answers_while_inference_is_in_flight(client, app, monkeypatch):
-    started, release = block_the_worker(app, monkeypatch)
+def test_health_answers_while_inference_is_in_flight(client, service, monkeypatch):
+    started, release = block_the_worker(service, monkeypatch)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/predict", files=upload(photo_bytes("coffee.png")))
         try:
@@ -22,10 +22,10 @@ def test_health_answers_while_inference_is_in_flight(client, app, monkeypatch):
         assert pending.result(30).status_code == 200
 
 
-def test_forward_passes_never_overlap(client, app, monkeypatch, uncached):
+def test_forward_passes_never_overlap(client, service, monkeypatch, uncached):
     running, most = 0, 0
     lock = threading.Lock()
-    real_predict = app.service.batcher.predict
+    real_predict = service.batcher.predict
 
     def counting_predict(batch):
         nonlocal running, most
@@ -38,7 +38,7 @@ def test_forward_passes_never_overlap(client, app, monkeypatch, uncached):
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(app.service.batcher, "predict", counting_predict)
+    monkeypatch.setattr(service.batcher, "predict", counting_predict)
     photos = [photo_bytes(name) for name in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")] * 3
     with ThreadPoolExecutor(len(photos)) as pool:
         responses = list(pool.map(lambda data: client.post("/predict", files=upload(data)), photos))

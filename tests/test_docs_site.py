@@ -86,10 +86,10 @@ def test_every_setting_the_docs_name_exists(page):
     assert not unknown, f"{page.name} names settings that do not exist: {sorted(unknown)}"
 
 
-def test_every_route_in_the_api_table_exists(app):
+def test_every_route_in_the_api_table_exists(client):
     from test_operations import every_route
 
-    routes = set(every_route(app))
+    routes = set(every_route(client.app))
     table = (DOCS / "api.md").read_text().split("## Routes", 1)[1].split("\n## ", 1)[0]
     named = re.findall(r"`(GET|POST|DELETE) (/[^`?\s]*)", table)
     assert len(named) >= 15

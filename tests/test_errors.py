@@ -122,11 +122,11 @@ def test_nothing_is_written_to_disk_by_the_server(server):
     assert list(server.tmpdir.iterdir()) == []
 
 
-def test_unexpected_failure_is_a_json_500_without_details(client, app, monkeypatch, uncached):
+def test_unexpected_failure_is_a_json_500_without_details(client, service, monkeypatch, uncached):
     def broken(data: bytes):
         raise RuntimeError("secret internal path /srv/model")
 
-    monkeypatch.setattr(app.service.batcher, "prepare", broken)
+    monkeypatch.setattr(service.batcher, "prepare", broken)
     response = client.post("/predict", files=upload(photo_bytes("coffee.png")))
     assert response.status_code == 500
     assert response.json() == {"detail": "internal error; it has been logged"}

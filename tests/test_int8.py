@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import PHOTOS, REPO, Server, photo_bytes, start_server
+from test_startup import assert_refused
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -59,14 +60,14 @@ def int8_server(int8_model, weights_file, tmp_path_factory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def offline_scores(int8_model, app) -> dict[str, torch.Tensor]:
+def offline_scores(int8_model, runtime, service) -> dict[str, torch.Tensor]:
     """bench/accuracy.py's int8 path on the test photos: the scores every door must give."""
     from accuracy import logits_of
 
     import torch_model
 
-    forward, _ = torch_model.int8_forward(int8_model, 2, torch_model.weights_hash)
-    logits = logits_of([app.model.prepare(photo_bytes(name)) for name in PHOTOS], forward)
+    forward, _ = torch_model.int8_forward(int8_model, 2, runtime.weights_hash)
+    logits = logits_of([service.prepare(photo_bytes(name)) for name in PHOTOS], forward)
     return dict(zip(PHOTOS, torch.softmax(logits, 1)))
 
 
@@ -75,18 +76,12 @@ def assert_scores(predictions: list[dict], expected: torch.Tensor) -> None:
     assert max(abs(p["score"] - expected[p["index"]].item()) for p in predictions) < 1e-5
 
 
-def start(env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Import the model the way the service does, in a fresh process."""
-    return subprocess.run([sys.executable, "-c", "import model; print(model.served.precision)"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **env})
-
-
-def test_the_service_serves_int8_and_says_how_it_was_made(int8_server, int8_model, app):
+def test_the_service_serves_int8_and_says_how_it_was_made(int8_server, int8_model, runtime):
     served = httpx.get(f"{int8_server.url}/model").json()
     assert (served["precision"], served["backend"]) == ("int8", "onnxruntime")
     assert httpx.get(f"{int8_server.url}/v2/models/resnet18").json()["platform"] == "onnxruntime_onnx"  # what runs it
     made = served["int8"]
-    assert made["weights"] == app.model.served.weights_hash and made["calibration_images"] == len(CALIBRATION)
+    assert made["weights"] == runtime.weights_hash and made["calibration_images"] == len(CALIBRATION)
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted((int8_model.parent / "photos").iterdir()):
         if path.name != "broken.jpg":
@@ -136,37 +131,37 @@ def test_a_bad_image_fails_only_its_own_entry(int8_server):
         (True, None), (True, None), (False, 400)]
 
 
-def test_a_model_quantized_from_other_weights_is_refused(int8_model, tmp_path):
+def test_a_model_quantized_from_other_weights_is_refused(int8_model, tmp_path, monkeypatch):
     other = tmp_path / "other.pth"
     torch.manual_seed(1)
     from torchvision.models import resnet18
 
     torch.save(resnet18().state_dict(), other)
-    result = start({"MODEL_WEIGHTS": str(other), "PRECISION": "int8", "INT8_MODEL": str(int8_model)})
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "was quantized from other weights" in result.stderr and "python -m quantize" in result.stderr
+    assert_refused({"MODEL_WEIGHTS": str(other), "PRECISION": "int8", "INT8_MODEL": str(int8_model)}, tmp_path,
+                   monkeypatch, "was quantized from other weights", "python -m quantize")
 
 
-def test_a_missing_or_corrupt_int8_model_is_a_clear_error(weights_file, tmp_path):
+def test_a_missing_or_corrupt_int8_model_is_a_clear_error(weights_file, tmp_path, monkeypatch):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not an onnx model")
     for path, message in ((tmp_path / "missing.onnx", "does not exist"), (corrupt, "is not an ONNX model")):
-        result = start({"MODEL_WEIGHTS": str(weights_file), "PRECISION": "int8", "INT8_MODEL": str(path)})
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert result.stderr.startswith("Cannot load the model: ") and message in result.stderr
+        assert_refused({"MODEL_WEIGHTS": str(weights_file), "PRECISION": "int8", "INT8_MODEL": str(path)}, tmp_path,
+                       monkeypatch, message)
 
 
 def test_int8_without_a_model_and_a_model_without_int8_are_refused(weights_file, tmp_path):
-    alone = start({"MODEL_WEIGHTS": str(weights_file), "PRECISION": "int8"})
-    assert "Invalid setting: PRECISION=int8 needs INT8_MODEL=FILE" in alone.stderr and "Traceback" not in alone.stderr
-    stray = start({"MODEL_WEIGHTS": str(weights_file), "INT8_MODEL": str(tmp_path / "x.onnx")})
-    assert "INT8_MODEL is set but PRECISION is not int8" in stray.stderr
-    cuda = start({"MODEL_WEIGHTS": str(weights_file), "PRECISION": "int8", "INT8_MODEL": str(tmp_path / "x.onnx"),
-                  "DEVICE": "cuda"})
-    assert "PRECISION=int8 runs on the CPU" in cuda.stderr and "Traceback" not in cuda.stderr
+    from settings import Settings, SettingsError
+
+    refusals = (({"PRECISION": "int8"}, "PRECISION=int8 needs INT8_MODEL=FILE"),
+                ({"INT8_MODEL": str(tmp_path / "x.onnx")}, "INT8_MODEL is set but PRECISION is not int8"),
+                ({"PRECISION": "int8", "INT8_MODEL": str(tmp_path / "x.onnx"), "DEVICE": "cuda"},
+                 "PRECISION=int8 runs on the CPU"))
+    for env, message in refusals:
+        with pytest.raises(SettingsError, match=message):
+            Settings.from_env({"MODEL_WEIGHTS": str(weights_file), **env})
 
 
-def test_int8_slower_than_fp32_is_refused_unless_forced(app):
+def test_int8_slower_than_fp32_is_refused_unless_forced():
     import torch_model
 
     problem = torch_model.int8_problem(0.5, 0.4, force=False)

@@ -13,6 +13,9 @@ import numpy as np
 from conftest import photo_bytes
 
 
+LABELS = tuple(f"class {index}" for index in range(1000))
+
+
 def numbers(data: bytes) -> np.ndarray:
     return np.full((2,), float(len(data)), np.float32)
 
@@ -24,7 +27,7 @@ async def started(store, predict):
 
     batcher = Batcher(numbers, predict, max_batch_size=4, max_delay_s=0, max_queue=8, decode_workers=1)
     await batcher.start()
-    worker = JobWorker(store, batcher, webhook_secret=None, webhook_first_retry_s=1)
+    worker = JobWorker(store, batcher, LABELS, webhook_secret=None, webhook_first_retry_s=1)
     await worker.start()
     return batcher, worker
 

@@ -102,10 +102,12 @@ def test_a_port_out_of_range_is_one_line():
         Settings.from_env({"PORT": "70000"})
 
 
-def test_connections_to_the_http_socket_go_without_nagles_delay(app):
+def test_connections_to_the_http_socket_go_without_nagles_delay():
     """asyncio turns Nagle's algorithm off only on sockets made as TCP (proto IPPROTO_TCP): with it on, a
     response waited for the client's delayed ACK, about 40 ms per request."""
     import asyncio
+
+    import app
 
     async def accepted_nodelay() -> int:
         listener = app.listening_socket("127.0.0.1", free_port(), "HTTP", "PORT")

@@ -71,13 +71,13 @@ def every_route(app) -> list[tuple[str, str]]:
             included = getattr(route, "original_router", None)  # FastAPI keeps an included router whole
             yield from flattened(included.routes) if included is not None else (route,)
 
-    return sorted((method, route.path) for route in flattened(app.app.router.routes)
+    return sorted((method, route.path) for route in flattened(app.router.routes)
                   for method in (getattr(route, "methods", None) or ()) if method != "HEAD")
 
 
-def test_every_route_that_needs_the_key_refuses_without_it_and_no_other_does(guarded, app):
+def test_every_route_that_needs_the_key_refuses_without_it_and_no_other_does(guarded, client):
     server, _ = guarded
-    routes = every_route(app)
+    routes = every_route(client.app)
     assert ("POST", "/v2/models/{name}/versions/{version}/infer") in routes and ("GET", "/") in routes
     for method, template in routes:
         path = template.replace("{job_id}", "0" * 32).replace("{name}", "resnet18").replace("{version}", "1")

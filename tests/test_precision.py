@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import PHOTOS, photo, photo_bytes, start_server
-from test_startup import assert_fails_clearly, start
+from test_startup import assert_refused, load
 
 
-def test_precision_rules(app):
+def test_precision_rules():
     import torch_model
 
     precision_problem = torch_model.precision_problem
@@ -24,25 +24,25 @@ def test_precision_rules(app):
     assert precision_problem("cuda", "bf16", False, False) is None
 
 
-def test_auto_picks_cuda_only_where_torch_sees_a_gpu(app):
+def test_auto_picks_cuda_only_where_torch_sees_a_gpu(runtime):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     import torch_model
 
     assert torch_model.pick_device("auto").type == expected
     assert torch_model.pick_device("cpu").type == "cpu"
-    assert app.model.served.device_type == expected  # the service's own choice under DEVICE=auto
+    assert runtime.device_type == expected  # the service's own choice under DEVICE=auto
 
 
-def test_cuda_without_a_gpu_fails_clearly(weights_file, tmp_path):
+def test_cuda_without_a_gpu_fails_clearly(weights_file, tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    result = start({"MODEL_WEIGHTS": str(weights_file), "DEVICE": "cuda"}, tmp_path)
-    assert_fails_clearly(result, "DEVICE=cuda, but torch sees no CUDA device")
+    assert_refused({"MODEL_WEIGHTS": str(weights_file), "DEVICE": "cuda"}, tmp_path, monkeypatch,
+                   "DEVICE=cuda, but torch sees no CUDA device")
 
 
-def test_fp16_on_the_cpu_is_refused(weights_file, tmp_path):
-    result = start({"MODEL_WEIGHTS": str(weights_file), "DEVICE": "cpu", "PRECISION": "fp16"}, tmp_path)
-    assert_fails_clearly(result, "PRECISION=fp16 is for GPUs")
+def test_fp16_on_the_cpu_is_refused(weights_file, tmp_path, monkeypatch):
+    assert_refused({"MODEL_WEIGHTS": str(weights_file), "DEVICE": "cpu", "PRECISION": "fp16"}, tmp_path, monkeypatch,
+                   "PRECISION=fp16 is for GPUs")
 
 
 def confident_weights(weights_file, folder) -> str:
@@ -56,24 +56,26 @@ def confident_weights(weights_file, folder) -> str:
     return str(folder / "confident.pth")
 
 
-def test_bf16_starts_with_confident_weights(weights_file, tmp_path):
+def test_bf16_starts_with_confident_weights(weights_file, tmp_path, monkeypatch):
     # FORCE_PRECISION: the test also runs on CPUs without native bf16, where the service would refuse it.
-    result = start({"MODEL_WEIGHTS": confident_weights(weights_file, tmp_path), "PRECISION": "bf16",
-                    "DEVICE": "cpu", "FORCE_PRECISION": "true"}, tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    runtime = load({"MODEL_WEIGHTS": confident_weights(weights_file, tmp_path), "PRECISION": "bf16", "DEVICE": "cpu",
+                    "FORCE_PRECISION": "true"}, tmp_path, monkeypatch)
+    assert runtime.precision == "bf16" and runtime.max_score_difference > 0
 
 
-def test_reduced_precision_is_measured_and_refused_only_when_broken(app):
+def test_reduced_precision_is_measured_and_refused_only_when_broken(reference_network):
     import torch_model
+    from errors import ModelLoadError
 
     def rounded(batch):  # a forward pass whose scores differ from fp32's far beyond rounding
-        return torch_model.model(batch) * 3
+        return reference_network(batch) * 3
 
-    assert torch_model.check_parity(rounded, None) > 0.1  # shown, not refused: bench/accuracy.py judges it
-    with pytest.raises(torch_model.ModelLoadError, match="differs from fp32 torch"):
-        torch_model.check_parity(rounded)  # fp32 must match
-    with pytest.raises(torch_model.ModelLoadError, match="not numbers"):
-        torch_model.check_parity(lambda batch: torch.full((len(batch), 1000), float("nan")), None)
+    check = torch_model.check_parity
+    assert check(rounded, reference_network, "bf16", None) > 0.1  # shown, not refused: bench/accuracy.py judges it
+    with pytest.raises(ModelLoadError, match="differs from fp32 torch"):
+        check(rounded, reference_network, "fp32")  # fp32 must match
+    with pytest.raises(ModelLoadError, match="not numbers"):
+        check(lambda batch: torch.full((len(batch), 1000), float("nan")), reference_network, "bf16", None)
 
 
 def test_onnxruntime_with_reduced_precision_is_a_settings_error():

@@ -41,17 +41,17 @@ def test_topk_defaults_to_five_and_scores_are_probabilities(client):
 
 
 @pytest.mark.parametrize("name", PHOTOS)
-def test_model_input_is_exactly_the_official_preprocessing(app, name):
+def test_model_input_is_exactly_the_official_preprocessing(service, name):
     official = ResNet18_Weights.DEFAULT.transforms()(photo(name).convert("RGB"))
-    ours = app.model.prepare(photo_bytes(name))
+    ours = service.prepare(photo_bytes(name))
     assert ours.shape == (3, 224, 224)
     assert np.array_equal(ours, official.numpy())
 
 
-def test_aspect_ratio_is_kept_not_squashed(app):
+def test_aspect_ratio_is_kept_not_squashed(service):
     # A wide image: the official pipeline crops the centre; Resize((224, 224)) would squash it.
     wide = Image.fromarray(np.tile(np.linspace(0, 255, 900, dtype=np.uint8), (300, 1)))
-    ours = app.model.prepare(encode(wide))
+    ours = service.prepare(encode(wide))
     squashed = ResNet18_Weights.DEFAULT.transforms()(wide.convert("RGB").resize((224, 224)))
     assert not np.allclose(ours, squashed.numpy(), atol=1e-2)
 

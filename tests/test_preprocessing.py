@@ -50,11 +50,11 @@ def test_every_size(size):
 
 
 @pytest.mark.parametrize("case", [case for case in CORPUS if CORPUS[case][3] == 200])
-def test_every_corpus_upload_once_decoded(weights_file, case):
+def test_every_corpus_upload_once_decoded(settings, case):
     import images
 
     _, _, data, _, _ = CORPUS[case]
-    assert_same_input(images.decode(data, TRANSFORMS.resize_size[0]))
+    assert_same_input(images.decode(data, TRANSFORMS.resize_size[0], settings.max_image_pixels))
 
 
 def test_only_bilinear_is_implemented():

@@ -114,8 +114,11 @@ def test_classify_runs_slim_and_gives_the_reference_answers(model_file, referenc
 
 
 def start_slim(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """Import the model as a slim replica does, in a fresh process without torch."""
-    return subprocess.run([sys.executable, "-c", "import model; print(model.served.max_score_difference)"], cwd=REPO,
+    """Load the model as a slim replica's start-up does, in a fresh process without torch."""
+    code = ("import sys, errors, model, settings\n"
+            "try: print(model.load(settings.get_settings()).max_score_difference)\n"
+            "except errors.ModelLoadError as error: sys.exit(f'Cannot load the model: {error}')")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "MODEL_WEIGHTS": "", **without_torch(tmp_path / "guard"), **env})
 

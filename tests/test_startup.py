@@ -10,20 +10,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, free_port
+
+
+def load(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Load the model as the service's start-up does (model.load, with the settings these variables give), with
+    torchvision's cache under an empty TORCH_HOME of the test's."""
+    import model
+    from settings import Settings
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for name, value in env.items():
+        if name.lower() not in Settings.model_fields:  # the environment torch reads itself (a proxy)
+            monkeypatch.setenv(name, value)
+    return model.load(Settings.from_env(env))
+
+
+def assert_refused(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *fragments: str) -> None:
+    from errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError) as refused:
+        load(env, tmp_path, monkeypatch)
+    for fragment in fragments:
+        assert fragment in str(refused.value)
 
 
 def start(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """Import the model the way the service does, in a fresh process."""
+    """python -m app, as the container starts it, until it stops (it should, at once)."""
     base = {k: v for k, v in os.environ.items() if k != "MODEL_WEIGHTS"}
-    return subprocess.run(
-        [sys.executable, "-c", "import model; print(model.served.weights_source)"],
-        cwd=REPO,
-        env={**base, "TORCH_HOME": str(tmp_path / "torch-home"), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return subprocess.run([sys.executable, "-m", "app"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**base, "TORCH_HOME": str(tmp_path / "torch-home"), "PORT": str(free_port()),
+                               "GRPC_PORT": "0", "LOG_LEVEL": "warning", **env})
 
 
 def assert_fails_clearly(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -34,44 +51,46 @@ def assert_fails_clearly(result: subprocess.CompletedProcess, *fragments: str) -
         assert fragment in result.stderr
 
 
-def test_missing_weights_file(tmp_path):
+def test_a_model_that_cannot_be_loaded_stops_the_service_with_one_line(tmp_path):
     missing = tmp_path / "nope.pth"
     assert_fails_clearly(start({"MODEL_WEIGHTS": str(missing)}, tmp_path), f"MODEL_WEIGHTS={missing} does not exist")
 
 
-def test_weights_file_that_is_not_a_state_dict(tmp_path):
+def test_missing_weights_file(tmp_path, monkeypatch):
+    missing = tmp_path / "nope.pth"
+    assert_refused({"MODEL_WEIGHTS": str(missing)}, tmp_path, monkeypatch, f"MODEL_WEIGHTS={missing} does not exist")
+
+
+def test_weights_file_that_is_not_a_state_dict(tmp_path, monkeypatch):
     text = tmp_path / "weights.pth"
     text.write_text("not weights")
-    assert_fails_clearly(start({"MODEL_WEIGHTS": str(text)}, tmp_path), "is not a PyTorch state_dict file")
+    assert_refused({"MODEL_WEIGHTS": str(text)}, tmp_path, monkeypatch, "is not a PyTorch state_dict file")
 
 
-def test_weights_of_another_model(tmp_path):
+def test_weights_of_another_model(tmp_path, monkeypatch):
     other = tmp_path / "other.pth"
     torch.save({"linear.weight": torch.zeros(2, 2)}, other)
-    assert_fails_clearly(start({"MODEL_WEIGHTS": str(other)}, tmp_path), "does not hold ResNet18 weights")
+    assert_refused({"MODEL_WEIGHTS": str(other)}, tmp_path, monkeypatch, "does not hold ResNet18 weights")
 
 
-def test_no_weights_and_no_network_never_falls_back_to_random(tmp_path):
+def test_no_weights_and_no_network_never_falls_back_to_random(tmp_path, monkeypatch):
     # A proxy on a closed port makes the download fail at once, with or without internet.
     closed = "http://127.0.0.1:9"
-    result = start({"https_proxy": closed, "HTTPS_PROXY": closed}, tmp_path)
-    assert_fails_clearly(result, "MODEL_WEIGHTS is not set", "resnet18-f37072fd.pth", str(tmp_path / "torch-home"))
+    assert_refused({"https_proxy": closed, "HTTPS_PROXY": closed}, tmp_path, monkeypatch,
+                   "MODEL_WEIGHTS is not set", "resnet18-f37072fd.pth", str(tmp_path / "torch-home"))
 
 
-def test_torchvision_cache_under_torch_home_is_used_offline(tmp_path, weights_file):
+def test_torchvision_cache_under_torch_home_is_used_offline(tmp_path, weights_file, monkeypatch):
     cache = tmp_path / "torch-home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     (cache / "resnet18-f37072fd.pth").write_bytes(weights_file.read_bytes())
     closed = "http://127.0.0.1:9"
-    result = start({"https_proxy": closed, "HTTPS_PROXY": closed}, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    runtime = load({"https_proxy": closed, "HTTPS_PROXY": closed}, tmp_path, monkeypatch)
+    assert runtime.weights_source == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
 
 
-def test_explicit_weights_file_is_used(tmp_path, weights_file):
-    result = start({"MODEL_WEIGHTS": str(weights_file)}, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"file:{weights_file.name}"
+def test_explicit_weights_file_is_used(tmp_path, weights_file, monkeypatch):
+    assert load({"MODEL_WEIGHTS": str(weights_file)}, tmp_path, monkeypatch).weights_source == f"file:{weights_file.name}"
 
 
 def test_settings_defaults():
