@@ -30,14 +30,17 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends "python3=${PYTHON_DEB}" "python3-venv=${PYTHON_DEB}" \
     && rm -rf /var/lib/apt/lists/*
 COPY requirements-slim.txt /tmp/
-RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements-slim.txt
-COPY *.py /app/
-COPY static/ /app/static/
-COPY migrations/ /app/migrations/
-COPY protos/ /app/protos/
 # Compiled now: the root filesystem is read-only at run time, and start-up need not compile.
-RUN /opt/venv/bin/python -m compileall -q /app /opt/venv/lib
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements-slim.txt \
+    && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+
+# The service's code: the entry points (app.py, classify.py, ...) and the package they run, whole, compiled.
+# A stage of its own, copied last into each image: changing the code rebuilds no installed requirement.
+FROM slim-build AS code
+COPY *.py /app/
+COPY classifier/ /app/classifier/
+RUN /opt/venv/bin/python -m compileall -q /app
 
 # The default image's: torch and torchvision as well.
 FROM slim-build AS build
@@ -81,15 +84,15 @@ CMD ["python", "-m", "app"]
 # The slim replica: no torch. MODEL_ONNX names the exported file (mount it, or bake it in a derived image).
 FROM runtime AS slim
 COPY --from=slim-build /opt/venv /opt/venv
-COPY --from=slim-build /app /app
+COPY --from=code /app /app
 ENV MODEL_ONNX=/models/resnet18.onnx
 USER 10001:10001
 
 # The default image: with torch; the weights from MODEL_WEIGHTS, a TORCH_HOME volume, or baked in (WEIGHTS).
 FROM runtime
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /app /app
 COPY --from=build /models /models
+COPY --from=code /app /app
 ARG WEIGHTS=
 ENV TORCH_HOME=/models/torch \
     MODEL_WEIGHTS=${WEIGHTS:+/models/weights.pth}

@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 
 IMAGE ?= registry.example.com/classifier:1.0.0
 
-.PHONY: run demo test bench image docs protos clean postgresql buildah
+.PHONY: run demo test test-fast bench image docs protos clean postgresql buildah
 
 # Serving needs requirements-runtime.txt alone; the tests, benchmarks and docs add requirements.txt's tools.
 RUNTIME := $(VENV)/.runtime-installed
@@ -36,9 +36,9 @@ buildah:
 	command -v buildah >/dev/null && command -v debootstrap >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends buildah debootstrap; }
 
 # The images deploy/ runs (the default, and the slim replica's tagged -slim): docker build where Docker runs,
-# else buildah (bench/image_build.py says how).
+# else buildah (tools/image_build.py says how).
 image:
-	$(PYTHON) bench/image_build.py --tag $(IMAGE)
+	$(PYTHON) tools/image_build.py --tag $(IMAGE)
 
 # HTTP on HOST:PORT, gRPC on HOST:GRPC_PORT (default 8001; GRPC_PORT=0 turns it off).
 run: $(RUNTIME)
@@ -48,21 +48,27 @@ run: $(RUNTIME)
 demo: $(RUNTIME)
 	DEMO=true MODEL_WEIGHTS= HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app
 
-# The documentation site (MkDocs): docs/generate.py's pages from their sources, then the site in site/.
+# The documentation site (MkDocs): tools/generate_docs.py's pages from their sources, then the site in site/.
 docs: $(DEV)
-	$(BIN)/python docs/generate.py
+	$(BIN)/python -m tools.generate_docs
 	$(BIN)/mkdocs build --strict
 
 # The gRPC binding's code, generated from its .proto (committed, so the service needs no grpcio-tools).
 protos: $(DEV)
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/inference.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. classifier/v2/protos/inference.proto
 
+# Every tier (docs/development.md): unit, app (in process, one loaded model), server (processes), system
+# (browser, PostgreSQL, the image build, fuzzing).
 test: $(DEV) $(CHROMIUM) postgresql buildah
 	$(BIN)/python -m pytest -q tests
 
+# The inner loop: unit and app tiers only, nothing to install beyond requirements.txt.
+test-fast: $(DEV)
+	$(BIN)/python -m pytest -q tests --tiers unit,app
+
 bench: $(DEV)
 	command -v hey >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q hey; }
-	$(BIN)/python bench/benchmark.py
+	$(BIN)/python -m bench.benchmark
 
 clean:
 	rm -rf $(VENV)

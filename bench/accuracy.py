@@ -1,6 +1,6 @@
 """What an opt-in speed setting changes in the answers, measured over real photos of many sizes.
 
-    python bench/accuracy.py [--sizes 375,512,768,1024,1536,2048,3000] [--out bench/results/accuracy.json]
+    python -m bench.accuracy [--sizes 375,512,768,1024,1536,2048,3000] [--out bench/results/accuracy.json]
 
 Measures JPEG_DRAFT=true against the exact decode, PRECISION=bf16 against fp32, and PRECISION=int8 against
 fp32 (the model python -m quantize builds, calibrated on photos kept apart from the ones measured; or the one
@@ -25,7 +25,6 @@ import io
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,8 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import REPO, service_env  # noqa: E402
+from bench.harness import REPO, service_env
 
 if TYPE_CHECKING:
     import torch  # the model's own import, at start-up, loads it; here only for annotations
@@ -149,9 +147,9 @@ def measure_precision(exact: list, reference, network, precision: str) -> dict:
     exactly decoded photos, exact)."""
     import torch
 
-    import torch_model
+    from classifier.inference.runtimes import torch_runtime
 
-    candidate = logits_of(exact, torch_model.torch_forward(network, torch.device("cpu"), precision))
+    candidate = logits_of(exact, torch_runtime.torch_forward(network, torch.device("cpu"), precision))
     return {"as_is": compare(reference, candidate), "sharpened": compare(reference, candidate, sharpening(reference))}
 
 
@@ -166,12 +164,12 @@ INT8_SIZES = [300, 375, 448, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3000]
 
 def measure_int8(model_file: Path, runtime, fp32) -> dict:
     """PRECISION=int8 (the model python -m quantize built) against fp32, on photos it was not calibrated on."""
-    import torch_model
+    from classifier.inference.runtimes import torch_runtime
 
     photos = list(int8_measured_set())
     exact = [runtime.prepare(data, MAX_PIXELS) for _, data in photos]
     reference = logits_of(exact, fp32)
-    forward, made = torch_model.int8_forward(model_file, runtime.threads, runtime.weights_hash)
+    forward, made = torch_runtime.int8_forward(model_file, runtime.threads, runtime.weights_hash)
     candidate = logits_of(exact, forward)
     return {"photos": len(photos), "made": made, "as_is": compare(reference, candidate),
             "sharpened": compare(reference, candidate, sharpening(reference)), "names": [name for name, _ in photos]}
@@ -190,7 +188,7 @@ def calibration_set() -> Iterator[tuple[str, bytes]]:
 
 def build_int8(work: Path) -> Path:
     """An int8 model of the loaded weights, built by python -m quantize from calibration_set()."""
-    import quantize
+    from classifier.cli import quantize
 
     folder = work / "calibration"
     folder.mkdir(exist_ok=True)
@@ -245,15 +243,15 @@ def measure_all(sizes: list[int], skip: set[str], int8_model: Path | None) -> di
     import torch
 
     import model
-    import torch_model
-    from settings import get_settings
+    from classifier.inference.runtimes import torch_runtime
+    from classifier.settings import get_settings
 
     global MAX_PIXELS
     settings = get_settings()
     MAX_PIXELS = settings.max_image_pixels  # every photo here is decoded as the service decodes it
     runtime = model.load(settings)
-    network, _, _ = torch_model.load_network(settings)
-    fp32 = torch_model.torch_forward(network, torch.device("cpu"), "fp32")  # what the service runs by default
+    network, _, _ = torch_runtime.load_network(settings)
+    fp32 = torch_runtime.torch_forward(network, torch.device("cpu"), "fp32")  # what the service runs by default
     runtime.init_inference_thread()
     results: dict = {"sizes": sizes}
     if "int8" not in skip:  # on photos of its own, kept apart from its calibration photos
@@ -280,7 +278,6 @@ def main() -> None:
 
     os.environ.update(service_env(Path(tempfile.mkdtemp(prefix="accuracy-"))))
     os.environ["JPEG_DRAFT"] = "false"  # the reference side is the default, exact path
-    sys.path.insert(0, str(REPO))
     results = measure_all(args.sizes, args.skip, args.int8_model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))

@@ -1,6 +1,6 @@
 """Asynchronous jobs beside the other two ways of serving, measured side by side in one run.
 
-    python bench/async_jobs.py [--images 500] [--seconds 10]
+    python -m bench.async_jobs [--images 500] [--seconds 10]
 
 1. The same images through `python -m classify` and as one job (POST /jobs) on an otherwise idle
    service: the job's rate from its started_at to its finished_at, and from the submission on.
@@ -18,7 +18,6 @@ import argparse
 import json
 import random
 import re
-import statistics
 import shutil
 import subprocess
 import sys
@@ -30,9 +29,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from harness import (BOUNDARY, REPO, hey, imagenet_size_jpeg, jpeg, multipart, photo, print_rows,  # noqa: E402
-                     service_env, start_server)
+from bench.harness import (BOUNDARY, REPO, hey, imagenet_size_jpeg, jpeg, multipart, percentile, photo, print_rows,
+                           service_env, start_server)
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
@@ -75,10 +73,6 @@ def sporadic_users(url: str, body: bytes, seconds: float, seed: int = 0) -> list
             latencies.append(time.perf_counter() - started)
             time.sleep(pauses.random())
     return latencies
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def latency_row(name: str, latencies: list[float], **extra) -> dict:

@@ -1,6 +1,6 @@
 """Throughput and latency of the service on this machine, beside the in-process ceiling, in one run.
 
-    python bench/benchmark.py [--seconds 10] [--soak-requests 5000] [--out bench/results/benchmark.json]
+    python -m bench.benchmark [--seconds 10] [--soak-requests 5000] [--out bench/results/benchmark.json]
 
 Starts the service in a subprocess for each configuration, waits for /ready, drives it with `hey`
 (Debian package `hey`: a Go load generator that needs little CPU) and prints one table, also written
@@ -22,21 +22,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from async_jobs import measure as measure_jobs  # noqa: E402
-from bindings import measure as measure_bindings  # noqa: E402
-from install import measure as measure_install  # noqa: E402
-from repeats import measure as measure_repeats  # noqa: E402
-from slim import measure as measure_slim  # noqa: E402
-from slim import targets as slim_targets  # noqa: E402
-from harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart, served_model,  # noqa: E402
-                     phone_size_jpeg, print_rows, service_env, start_server)
-
+from bench.async_jobs import measure as measure_jobs
+from bench.bindings import measure as measure_bindings
+from bench.harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart,
+                           phone_size_jpeg, print_rows, served_model, service_env, start_server)
+from bench.install import measure as measure_install
+from bench.repeats import measure as measure_repeats
+from bench.slim import measure as measure_slim
+from bench.slim import targets as slim_targets
 
 # --- the in-process ceiling: decode + preprocess + forward in a tight loop, no HTTP -------------------
 
@@ -81,29 +80,29 @@ def steal_ticks() -> int:
 
 
 def native_bf16() -> bool:
-    import torch_model
+    from classifier.inference.runtimes import torch_runtime
 
-    return torch_model.native_bf16()
+    return torch_runtime.native_bf16()
 
 
 def opt_in_accuracy() -> dict:
     """What JPEG_DRAFT and PRECISION=bf16 change in the answers against the exact default, over bench/accuracy.py's
     photos at its default sizes (375 to 3000 px): largest and median score differences, top-1 and top-5 kept."""
-    import accuracy
+    from bench import accuracy
 
     return accuracy.measure_all(accuracy.SIZES, {"int8"}, None)
 
 
 def int8_model(work: str) -> str:
     """An int8 model of the loaded weights (python -m quantize on bench/accuracy.py's calibration photos): its path."""
-    from accuracy import build_int8
+    from bench.accuracy import build_int8
 
     return str(build_int8(Path(work)))
 
 
 def int8_agreement(model_file: str) -> dict:
     """PRECISION=int8 against fp32 over bench/accuracy.py's photos kept apart from the calibration photos."""
-    import accuracy
+    from bench import accuracy
 
     figures = accuracy.measure_all([], {"draft", "bf16"}, Path(model_file))["int8"]
     kept = ("images", "temperature", "score_max_abs_difference", "score_median_max_difference", "same_top1",
@@ -122,11 +121,8 @@ def machine() -> dict:
 
 def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
     """Call a function of this file in a fresh process, whose environment (env) chooses the settings."""
-    code = (
-        "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; import benchmark;"
-        f"print(json.dumps(benchmark.{function}(*json.loads(sys.argv[2]))))"
-    )
-    output = subprocess.run([sys.executable, "-c", code, str(REPO), json.dumps(args)],
+    code = f"import json, sys; from bench import benchmark; print(json.dumps(benchmark.{function}(*json.loads(sys.argv[1]))))"
+    output = subprocess.run([sys.executable, "-c", code, json.dumps(args)],
                             env=env, capture_output=True, text=True, check=True, cwd=REPO).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -137,78 +133,83 @@ def in_subprocess(function: str, env: dict[str, str], *args) -> dict:
 # --- the run -----------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10, help="duration of each load run")
-    parser.add_argument("--soak-requests", type=int, default=5000, help="requests between the two RSS readings")
-    parser.add_argument("--out", type=Path, help="the results file (default: docs/results/<date>.json, which "
-                        "docs/generate.py renders into docs/performance.md)")
-    parser.add_argument("--vcpu-hour-usd", type=float, default=0.04,
-                        help="price of one vCPU for an hour, for the cost column (default 0.04, about on-demand cloud)")
-    args = parser.parse_args()
-    run_started = time.time()
-    if not shutil.which("hey"):
-        raise SystemExit("hey is not installed: apt-get install hey")
+@dataclass
+class Run:
+    """What every section of one run shares: its arguments and folder, the service's environment, the two
+    photos (and their multipart bodies), and the rows measured so far."""
 
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
-    env = service_env(work)
-    small, large = work / "imagenet.jpg", work / "phone.jpg"
-    small.write_bytes(imagenet_size_jpeg())
-    large.write_bytes(phone_size_jpeg())
-    small_body, large_body = work / "imagenet.multipart", work / "phone.multipart"
-    small_body.write_bytes(multipart(small.read_bytes()))
-    large_body.write_bytes(multipart(large.read_bytes()))
-    threads = len(os.sched_getaffinity(0))
-    rows: list[dict] = []
+    args: argparse.Namespace
+    work: Path
+    env: dict[str, str]
+    small: Path  # an ImageNet-size JPEG, 500x375
+    small_body: Path
+    large_body: Path  # a 12-megapixel phone photo
+    rows: list[dict] = field(default_factory=list)
 
-    def row(name: str, load: Load, **extra) -> None:
+    def row(self, name: str, load: Load, **extra) -> None:
+        """A row from a hey load: rate, p50, p99 and statuses, and the service's CPU cost when measured."""
         if load.cpu_s is not None and load.statuses.get("200"):
             # Cost: the service's CPU-seconds per 1,000 answers, and what a million cost at the vCPU price.
             per_1000 = load.cpu_s / load.statuses["200"] * 1000
             extra = {**extra, "cpu_s_per_1000": round(per_1000, 1),
-                     "usd_per_million": round(per_1000 * 1000 / 3600 * args.vcpu_hour_usd, 2)}
-        entry = {"row": name, "requests": load.requests, "statuses": load.statuses, "ok_per_s": round(load.ok_per_s, 1),
-                 "p50_ms": round(load.percentile(50) * 1000, 1), "p99_ms": round(load.percentile(99) * 1000, 1), **extra}
-        rows.append(entry)
+                     "usd_per_million": round(per_1000 * 1000 / 3600 * self.args.vcpu_hour_usd, 2)}
+        self.rows.append({"row": name, "requests": load.requests, "statuses": load.statuses,
+                          "ok_per_s": round(load.ok_per_s, 1), "p50_ms": round(load.percentile(50) * 1000, 1),
+                          "p99_ms": round(load.percentile(99) * 1000, 1), **extra})
         shown = ", ".join(f"{k}={v}" for k, v in extra.items())
         print(f"{name:48} {load.ok_per_s:6.1f} req/s  p50 {ms(load.percentile(50)):>7}  p99 {ms(load.percentile(99)):>7}"
               f"  {load.statuses}  {shown}", flush=True)
 
-    cpu = cpu_description()
-    print(f"{threads} CPUs ({cpu}), weights {env['MODEL_WEIGHTS']}, {args.seconds:g} s per run\n", flush=True)
+    def rows_of(self, rows: list[dict]) -> None:
+        """Rows another bench module measured."""
+        print_rows(rows)
+        self.rows.extend(rows)
+
+    def hey(self, service, concurrency: int, **options) -> Load:  # noqa: ANN001 (a harness.Server)
+        """/predict of a service under hey, the ImageNet-size photo unless told otherwise, its CPU time measured."""
+        options.setdefault("seconds", self.args.seconds)
+        options.setdefault("body", self.small_body)
+        return hey(f"{service.url}/predict", concurrency, pid=service.process.pid, **options)
+
+
+def int8_model_env(run: Run) -> tuple[dict[str, str], dict]:
+    """PRECISION=int8's settings, with a model python -m quantize built from the same weights and calibrated on
+    photos of its own, and its agreement with fp32 on photos it was not calibrated on."""
+    int8_env = {"PRECISION": "int8", "INT8_MODEL": str(in_subprocess("int8_model", run.env, str(run.work)))}
+    int8 = in_subprocess("int8_agreement", run.env, int8_env["INT8_MODEL"])
+    sharpened = int8["sharpened"]
+    print(f"int8 vs fp32 on {sharpened['images']} photos not calibrated on, sharpened: same top-1 "
+          f"{sharpened['same_top1']}, where fp32 leads by > 0.1 {sharpened['confident_same_top1']}/"
+          f"{sharpened['confident']}, largest score difference {sharpened['score_max_abs_difference']:.3f}\n", flush=True)
+    return int8_env, int8
+
+
+def backends(run: Run, int8_env: dict[str, str]) -> dict:
+    """1 and 3: the ImageNet-size JPEG through each runtime (torch, onnxruntime, bf16 where the CPU has it,
+    int8), batching on and off, beside each one's in-process ceiling. The ceiling is measured just before and
+    just after each backend's service runs, and the samples pooled: these machines are noisy."""
 
     def measure_ceiling(backend_env: dict[str, str]) -> dict:
-        return {"batch8": in_subprocess("ceiling", backend_env, str(small), 8, args.seconds / 2),
-                "single": in_subprocess("ceiling", backend_env, str(small), 1, args.seconds / 2)}
+        return {"batch8": in_subprocess("ceiling", backend_env, str(run.small), 8, run.args.seconds / 2),
+                "single": in_subprocess("ceiling", backend_env, str(run.small), 1, run.args.seconds / 2)}
 
-    # 1 and 3: ImageNet-size JPEG; batching on/off; torch and onnxruntime. The ceiling is measured just
-    # before and just after each backend's service runs, and averaged: these machines are noisy.
-    # torch in bf16 (PRECISION=bf16) beside both, at c=1 and c=8.
     # (name, settings, {MAX_BATCH_SIZE: concurrencies})
     configurations = [("torch", {"BACKEND": "torch"}, {"8": (1, 8, 32), "1": (8,)}),
                       ("onnxruntime", {"BACKEND": "onnxruntime"}, {"8": (1, 8, 32), "1": (8,)})]
-    if in_subprocess("native_bf16", env):
+    if in_subprocess("native_bf16", run.env):
         configurations.append(("torch bf16", {"BACKEND": "torch", "PRECISION": "bf16"}, {"8": (1, 8)}))
     else:  # the service refuses PRECISION=bf16 here (emulated bf16 is slower than fp32): no rows to show
         print("torch bf16: skipped, this CPU has no native bfloat16 instructions (AVX512_BF16 or AMX)\n", flush=True)
-    # int8 (PRECISION=int8): built by python -m quantize from the same weights, calibrated on photos of its own.
-    int8_env = {"PRECISION": "int8", "INT8_MODEL": str(in_subprocess("int8_model", env, str(work)))}
     configurations.append(("int8", int8_env, {"8": (1, 8)}))
-    int8 = in_subprocess("int8_agreement", env, int8_env["INT8_MODEL"])
-    print(f"int8 vs fp32 on {int8['sharpened']['images']} photos not calibrated on, sharpened: same top-1 "
-          f"{int8['sharpened']['same_top1']}, where fp32 leads by > 0.1 {int8['sharpened']['confident_same_top1']}/"
-          f"{int8['sharpened']['confident']}, largest score difference {int8['sharpened']['score_max_abs_difference']:.3f}\n",
-          flush=True)
     ceilings = {}
     for backend, overrides, runs in configurations:
-        backend_env = {**env, **overrides}
+        backend_env = {**run.env, **overrides}
         before = measure_ceiling(backend_env)
         services = []
         for batch_size, concurrencies in runs.items():
             service = start_server({**backend_env, "MAX_BATCH_SIZE": batch_size})
             for concurrency in concurrencies:
-                load = hey(f"{service.url}/predict", concurrency, seconds=args.seconds, body=small_body, pid=service.process.pid)
-                services.append((batch_size, concurrency, load))
+                services.append((batch_size, concurrency, run.hey(service, concurrency)))
             service.stop()
         after = measure_ceiling(backend_env)
         samples = before["batch8"]["samples_images_per_s"] + after["batch8"]["samples_images_per_s"]
@@ -224,104 +225,139 @@ def main() -> None:
             extra = {"ratio_to_ceiling": round(load.ok_per_s / ceiling_rate, 2)}
             if concurrency == 1:
                 extra["p50_minus_ceiling_single_ms"] = round((load.percentile(50) - single) * 1000, 1)
-            row(f"{backend} batch≤{batch_size} 500x375 JPEG c={concurrency}", load, **extra)
+            run.row(f"{backend} batch≤{batch_size} 500x375 JPEG c={concurrency}", load, **extra)
+    return ceilings
 
-    # The baseline: the handler most tutorials write (bench/naive.py), same weights and photos.
-    baseline = start_server(env, app="naive:app", app_dir=REPO / "bench")
+
+def baseline(run: Run) -> None:
+    """The handler most tutorials write (bench/naive.py), same weights and photos."""
+    service = start_server(run.env, app="naive:app", app_dir=REPO / "bench")
     for concurrency in (1, 8):
-        load = hey(f"{baseline.url}/predict", concurrency, seconds=args.seconds, body=small_body, pid=baseline.process.pid)
-        row(f"baseline: naive FastAPI handler c={concurrency}", load)
-    baseline.stop()
+        run.row(f"baseline: naive FastAPI handler c={concurrency}", run.hey(service, concurrency))
+    service.stop()
 
-    # The offline job (python -m classify) over a folder, beside the torch ceiling measured above.
-    folder = work / "folder"
+
+def offline(run: Run, ceiling: float, int8_env: dict[str, str]) -> None:
+    """python -m classify over a folder, in fp32 beside the torch ceiling, and in int8 beside fp32."""
+    folder = run.work / "folder"
     folder.mkdir()
-    for i in range(int(ceilings["torch"]["images_per_s"] * args.seconds)):
-        (folder / f"{i:05}.jpg").write_bytes(small.read_bytes())
-    job = subprocess.run([sys.executable, "-m", "classify", str(folder), "--out", str(work / "job.jsonl")],
-                         env=env, cwd=REPO, capture_output=True, text=True, check=True)
-    job_rate = float(re.search(r"([\d.]+) images/s", job.stderr).group(1))
-    rows.append({"row": "offline job, python -m classify", "images": len(list(folder.iterdir())),
-                 "images_per_s": job_rate, "ratio_to_ceiling": round(job_rate / ceilings["torch"]["images_per_s"], 2)})
-    print(f"{'offline job (python -m classify), torch':48} {job_rate:6.1f} img/s  "
-          f"{job_rate / ceilings['torch']['images_per_s']:.2f}x the ceiling", flush=True)
-    job = subprocess.run([sys.executable, "-m", "classify", str(folder), "--out", str(work / "job-int8.jsonl")],
-                         env={**env, **int8_env}, cwd=REPO, capture_output=True, text=True, check=True)
-    int8_job_rate = float(re.search(r"([\d.]+) images/s", job.stderr).group(1))
-    rows.append({"row": "offline job, python -m classify, PRECISION=int8", "images": len(list(folder.iterdir())),
-                 "images_per_s": int8_job_rate, "ratio_to_fp32": round(int8_job_rate / job_rate, 2)})
-    print(f"{'offline job (python -m classify), int8':48} {int8_job_rate:6.1f} img/s  {int8_job_rate / job_rate:.2f}x fp32",
-          flush=True)
+    for i in range(int(ceiling * run.args.seconds)):
+        (folder / f"{i:05}.jpg").write_bytes(run.small.read_bytes())
 
-    # Asynchronous jobs (bench/async_jobs.py): a 500-photo job beside python -m classify on the same photos,
-    # and online /predict c=1 with and without a job running.
-    job_rows = measure_jobs(500, args.seconds)
-    print_rows(job_rows)
-    rows.extend(job_rows)
+    def images_per_s(env: dict[str, str], out: str) -> float:
+        job = subprocess.run([sys.executable, "-m", "classify", str(folder), "--out", str(run.work / out)],
+                             env=env, cwd=REPO, capture_output=True, text=True, check=True)
+        return float(re.search(r"([\d.]+) images/s", job.stderr).group(1))
 
-    # The ways in: /predict, /v2 over HTTP and over gRPC, driven alike.
-    binding_rows = measure_bindings(args.seconds)
-    print_rows(binding_rows)
-    rows.extend(binding_rows)
+    images = len(list(folder.iterdir()))
+    fp32 = images_per_s(run.env, "job.jsonl")
+    run.rows.append({"row": "offline job, python -m classify", "images": images, "images_per_s": fp32,
+                     "ratio_to_ceiling": round(fp32 / ceiling, 2)})
+    print(f"{'offline job (python -m classify), torch':48} {fp32:6.1f} img/s  {fp32 / ceiling:.2f}x the ceiling", flush=True)
+    int8 = images_per_s({**run.env, **int8_env}, "job-int8.jsonl")
+    run.rows.append({"row": "offline job, python -m classify, PRECISION=int8", "images": images, "images_per_s": int8,
+                     "ratio_to_fp32": round(int8 / fp32, 2)})
+    print(f"{'offline job (python -m classify), int8':48} {int8:6.1f} img/s  {int8 / fp32:.2f}x fp32", flush=True)
 
-    # The response cache: distinct photos with it off and on (the miss path), 30 % repeats, all repeats.
-    cache_rows = measure_repeats(args.seconds)
-    print_rows(cache_rows)
-    rows.extend(cache_rows)
 
-    # The slim replica (MODEL_ONNX, no torch) beside torch and the onnxruntime backend: start-up, memory, c=1, c=8.
-    replica_rows = measure_slim(args.seconds)
-    print_rows(replica_rows)
-    rows.extend(replica_rows)
-
-    # 2: 12-megapixel JPEG, exact by default and with the opt-in draft decode.
+def large_photos(run: Run) -> float:
+    """2: the 12-megapixel JPEG, exact by default and with the opt-in draft decode: the draft's speed-up."""
+    rates = {}
     for draft in ("true", "false"):
-        service = start_server({**env, "JPEG_DRAFT": draft})
-        load = hey(f"{service.url}/predict", 8, seconds=args.seconds, body=large_body, pid=service.process.pid)
-        row(f"torch 12 MP JPEG c=8 {'JPEG_DRAFT=true' if draft == 'true' else 'default (exact)'}", load)
+        service = start_server({**run.env, "JPEG_DRAFT": draft})
+        load = run.hey(service, 8, body=run.large_body)
+        run.row(f"torch 12 MP JPEG c=8 {'JPEG_DRAFT=true' if draft == 'true' else 'default (exact)'}", load)
+        rates[draft] = load.ok_per_s
         service.stop()
-    draft_on, draft_off = rows[-2]["ok_per_s"], rows[-1]["ok_per_s"]
-    print(f"draft decode speed-up on 12 MP: {draft_on / max(draft_off, 1e-9):.1f}x", flush=True)
-    # What the opt-in JPEG_DRAFT and bf16 change in the answers (bench/accuracy.py's photos, a few minutes).
-    accuracy = in_subprocess("opt_in_accuracy", {**env, "JPEG_DRAFT": "false"})
+    speedup = rates["true"] / max(rates["false"], 1e-9)
+    print(f"draft decode speed-up on 12 MP: {speedup:.1f}x", flush=True)
+    return speedup
+
+
+def opt_in_accuracy_of(run: Run) -> dict:
+    """What the opt-in JPEG_DRAFT and bf16 change in the answers (bench/accuracy.py's photos, a few minutes)."""
+    accuracy = in_subprocess("opt_in_accuracy", {**run.env, "JPEG_DRAFT": "false"})
     for setting in ("draft", "bf16"):
         sharpened = accuracy[setting]["sharpened"]
         print(f"{setting} on {accuracy['photos']} photos, sharpened: largest score difference "
               f"{sharpened['score_max_abs_difference']:.3f}, same top-1 {sharpened['same_top1']}/{sharpened['images']}",
               flush=True)
+    return accuracy
 
-    # 4 and 6: /health while saturated; RSS over many requests; start-up time.
-    service = start_server(env)
-    hey(f"{service.url}/predict", 32, seconds=args.seconds, body=small_body)  # warm-up: every batch size occurs
+
+def health_and_soak(run: Run) -> None:
+    """4 and 6: /health while predictions saturate the service; resident memory over many requests; start-up."""
+    service = start_server(run.env)
+    run.hey(service, 32)  # warm-up: every batch size occurs
     rss_warm = service.rss_mib()
-    saturate = subprocess.Popen(["hey", "-c", "32", "-z", f"{args.seconds + 2}s", "-m", "POST", "-D", str(small_body),
+    saturate = subprocess.Popen(["hey", "-c", "32", "-z", f"{run.args.seconds + 2}s", "-m", "POST", "-D", str(run.small_body),
                                  "-T", f"multipart/form-data; boundary={BOUNDARY}", f"{service.url}/predict"],
                                 stdout=subprocess.DEVNULL)
     time.sleep(1)
-    health = hey(f"{service.url}/health", 1, seconds=args.seconds)
+    health = hey(f"{service.url}/health", 1, seconds=run.args.seconds)
     saturate.wait()
-    row("GET /health c=1 while predict c=32 saturates", health)
-    soak = hey(f"{service.url}/predict", 8, requests=args.soak_requests, body=small_body)
+    run.row("GET /health c=1 while predict c=32 saturates", health)
+    soak = hey(f"{service.url}/predict", 8, requests=run.args.soak_requests, body=run.small_body)
     rss_after = service.rss_mib()
     growth = (rss_after - rss_warm) / rss_warm
-    row(f"torch {args.soak_requests} requests c=8 (RSS)", soak, rss_warm_mib=round(rss_warm), rss_after_mib=round(rss_after),
-        rss_growth_pct=round(growth * 100, 1), peak_rss_mib=round(service.rss_mib("VmHWM")), startup_s=round(service.startup_s, 2))
+    run.row(f"torch {run.args.soak_requests} requests c=8 (RSS)", soak, rss_warm_mib=round(rss_warm),
+            rss_after_mib=round(rss_after), rss_growth_pct=round(growth * 100, 1),
+            peak_rss_mib=round(service.rss_mib("VmHWM")), startup_s=round(service.startup_s, 2))
     service.stop()
 
-    # 5: overload: concurrency far above MAX_QUEUE.
-    service = start_server({**env, "MAX_QUEUE": "16", "MAX_BATCH_FILES": "16", "REQUEST_TIMEOUT_S": "5"})
-    overload = hey(f"{service.url}/predict", 128, seconds=args.seconds, body=small_body)
-    share = overload.statuses.get("503", 0) / max(overload.requests, 1)
-    row("overload c=128, MAX_QUEUE=16", overload, share_503=round(share, 2),
-        p50_503_ms=round(overload.percentile(50, "503") * 1000, 1), p99_503_ms=round(overload.percentile(99, "503") * 1000, 1))
+
+def overload(run: Run) -> None:
+    """5: concurrency far above MAX_QUEUE: the share refused, and how fast a refusal comes."""
+    service = start_server({**run.env, "MAX_QUEUE": "16", "MAX_BATCH_FILES": "16", "REQUEST_TIMEOUT_S": "5"})
+    load = hey(f"{service.url}/predict", 128, seconds=run.args.seconds, body=run.small_body)
+    share = load.statuses.get("503", 0) / max(load.requests, 1)
+    run.row("overload c=128, MAX_QUEUE=16", load, share_503=round(share, 2),
+            p50_503_ms=round(load.percentile(50, "503") * 1000, 1), p99_503_ms=round(load.percentile(99, "503") * 1000, 1))
     service.stop()
 
-    # What a newcomer's make run and make test install, in a fresh clone (bench/install.py).
-    setup = measure_install()
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10, help="duration of each load run")
+    parser.add_argument("--soak-requests", type=int, default=5000, help="requests between the two RSS readings")
+    parser.add_argument("--out", type=Path, help="the results file (default: docs/results/<date>.json, which "
+                        "tools/generate_docs.py renders into docs/performance.md)")
+    parser.add_argument("--vcpu-hour-usd", type=float, default=0.04,
+                        help="price of one vCPU for an hour, for the cost column (default 0.04, about on-demand cloud)")
+    args = parser.parse_args()
+    run_started = time.time()
+    if not shutil.which("hey"):
+        raise SystemExit("hey is not installed: apt-get install hey")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    small, large = work / "imagenet.jpg", work / "phone.jpg"
+    small.write_bytes(imagenet_size_jpeg())
+    large.write_bytes(phone_size_jpeg())
+    small_body, large_body = work / "imagenet.multipart", work / "phone.multipart"
+    small_body.write_bytes(multipart(small.read_bytes()))
+    large_body.write_bytes(multipart(large.read_bytes()))
+    run = Run(args, work, service_env(work), small, small_body, large_body)
+    print(f"{len(os.sched_getaffinity(0))} CPUs ({cpu_description()}), weights {run.env['MODEL_WEIGHTS']}, "
+          f"{args.seconds:g} s per run\n", flush=True)
+
+    int8_env, int8 = int8_model_env(run)
+    ceilings = backends(run, int8_env)
+    baseline(run)
+    offline(run, ceilings["torch"]["images_per_s"], int8_env)
+    run.rows_of(measure_jobs(500, args.seconds))  # a 500-photo job beside python -m classify; /predict beside a job
+    run.rows_of(measure_bindings(args.seconds))  # /predict, /v2 over HTTP and over gRPC, driven alike
+    run.rows_of(measure_repeats(args.seconds))  # the response cache: off, on (misses), 30 % repeats, all repeats
+    replica_rows = measure_slim(args.seconds)  # the slim replica beside torch and the onnxruntime backend
+    run.rows_of(replica_rows)
+    draft_speedup = large_photos(run)
+    accuracy = opt_in_accuracy_of(run)
+    health_and_soak(run)
+    overload(run)
+    setup = measure_install()  # what a newcomer's make run and make test install, in a fresh clone
     print(f"make run installs in {setup['runtime_install_s']} s ({setup['runtime_venv_mib']} MiB), make test "
           f"{setup['dev_install_s']} s more ({setup['dev_venv_mib']} MiB)", flush=True)
 
-    targets = report_targets(rows, ceilings, draft_on / max(draft_off, 1e-9), int8)
+    targets = report_targets(run.rows, ceilings, draft_speedup, int8)
     targets += [(name, met(passed), value) for name, passed, value in slim_targets(replica_rows)]
     started_at = datetime.fromtimestamp(run_started, timezone.utc)
     out = args.out or REPO / "docs" / "results" / f"{started_at:%Y-%m-%d-%H%M}.json"
@@ -329,11 +365,11 @@ def main() -> None:
     out.write_text(json.dumps({"date": started_at.isoformat(timespec="seconds"), "machine": machine(),
                                "seconds_per_run": args.seconds, "vcpu_hour_usd": args.vcpu_hour_usd,
                                "ceilings": ceilings, "accuracy": accuracy, "int8": int8, "setup": setup,
-                               "rows": rows,
+                               "rows": run.rows,
                                "targets": [{"target": name, "verdict": verdict, "value": value}
                                            for name, verdict, value in targets]},
                               indent=1) + "\n")
-    print(f"\nwritten to {out}; python docs/generate.py renders it into docs/performance.md")
+    print(f"\nwritten to {out}; python -m tools.generate_docs renders it into docs/performance.md")
     shutil.rmtree(work)
 
 

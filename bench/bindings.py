@@ -1,7 +1,7 @@
 """The cost of each way in: POST /predict, the Open Inference Protocol over HTTP (/v2, binary) and over gRPC,
 driven alike (Python threads, one client each, the same ImageNet-size JPEG), at c=1 and c=8.
 
-    python bench/bindings.py [--seconds 10]
+    python -m bench.bindings [--seconds 10]
 
 Also run by bench/benchmark.py (make bench). The service runs with its cache off, as in every other row.
 """
@@ -9,42 +9,14 @@ Also run by bench/benchmark.py (make bench). The service runs with its cache off
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import free_port, imagenet_size_jpeg, print_rows, service_env, start_server  # noqa: E402
-
-
-def drive(call: Callable[[], None], concurrency: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    lock = threading.Lock()
-    deadline = time.perf_counter() + seconds
-
-    def client() -> None:
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            call()
-            with lock:
-                latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    percentiles = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {"ok_per_s": round(len(latencies) / (time.perf_counter() - started), 1),
-            "p50_ms": round(percentiles[49] * 1000, 1), "p99_ms": round(percentiles[98] * 1000, 1)}
+from bench.harness import drive, free_port, imagenet_size_jpeg, print_rows, service_env, start_server
 
 
 def measure(seconds: float) -> list[dict]:

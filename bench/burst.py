@@ -1,6 +1,6 @@
 """Burst: many large uploads at once; memory must stay bounded and go back afterwards.
 
-    python bench/burst.py [--clients 160] [--budget-mib 512]
+    python -m bench.burst [--clients 160] [--budget-mib 512]
 
 Starts the service (MAX_BODY_BUFFER_BYTES from --budget-mib), warms it up, measures its RSS (the baseline),
 then sends --clients uploads of a 24-megapixel, ~19 MB JPEG all at once, sampling the process's RSS every
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import sys
 import tempfile
 import threading
 import time
@@ -24,8 +23,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import BOUNDARY, imagenet_size_jpeg, multipart, photo, rss_mib, service_env, start_server  # noqa: E402
+from bench.harness import BOUNDARY, imagenet_size_jpeg, multipart, photo, rss_mib, service_env, start_server
 
 
 def phone_photo_19mb() -> bytes:

@@ -1,6 +1,6 @@
 """How much decoding slows the forward pass when both share the cores, at each decode-thread priority.
 
-    python bench/contention.py [--decoders 2]
+    python -m bench.contention [--decoders 2]
 
 The forward pass (batch 8, THREADS threads, in its own thread as in the service) runs while --decoders
 threads decode and preprocess JPEGs non-stop, at nice 0, 10 and 19 (what model.init_decode_thread sets).
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -21,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import served_model, service_env  # noqa: E402
-from async_jobs import photos  # noqa: E402
+from bench.async_jobs import photos
+from bench.harness import served_model, service_env
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Throughput and latency on a CUDA GPU, fp32 beside fp16, at c=1, 8 and 64.
 
-    python bench/gpu.py [--seconds 10]
+    python -m bench.gpu [--seconds 10]
 
 Same service, same 500x375 JPEG and same `hey` load as bench/benchmark.py, with DEVICE=cuda. Decoding and
 preprocessing stay on the CPU threads (DECODE_WORKERS), so on a GPU they are what bounds throughput.
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import hey, imagenet_size_jpeg, ms, multipart, service_env, start_server  # noqa: E402
+from bench.harness import hey, imagenet_size_jpeg, ms, multipart, service_env, start_server
 
 
 def main() -> None:

@@ -10,9 +10,12 @@ import io
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -168,11 +171,41 @@ class Load:
     def ok_per_s(self) -> float:
         return self.statuses.get("200", 0) / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float, status: str = "200") -> float:
-        values = sorted(self.latencies_s.get(status, []))
-        if not values:
-            return float("nan")
-        return values[min(len(values) - 1, int(q / 100 * len(values)))]
+    def percentile(self, q: int, status: str = "200") -> float:
+        return percentile(self.latencies_s.get(status, []), q)
+
+
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile of values (q from 1 to 99; statistics' inclusive method), nan when there are none:
+    every figure of the benchmarks is read this one way."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def drive(call: Callable[[], object], concurrency: int, seconds: float) -> dict:
+    """Call `call` from `concurrency` threads at once, again and again, for `seconds`: answers per second and
+    p50/p99 latency. The load for what hey cannot send: gRPC, Triton's clients, a different body each time."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            if call() is False:  # nothing left to send
+                return
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"ok_per_s": round(len(latencies) / (time.perf_counter() - started), 1),
+            "p50_ms": round(percentile(latencies, 50) * 1000, 1), "p99_ms": round(percentile(latencies, 99) * 1000, 1)}
 
 
 def hey(url: str, concurrency: int, *, seconds: float | None = None, requests: int | None = None,
@@ -200,9 +233,8 @@ def ms(seconds: float) -> str:
 def served_model():  # noqa: ANN201 (model.Runtime, and bytes -> input)
     """In a process whose environment chose the settings (service_env): the model as the service loads it, and
     the service's decoding and preprocessing of one upload."""
-    sys.path.insert(0, str(REPO))
     import model
-    from settings import get_settings
+    from classifier.settings import get_settings
 
     settings = get_settings()
     runtime = model.load(settings)

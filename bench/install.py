@@ -1,7 +1,7 @@
 """What a newcomer's first commands cost: `make run`'s install (what serving needs) and `make test`'s (the
 tools on top), each timed in a fresh clone of this repository, with the size of the virtual environment.
 
-    python bench/install.py        # prints the figures; make bench records them in its results file
+    python -m bench.install        # prints the figures; make bench records them in its results file
 
 The installs take their wheels where pip on this machine finds them (its configured indexes and cache), as a
 newcomer's would; the time to download torch the first time is not in them.
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import REPO  # noqa: E402
+from bench.harness import REPO
 
 
 def du_mib(folder: Path) -> int:

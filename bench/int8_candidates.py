@@ -1,6 +1,6 @@
 """Which int8 PRECISION=int8 serves: each candidate against fp32 on this CPU, speed and agreement side by side.
 
-    python bench/int8_candidates.py [--out docs/results/int8-candidates.json]
+    python -m bench.int8_candidates [--out docs/results/int8-candidates.json]
     # the OpenVINO rows need OpenVINO, which the service does not: pip install openvino
 
 Candidates, each calibrated on the same 75 photos (bench/accuracy.py's calibration set), measured on others:
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -27,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import build_int8, calibration_set, compare, int8_measured_set, logits_of, sharpening  # noqa: E402
-from harness import REPO, cpu_description, print_rows, service_env  # noqa: E402
+from bench.accuracy import build_int8, calibration_set, compare, int8_measured_set, logits_of, sharpening
+from bench.harness import REPO, cpu_description, print_rows, service_env
 
 
 def onnxruntime_static(prepared: Path, calibration: list, method: str, work: Path) -> Path:
     """ONNX Runtime's quantize_static (QDQ, per-channel) of the prepared fp32 graph, with one of its calibration
     methods."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
 
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:
@@ -92,13 +91,12 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="int8-candidates-"))
     os.environ.update(service_env(work))
-    sys.path.insert(0, str(REPO))
     import torch
 
-    import onnx_model
-    import torch_model as torch_runtime
-    from harness import served_model
-    from settings import get_settings
+    from bench.harness import served_model
+    from classifier.inference.runtimes import onnx_runtime
+    from classifier.inference.runtimes import torch_runtime as torch_runtime
+    from classifier.settings import get_settings
 
     runtime, prepare = served_model()
     network, _, weights_hash = torch_runtime.load_network(get_settings())
@@ -121,7 +119,7 @@ def main() -> None:
     quant_pre_process(str(fp32), str(prepared))
     for method in ("MinMax", "Entropy", "Percentile"):
         made = onnxruntime_static(prepared, calibration, method, work)
-        candidates[f"int8: onnxruntime quantize_static {method}"] = torch_runtime.session_forward(onnx_model.session(str(made), threads))
+        candidates[f"int8: onnxruntime quantize_static {method}"] = torch_runtime.session_forward(onnx_runtime.session(str(made), threads))
     try:
         candidates.update(openvino_candidates(fp32, calibration, threads))
     except ImportError:

@@ -1,6 +1,6 @@
 """The response cache under load: distinct photos (every image computed), 30 % repeats, and all repeats.
 
-    python bench/repeats.py [--seconds 10] [--concurrency 8]
+    python -m bench.repeats [--seconds 10] [--concurrency 8]
 
 One service with the cache on (CACHE_ENTRIES default); c clients send ImageNet-size JPEGs made from
 scikit-image's photos, each request's photo chosen from a plan: new ones, or with the given share an
@@ -15,17 +15,14 @@ import argparse
 import asyncio
 import random
 import re
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from async_jobs import photos  # noqa: E402
-from harness import BOUNDARY, multipart, print_rows, service_env, start_server  # noqa: E402
+from bench.async_jobs import photos
+from bench.harness import BOUNDARY, multipart, percentile, print_rows, service_env, start_server
 
 
 def plan(distinct: list[bytes], requests: int, repeat_share: float, seed: int = 0) -> list[tuple[bytes, bool]]:
@@ -68,28 +65,31 @@ async def drive(url: str, requests: list[tuple[bytes, bool]], concurrency: int, 
 
 
 def ms(values: list[float], q: int) -> float | None:
-    if len(values) < 2:
-        return None
-    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000, 1)
+    return round(percentile(values, q) * 1000, 1) if values else None
+
+
+ROWS = (("distinct photos, cache off", 0.0, "0"), ("distinct photos (cache on, every one a miss)", 0.0, "10000"),
+        ("30 % repeats", 0.3, "10000"), ("all repeats (one photo)", 1.0, "10000"))  # name, repeat share, CACHE_ENTRIES
 
 
 def measure(seconds: float, concurrency: int = 8) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="bench-repeats-"))
     env = {**service_env(work), "JOBS_DATABASE_URL": f"sqlite:///{work / 'jobs.sqlite3'}"}
     distinct = photos(int(seconds * 120))  # more than any service here answers in `seconds`
-    rows = []
-    for name, share, entries in (("distinct photos, cache off", 0.0, "0"),
-                                 ("distinct photos (cache on, every one a miss)", 0.0, "10000"),
-                                 ("30 % repeats", 0.3, "10000"), ("all repeats (one photo)", 1.0, "10000")):
-        service = start_server({**env, "CACHE_ENTRIES": entries})  # a fresh, empty cache for each row
-        try:
-            requests = plan(distinct, len(distinct), share, seed=7) if share < 1 else [(multipart(distinct[0]), True)] * 100_000
-            result = asyncio.run(drive(service.url, requests, concurrency, seconds))
-            hits = float(re.search(r"^cache_hits_total (\S+)$", httpx.get(f"{service.url}/metrics").text, re.M).group(1))
-            rows.append({"row": f"cache: {name}, c={concurrency}", **result, "cache_hits": int(hits)})
-        finally:
-            service.stop()
-    return rows
+    return [cache_row(env, distinct, name, share, entries, concurrency, seconds) for name, share, entries in ROWS]
+
+
+def cache_row(env: dict[str, str], distinct: list[bytes], name: str, share: float, entries: str, concurrency: int,
+              seconds: float) -> dict:
+    """One row: a fresh service with an empty cache of `entries`, sent distinct photos with `share` repeats."""
+    service = start_server({**env, "CACHE_ENTRIES": entries})
+    try:
+        requests = plan(distinct, len(distinct), share, seed=7) if share < 1 else [(multipart(distinct[0]), True)] * 100_000
+        result = asyncio.run(drive(service.url, requests, concurrency, seconds))
+        hits = float(re.search(r"^cache_hits_total (\S+)$", httpx.get(f"{service.url}/metrics").text, re.M).group(1))
+        return {"row": f"cache: {name}, c={concurrency}", **result, "cache_hits": int(hits)}
+    finally:
+        service.stop()
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 forward pass as the slim replica's), and the slim replica (MODEL_ONNX, python -m export's file, run where
 torch cannot be imported).
 
-    python bench/slim.py [--seconds 10] [--out bench/results/slim.json]
+    python -m bench.slim [--seconds 10] [--out bench/results/slim.json]
 
 For each: process start to /ready, resident memory once ready and after the load runs and 1,000 more
 requests at c=8, its peak, and /predict at c=1 and c=8 with ImageNet-size JPEGs (cache off). Also run by
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (REPO, cpu_description, hey, imagenet_size_jpeg, multipart, print_rows, service_env,  # noqa: E402
-                     start_server, without_torch)
+from bench.harness import (REPO, cpu_description, hey, imagenet_size_jpeg, multipart, print_rows, service_env,
+                           start_server, without_torch)
 
 SOAK_REQUESTS = 1000
 

@@ -1,6 +1,6 @@
 """Soak: many requests with bad inputs mixed in; no 5xx allowed, memory must stay flat.
 
-    python bench/soak.py [--requests 20000] [--concurrency 32] [--bad-every 20]
+    python -m bench.soak [--requests 20000] [--concurrency 32] [--bad-every 20]
 
 Starts the service, warms it up, then drives it with `wrk` (Debian package `wrk`: light on CPU) whose
 Lua script sends an ImageNet-size JPEG, and every `--bad-every`-th request one of several broken uploads
@@ -23,8 +23,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import BOUNDARY, hey, imagenet_size_jpeg, multipart, service_env, start_server  # noqa: E402
+from bench.harness import BOUNDARY, hey, imagenet_size_jpeg, multipart, service_env, start_server
 
 LUA = r"""
 local bodies, threads = {}, {}

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PHOTOS, REPO, assert_top_k, photo, photo_bytes, upload
+from support import PHOTOS, REPO, assert_top_k, photo, photo_bytes, upload
+
+pytestmark = pytest.mark.app
 
 
 def batch_files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -102,7 +104,7 @@ def folder(tmp_path: Path) -> Path:
 
 def run_job(runtime, *args: str) -> int:
     """python -m classify in this process, on the session's model."""
-    import classify
+    from classifier.cli import classify
 
     return classify.main([str(a) for a in args], runtime=runtime)
 
@@ -220,6 +222,7 @@ def test_job_rejects_bad_arguments(runtime, folder, tmp_path, bad):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.server
 def test_job_runs_as_a_module_with_exit_codes(weights_file, folder, tmp_path):
     out = tmp_path / "results.jsonl"
     env = {**os.environ, "MODEL_WEIGHTS": str(weights_file)}

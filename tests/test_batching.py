@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PHOTOS, block_the_worker, encode, large_jpeg, photo, photo_bytes, upload
+from support import PHOTOS, block_the_worker, encode, large_jpeg, photo, photo_bytes, upload
+
+pytestmark = pytest.mark.unit
 
 
 def make_batcher(predict, *, max_batch_size=8, max_delay_s=0.05, max_queue=64, prepare=None, idle_s=0.01, **job_batches):
-    from batching import Batcher
+    from classifier.inference.batching import Batcher
 
     def decode_number(data: bytes) -> np.ndarray:
         return np.full((2,), float(data.decode()), np.float32)
@@ -138,7 +140,7 @@ def test_a_failing_input_fails_only_its_own_caller():
 
 
 def test_queue_full_is_refused_at_once():
-    from batching import Overloaded
+    from classifier.inference.batching import Overloaded
 
     batcher = make_batcher(lambda batch: batch, max_queue=3)
     with batcher.admit(2):
@@ -180,6 +182,7 @@ def test_a_withdrawn_image_is_not_computed():
     assert seen == [1.0, 3.0]
 
 
+@pytest.mark.app
 def test_different_photos_at_once_equal_their_single_answers(client, service, monkeypatch, uncached):
     singles = {name: client.post("/predict/topk?k=10", files=upload(photo_bytes(name))).json() for name in PHOTOS}
     sizes = []
@@ -200,6 +203,7 @@ def test_different_photos_at_once_equal_their_single_answers(client, service, mo
             assert got["score"] == pytest.approx(single["score"], abs=1e-5)
 
 
+@pytest.mark.app
 def test_overload_is_503_with_retry_after(client, service, monkeypatch):
     started, release = block_the_worker(service, monkeypatch)
     monkeypatch.setattr(service.batcher, "max_queue", 2)
@@ -220,6 +224,7 @@ def test_overload_is_503_with_retry_after(client, service, monkeypatch):
     assert "MAX_QUEUE" in refused.json()["detail"]
 
 
+@pytest.mark.app
 def test_waiting_longer_than_the_timeout_is_503(app_with, monkeypatch):
     # A short timeout, so that the test need not wait 10 s for the default's.
     with app_with(REQUEST_TIMEOUT_S="0.3") as client:
@@ -234,6 +239,7 @@ def test_waiting_longer_than_the_timeout_is_503(app_with, monkeypatch):
         assert client.post("/predict", files=upload(photo_bytes("coffee.png"))).status_code == 200
 
 
+@pytest.mark.app
 def test_a_disconnected_client_is_not_computed(client, service, monkeypatch, uncached):
     computed = []
     real_predict = service.batcher.predict
@@ -268,6 +274,7 @@ def jpeg_of_size(width: int, height: int) -> bytes:
     return encode(photo("chelsea.png").convert("RGB").resize((width, height), Image.BICUBIC), "JPEG", quality=90)
 
 
+@pytest.mark.app
 @pytest.mark.parametrize("size", [(500, 375), (640, 480), (1000, 500), (1500, 1000)])
 def test_draft_decode_leaves_photos_under_twice_its_floor_bit_identical(runtime, settings, size):
     # A shorter side under 2 x 512 px cannot be halved without going below 512: decoded in full.
@@ -277,12 +284,14 @@ def test_draft_decode_leaves_photos_under_twice_its_floor_bit_identical(runtime,
     assert np.array_equal(runtime.prepare(data, pixels, draft=True), runtime.prepare(data, pixels, draft=False))
 
 
+@pytest.mark.app
 def test_draft_decode_is_off_by_default(service, settings):
     data = large_jpeg("chelsea.png", 1200)
     assert settings.jpeg_draft is False
     assert np.array_equal(service.prepare(data), service.runtime.prepare(data, settings.max_image_pixels, draft=False))
 
 
+@pytest.mark.app
 @pytest.mark.parametrize("name", ["astronaut.png", "coffee.png", "hubble_deep_field.jpg", "motorcycle_right.png"])
 @pytest.mark.parametrize("shorter_side", [1024, 1600, 3000])
 def test_draft_decode_keeps_twice_the_resize_and_the_answer(runtime, settings, reference_network, name, shorter_side):
@@ -306,6 +315,7 @@ def test_draft_decode_keeps_twice_the_resize_and_the_answer(runtime, settings, r
         assert scores[0].argmax() == scores[1].argmax() or (best_two[0] - best_two[1]).item() <= 2 * difference
 
 
+@pytest.mark.app
 def test_draft_decode_keeps_exif_orientation(runtime, settings):
     upright = photo("astronaut.png").convert("RGB").resize((2048, 1200))
     exif = Image.Exif()
@@ -314,19 +324,21 @@ def test_draft_decode_keeps_exif_orientation(runtime, settings):
     assert runtime.decode(rotated, settings.max_image_pixels, draft=True).size == (2048 // 2, 1200 // 2)
 
 
+@pytest.mark.app
 def test_a_backend_that_disagrees_with_torch_is_refused(reference_network):
-    import torch_model
-    from errors import ModelLoadError
+    from classifier.errors import ModelLoadError
+    from classifier.inference.runtimes import torch_runtime
 
     def off_by_a_little(images: torch.Tensor) -> torch.Tensor:
         return reference_network(images) + torch.linspace(0, 1, 1000)
 
     with pytest.raises(ModelLoadError, match="differs from fp32 torch"):
-        torch_model.check_parity(off_by_a_little, reference_network, "a test backend")
-    served = torch_model.torch_forward(reference_network, torch.device("cpu"), "fp32")
-    assert torch_model.check_parity(served, reference_network, "torch") < 1e-4
+        torch_runtime.check_parity(off_by_a_little, reference_network, "a test backend")
+    served = torch_runtime.torch_forward(reference_network, torch.device("cpu"), "fp32")
+    assert torch_runtime.check_parity(served, reference_network, "torch") < 1e-4
 
 
+@pytest.mark.app
 def test_onnxruntime_backend_matches_torchvision_reference(settings, reference):
     import model
 
@@ -337,8 +349,10 @@ def test_onnxruntime_backend_matches_torchvision_reference(settings, reference):
         assert (torch.from_numpy(scores) - reference(photo(name))).abs().max().item() < 1e-4
 
 
-def test_job_batches_are_sized_to_the_time_budget_while_online_traffic_is_about():
-    """Forward passes of 10 ms per image and a 45 ms budget: job batches of at most 4 (and more than 1)."""
+def job_batches_after_one_online_image(quiet_s: float, **limits: float) -> tuple[list[int], tuple[int, int]]:
+    """A batcher whose forward pass takes 10 ms per image: one online image, `quiet_s` of silence, then 40 job
+    images. The job batches' sizes, and the size the batcher would give them right after the online image and
+    after the silence."""
     background_batches = []
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -347,42 +361,32 @@ def test_job_batches_are_sized_to_the_time_budget_while_online_traffic_is_about(
             background_batches.append(len(batch))
         return batch
 
-    async def scenario():
-        batcher = make_batcher(predict, max_batch_size=8, job_batch_max_s=0.045, job_full_batch_after_s=600)
+    async def scenario() -> tuple[int, int]:
+        batcher = make_batcher(predict, max_batch_size=8, **limits)
         await batcher.start()
         try:
             with batcher.admit(1):
                 await batcher.submit(b"1")  # online traffic is about: the budget applies
-            assert batcher.job_batch_size() <= 4
+            at_once = batcher.job_batch_size()
+            await asyncio.sleep(quiet_s)  # a lower bound only
+            chosen = at_once, batcher.job_batch_size()
             await asyncio.gather(*(batcher.submit(str(1000 + i).encode(), background=True) for i in range(40)))
+            return chosen
         finally:
             await batcher.stop(timeout_s=1)
 
-    asyncio.run(scenario())
-    assert sum(background_batches) == 40 and max(background_batches) <= 4 and max(background_batches) > 1
+    chosen = asyncio.run(scenario())
+    return background_batches, chosen
+
+
+def test_job_batches_are_sized_to_the_time_budget_while_online_traffic_is_about():
+    """Forward passes of 10 ms per image and a 45 ms budget: job batches of at most 4 (and more than 1)."""
+    sizes, (chosen, _) = job_batches_after_one_online_image(0, job_batch_max_s=0.045, job_full_batch_after_s=600)
+    assert chosen <= 4
+    assert sum(sizes) == 40 and max(sizes) <= 4 and max(sizes) > 1
 
 
 def test_job_batches_grow_back_to_full_size_once_online_traffic_is_gone():
-    sizes = []
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        sizes.append(len(batch))
-        time.sleep(0.01 * len(batch))
-        return batch
-
-    async def scenario():
-        batcher = make_batcher(predict, max_batch_size=8, job_batch_max_s=0.015, job_full_batch_after_s=0.2)
-        await batcher.start()
-        try:
-            with batcher.admit(1):
-                await batcher.submit(b"1")
-            assert batcher.job_batch_size() == 1
-            await asyncio.sleep(0.25)  # a lower bound only: quiet for at least job_full_batch_after_s
-            assert batcher.job_batch_size() == 8
-            sizes.clear()
-            await asyncio.gather(*(batcher.submit(str(1000 + i).encode(), background=True) for i in range(16)))
-        finally:
-            await batcher.stop(timeout_s=1)
-
-    asyncio.run(scenario())
-    assert max(sizes) == 8
+    # A budget of one image while online traffic is about; quiet for job_full_batch_after_s, the full size.
+    sizes, chosen = job_batches_after_one_online_image(0.25, job_batch_max_s=0.015, job_full_batch_after_s=0.2)
+    assert chosen == (1, 8) and max(sizes) == 8

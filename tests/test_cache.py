@@ -4,7 +4,6 @@ changes the key, it holds at most CACHE_ENTRIES, and every door shares it (onlin
 from __future__ import annotations
 
 import dataclasses
-
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Server, encode, large_jpeg, photo, photo_bytes, start_server, upload
+from support import Server, encode, large_jpeg, photo, photo_bytes, start_server, upload
+
+pytestmark = pytest.mark.app
 
 
 def values(server_or_client, *names: str) -> dict[str, float]:
@@ -88,8 +89,8 @@ def test_a_batch_with_duplicates_computes_each_photo_once(client):
 
 
 def test_the_cache_unit_keeps_the_most_recently_used_and_only_clean_answers():
-    from cache import ResultCache
-    from images import NotAnImage
+    from classifier.inference.cache import ResultCache
+    from classifier.inference.images import NotAnImage
 
     context = ["settings A"]
     cache = ResultCache(2, lambda: context[0])
@@ -112,6 +113,7 @@ def small_cache(weights_file, tmp_path_factory) -> Server:
     server.stop()
 
 
+@pytest.mark.server
 def test_eviction_at_the_bound(small_cache):
     datas = [distinct_jpeg(20 + i) for i in range(3)]
     for data in datas:
@@ -123,6 +125,7 @@ def test_eviction_at_the_bound(small_cache):
     assert httpx.get(f"{small_cache.url}/model").json()["cache"]["capacity"] == 2
 
 
+@pytest.mark.server
 def test_cache_entries_zero_computes_every_time(weights_file, tmp_path):
     server = start_server(tmp_path, CACHE_ENTRIES="0")
     try:
@@ -136,6 +139,7 @@ def test_cache_entries_zero_computes_every_time(weights_file, tmp_path):
         server.stop()
 
 
+@pytest.mark.server
 def test_a_job_with_duplicates_computes_each_distinct_photo_once(small_cache):
     photos = [distinct_jpeg(30 + i % 3) for i in range(12)]  # 3 distinct, 4 times each
     before = values(small_cache, "inference_batch_size_sum")
@@ -148,7 +152,7 @@ def test_a_job_with_duplicates_computes_each_distinct_photo_once(small_cache):
 
 
 def test_the_offline_job_classifies_identical_files_once(runtime, tmp_path: Path, reference):
-    import classify
+    from classifier.cli import classify
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -5,7 +5,11 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import block_the_worker, photo_bytes, upload
+import pytest
+
+from support import block_the_worker, photo_bytes, upload
+
+pytestmark = pytest.mark.app
 
 
 def test_health_answers_while_inference_is_in_flight(client, service, monkeypatch):

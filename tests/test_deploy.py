@@ -11,7 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import REPO, Server
+from support import REPO, Server
+
+pytestmark = pytest.mark.unit
 
 DEPLOY = REPO / "deploy"
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # preStop's sleep action needs 1.30
@@ -27,7 +29,7 @@ def manifests() -> dict[str, dict]:
 
 def settings_read() -> set[str]:
     """The environment variables the service reads: one per declared setting."""
-    from settings import Settings
+    from classifier.settings import Settings
 
     return {name.upper() for name in Settings.model_fields}
 
@@ -50,6 +52,7 @@ def test_strict_validation_catches_a_misspelt_field():
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
 
 
+@pytest.mark.server
 def test_the_deployment_matches_the_service_it_runs(server: Server):
     found = manifests()
     pod = found["Deployment/classifier"]["spec"]["template"]["spec"]
@@ -68,7 +71,7 @@ def test_the_deployment_matches_the_service_it_runs(server: Server):
 
     # Every variable set is one the service reads; secrets come from the Secret the example defines.
     env = env_of(container)
-    from settings import Settings
+    from classifier.settings import Settings
 
     assert int(env["GRPC_PORT"]["value"]) == ports["grpc"] == Settings.model_fields["grpc_port"].default
     assert int(env["PORT"]["value"]) == ports["http"] == Settings.model_fields["port"].default
@@ -92,6 +95,7 @@ def test_the_deployment_matches_the_service_it_runs(server: Server):
     assert env["MODEL_WEIGHTS"]["value"].startswith(next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "models"))
 
 
+@pytest.mark.server
 def test_the_autoscaler_scales_the_deployment_on_a_metric_the_service_exports(server: Server):
     found = manifests()
     hpa = found["HorizontalPodAutoscaler/classifier"]["spec"]
@@ -104,7 +108,7 @@ def test_the_autoscaler_scales_the_deployment_on_a_metric_the_service_exports(se
 
 
 def test_the_indexed_job_runs_one_shard_per_index(weights_file):
-    import classify
+    from classifier.cli import classify
 
     job = manifests()["Job/classify-photos"]["spec"]
     assert job["completionMode"] == "Indexed"
@@ -123,13 +127,14 @@ def test_the_manifests_and_make_image_name_the_same_image():
     tag = re.search(r"^IMAGE \?= (\S+)$", makefile, re.M).group(1)
     images = {container["image"] for document in manifests().values() if document["kind"] in ("Deployment", "Job")
               for container in document["spec"]["template"]["spec"]["containers"]}
-    import image_build
+    from tools import image_build
 
     assert images == {tag, f"{tag}-slim"} and tag == image_build.TAG
     slim = manifests()["Deployment/classifier-slim"]["spec"]["template"]["spec"]["containers"][0]
-    assert slim["image"] == f"{tag}-slim"  # what bench/image_build.py tags the slim target
+    assert slim["image"] == f"{tag}-slim"  # what tools/image_build.py tags the slim target
 
 
+@pytest.mark.server
 def test_the_slim_replica_serves_the_file_the_export_job_writes(slim_server):
     found = manifests()
     (export,) = found["Job/export-model"]["spec"]["template"]["spec"]["containers"]

@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+import pytest
 
-from conftest import API_KEY
-from test_page import browser_page, photo_path
+from support import API_KEY, browser_page, photo_path
+
+pytestmark = pytest.mark.system
 
 
 @contextmanager

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from support import REPO
+from tools import generate_docs as generate
 
-sys.path.insert(0, str(REPO / "docs"))
-import generate  # noqa: E402
+pytestmark = pytest.mark.unit
 
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.glob("*.md")) + [REPO / "README.md"]
@@ -34,6 +34,7 @@ NOT_SETTINGS = {
 }
 
 
+@pytest.mark.system
 def test_the_site_builds_strictly(tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "mkdocs"), "build", "--strict", "--site-dir",
                              str(tmp_path / "site")], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -42,12 +43,14 @@ def test_the_site_builds_strictly(tmp_path):
     assert (tmp_path / "site" / "img" / "performance-throughput.png").exists()
 
 
+@pytest.mark.app
 def test_the_settings_page_is_generated_from_the_declarations():
-    assert (DOCS / "settings.md").read_text() == generate.settings_page(), "run: .venv/bin/python docs/generate.py"
+    assert (DOCS / "settings.md").read_text() == generate.settings_page(), "run: .venv/bin/python -m tools.generate_docs"
 
 
+@pytest.mark.app
 def test_the_settings_page_names_every_setting_once():
-    from settings import Settings
+    from classifier.settings import Settings
 
     page = (DOCS / "settings.md").read_text()
     for name in Settings.model_fields:
@@ -56,7 +59,7 @@ def test_the_settings_page_names_every_setting_once():
 
 def test_the_performance_page_and_its_plots_are_rendered_from_the_newest_results_file():
     source, results, page = generate.performance_from_files()
-    assert (DOCS / "performance.md").read_text() == page, "run: .venv/bin/python docs/generate.py"
+    assert (DOCS / "performance.md").read_text() == page, "run: .venv/bin/python -m tools.generate_docs"
     for name, data in generate.plots(results).items():
         assert (DOCS / "img" / name).read_bytes() == data, f"{name} is not what {source.name} draws"
     assert results["machine"]["cpu"] in (DOCS / "performance.md").read_text()  # every figure names its machine
@@ -65,7 +68,7 @@ def test_the_performance_page_and_its_plots_are_rendered_from_the_newest_results
 def test_the_readme_set_up_figures_are_rendered_from_the_newest_results_file():
     source, results, _ = generate.performance_from_files()
     text = (REPO / "README.md").read_text()
-    assert generate.readme(text, results, source.name) == text, "run: .venv/bin/python docs/generate.py"
+    assert generate.readme(text, results, source.name) == text, "run: .venv/bin/python -m tools.generate_docs"
     assert f"{results['setup']['runtime_install_s']:g} s" in text
 
 
@@ -76,9 +79,10 @@ def test_a_figure_changed_by_hand_is_caught():
     assert generate.performance_page(results, source.name, None) != (DOCS / "performance.md").read_text()
 
 
+@pytest.mark.app
 @pytest.mark.parametrize("page", PAGES, ids=lambda path: path.name)
 def test_every_setting_the_docs_name_exists(page):
-    from settings import Settings
+    from classifier.settings import Settings
 
     settings = {name.upper() for name in Settings.model_fields}
     named = set(re.findall(r"`([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)(?:=[^`]*)?`", page.read_text()))
@@ -86,8 +90,9 @@ def test_every_setting_the_docs_name_exists(page):
     assert not unknown, f"{page.name} names settings that do not exist: {sorted(unknown)}"
 
 
+@pytest.mark.app
 def test_every_route_in_the_api_table_exists(client):
-    from test_operations import every_route
+    from support import every_route
 
     routes = set(every_route(client.app))
     table = (DOCS / "api.md").read_text().split("## Routes", 1)[1].split("\n## ", 1)[0]

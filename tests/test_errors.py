@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import corrupt_png, decompression_bomb, encode, photo, photo_bytes, png, upload
+from support import corrupt_png, decompression_bomb, encode, photo, photo_bytes, png, upload
+
+pytestmark = pytest.mark.app
 
 LIMIT = 20 * 1024 * 1024  # the default MAX_UPLOAD_BYTES
 
@@ -68,6 +70,7 @@ def test_upload_over_the_limit_is_413(client):
     assert_error(client.post("/predict", files=upload(b"\0" * (LIMIT + 1))), 413, "MAX_UPLOAD_BYTES")
 
 
+@pytest.mark.server
 def test_chunked_upload_over_the_limit_is_413_over_http(server):
     """No Content-Length: the server counts the bytes as they arrive and stops at the limit."""
     boundary = "limit-test"
@@ -107,6 +110,7 @@ def test_large_uploads_stay_in_memory(client, monkeypatch):
     assert rolled_over == []
 
 
+@pytest.mark.server
 def test_nothing_is_written_to_disk_by_the_server(server):
     noise = Image.fromarray(np.random.default_rng(2).integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
     uploads = [

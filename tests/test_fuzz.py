@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import schemathesis
 
-from conftest import API_KEY, REPO, Server
+from support import API_KEY, REPO, Server
+
+pytestmark = pytest.mark.system
 
 OPERATIONS = {("POST", "/predict"), ("POST", "/predict/topk"), ("POST", "/predict/batch"),
               ("GET", "/health"), ("GET", "/ready"), ("GET", "/model"), ("GET", "/metrics"),

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import PHOTOS, photo, photo_bytes, start_server
+from support import PHOTOS, photo, photo_bytes, start_server
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = [pytest.mark.server, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
 def scores_of(server, data: bytes) -> torch.Tensor:

@@ -21,7 +21,10 @@ from PIL import Image
 from torchvision.models import ResNet18_Weights
 from tritonclient.utils import InferenceServerException
 
-from conftest import API_KEY, PHOTOS, Server, corrupt_png, encode, free_port, large_jpeg, photo, photo_bytes, start_server, upload
+from support import (API_KEY, PHOTOS, Server, corrupt_png, encode, free_port, large_jpeg, photo, photo_bytes,
+                     start_server, upload)
+
+pytestmark = pytest.mark.server
 
 MODEL = "resnet18"
 
@@ -211,16 +214,18 @@ def test_sigterm_drains_a_call_in_flight_and_refuses_new_ones(weights_file, tmp_
 
 
 def test_the_generated_code_is_what_the_proto_makes(tmp_path):
-    """protos/inference_pb2*.py are committed (the service needs no grpcio-tools); make protos regenerates them."""
+    """classifier/v2/protos/inference_pb2*.py are committed (the service needs no grpcio-tools); make protos
+    regenerates them."""
     import shutil
     import subprocess
     import sys
 
-    from conftest import REPO
+    from support import REPO
 
-    (tmp_path / "protos").mkdir()
-    shutil.copy(REPO / "protos" / "inference.proto", tmp_path / "protos")
+    protos = Path("classifier", "v2", "protos")
+    (tmp_path / protos).mkdir(parents=True)
+    shutil.copy(REPO / protos / "inference.proto", tmp_path / protos)
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
-                    "protos/inference.proto"], cwd=tmp_path, check=True)
+                    str(protos / "inference.proto")], cwd=tmp_path, check=True)
     for name in ("inference_pb2.py", "inference_pb2_grpc.py"):
-        assert (tmp_path / "protos" / name).read_text() == (REPO / "protos" / name).read_text(), f"run make protos ({name})"
+        assert (tmp_path / protos / name).read_text() == (REPO / protos / name).read_text(), f"run make protos ({name})"

@@ -4,7 +4,7 @@ SIGTERM, and runs python -m classify; the Dockerfile passes hadolint.
 
 No registry with base images can be reached here: debian:bookworm-slim is made with debootstrap (once; it
 stays in the local image store for later runs). Nor PyTorch's CPU wheel index: the image is built with
-TORCH_INDEX_URL empty, PyPI's torch, from this machine's wheel cache (see bench/image.py)."""
+TORCH_INDEX_URL empty, PyPI's torch, from this machine's wheel cache (see tools/image_build.py)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ import pytest
 import tritonclient.grpc as tritonclient
 from PIL import Image
 
-from conftest import API_KEY, PHOTOS, REPO, TOLERANCE, encode, free_port, harness, photo, photo_bytes, upload
-from test_listening import listening
+from support import API_KEY, PHOTOS, REPO, TOLERANCE, encode, free_port, harness, listening, photo, photo_bytes, upload
+from tools import image_build  # what make image runs too
 
-import image_build  # bench/image_build.py: what make image and bench/image.py run too
+pytestmark = pytest.mark.system
 
 UID = 10001  # deploy/'s securityContext.runAsUser
 SERVICE = r"^/opt/venv/bin/python -m app"  # the container's command line, as buildah runs it
@@ -137,21 +137,28 @@ def written_outside_the_volumes(rootfs: Path, since: float) -> list[str]:
 
 def test_the_image_holds_every_module_its_code_imports(container):
     """No file of the service can fall out of the image unseen (protos/ once did): every module of this
-    repository that a file in the image's /app imports is in /app too."""
+    repository that a file in the image's /app imports (the entry points, the classifier package's modules,
+    one by one) is in /app too."""
     _, rootfs = container
     app = rootfs / "app"
 
     def modules(folder: Path) -> set[str]:
-        return {path.stem for path in folder.glob("*.py")} | {path.parent.name for path in folder.glob("*/__init__.py")}
+        found = {path.stem for path in folder.glob("*.py")}
+        for path in (folder / "classifier").rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            found.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        return found
 
     imported = set()
     for path in app.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                imported |= {alias.name.partition(".")[0] for alias in node.names}
+                imported |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.partition(".")[0])
-    assert "protos" in imported and imported & modules(REPO) <= modules(app)
+                imported.add(node.module)
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names}  # from a package, its modules
+    ours = modules(REPO)
+    assert "classifier.v2.protos.inference_pb2" in imported and imported & ours <= modules(app)
 
 
 def test_the_dockerfile_passes_hadolint():

@@ -19,10 +19,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import PHOTOS, REPO, Server, photo_bytes, start_server
-from test_startup import assert_refused
+from support import PHOTOS, REPO, Server, assert_refused, photo_bytes, start_server
 
-sys.path.insert(0, str(REPO / "bench"))
+pytestmark = pytest.mark.unit
 
 
 CALIBRATION = ("motorcycle_left.png", "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png",
@@ -62,11 +61,10 @@ def int8_server(int8_model, weights_file, tmp_path_factory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def offline_scores(int8_model, runtime, service) -> dict[str, torch.Tensor]:
     """bench/accuracy.py's int8 path on the test photos: the scores every door must give."""
-    from accuracy import logits_of
+    from bench.accuracy import logits_of
+    from classifier.inference.runtimes import torch_runtime
 
-    import torch_model
-
-    forward, _ = torch_model.int8_forward(int8_model, 2, runtime.weights_hash)
+    forward, _ = torch_runtime.int8_forward(int8_model, 2, runtime.weights_hash)
     logits = logits_of([service.prepare(photo_bytes(name)) for name in PHOTOS], forward)
     return dict(zip(PHOTOS, torch.softmax(logits, 1)))
 
@@ -76,6 +74,7 @@ def assert_scores(predictions: list[dict], expected: torch.Tensor) -> None:
     assert max(abs(p["score"] - expected[p["index"]].item()) for p in predictions) < 1e-5
 
 
+@pytest.mark.server
 def test_the_service_serves_int8_and_says_how_it_was_made(int8_server, int8_model, runtime):
     served = httpx.get(f"{int8_server.url}/model").json()
     assert (served["precision"], served["backend"]) == ("int8", "onnxruntime")
@@ -90,6 +89,7 @@ def test_the_service_serves_int8_and_says_how_it_was_made(int8_server, int8_mode
     assert made["speedup_vs_fp32"] > 1 and 0 < served["max_score_difference"] < 1
 
 
+@pytest.mark.server
 def test_every_door_gives_the_offline_evaluations_scores(int8_server, offline_scores, tmp_path, int8_model):
     for name in PHOTOS:  # /predict/topk
         answer = httpx.post(f"{int8_server.url}/predict/topk?k=1000", files={"file": (name, photo_bytes(name))}, timeout=60)
@@ -124,6 +124,7 @@ def test_every_door_gives_the_offline_evaluations_scores(int8_server, offline_sc
         assert_scores(line["predictions"], offline_scores[Path(line["path"]).name])
 
 
+@pytest.mark.server
 def test_a_bad_image_fails_only_its_own_entry(int8_server):
     files = [("files", (name, photo_bytes(name))) for name in PHOTOS[:2]] + [("files", ("bad.jpg", b"not a photo"))]
     batch = httpx.post(f"{int8_server.url}/predict/batch?k=3", files=files, timeout=60).json()["results"]
@@ -131,6 +132,7 @@ def test_a_bad_image_fails_only_its_own_entry(int8_server):
         (True, None), (True, None), (False, 400)]
 
 
+@pytest.mark.server
 def test_a_model_quantized_from_other_weights_is_refused(int8_model, tmp_path, monkeypatch):
     other = tmp_path / "other.pth"
     torch.manual_seed(1)
@@ -141,6 +143,7 @@ def test_a_model_quantized_from_other_weights_is_refused(int8_model, tmp_path, m
                    monkeypatch, "was quantized from other weights", "python -m quantize")
 
 
+@pytest.mark.app
 def test_a_missing_or_corrupt_int8_model_is_a_clear_error(weights_file, tmp_path, monkeypatch):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not an onnx model")
@@ -149,8 +152,9 @@ def test_a_missing_or_corrupt_int8_model_is_a_clear_error(weights_file, tmp_path
                        monkeypatch, message)
 
 
+@pytest.mark.app
 def test_int8_without_a_model_and_a_model_without_int8_are_refused(weights_file, tmp_path):
-    from settings import Settings, SettingsError
+    from classifier.settings import Settings, SettingsError
 
     refusals = (({"PRECISION": "int8"}, "PRECISION=int8 needs INT8_MODEL=FILE"),
                 ({"INT8_MODEL": str(tmp_path / "x.onnx")}, "INT8_MODEL is set but PRECISION is not int8"),
@@ -162,14 +166,15 @@ def test_int8_without_a_model_and_a_model_without_int8_are_refused(weights_file,
 
 
 def test_int8_slower_than_fp32_is_refused_unless_forced():
-    import torch_model
+    from classifier.inference.runtimes import torch_runtime
 
-    problem = torch_model.int8_problem(0.5, 0.4, force=False)
+    problem = torch_runtime.int8_problem(0.5, 0.4, force=False)
     assert problem and "not faster than fp32" in problem and "FORCE_PRECISION" in problem
-    assert torch_model.int8_problem(0.5, 0.4, force=True) is None
-    assert torch_model.int8_problem(0.2, 0.4, force=False) is None
+    assert torch_runtime.int8_problem(0.5, 0.4, force=True) is None
+    assert torch_runtime.int8_problem(0.2, 0.4, force=False) is None
 
 
+@pytest.mark.server
 def test_quantize_needs_enough_photos(weights_file, tmp_path):
     folder = tmp_path / "few"
     folder.mkdir()
@@ -180,6 +185,7 @@ def test_quantize_needs_enough_photos(weights_file, tmp_path):
     assert result.returncode == 2 and "at least 10" in result.stderr and not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--calibration", "missing", "--out", "x.onnx"], "--calibration missing is not a folder"),
     (["--calibration", ".", "--out", "no/such/folder/x.onnx"], "the folder no/such/folder does not exist"),

@@ -22,58 +22,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import API_KEY, PHOTOS, Server, assert_top_k, corrupt_png, encode, large_jpeg, photo, photo_bytes, start_server
+from support import (API_KEY, PHOTOS, Server, assert_online_answers, assert_top_k, corrupt_png, encode, large_jpeg,
+                     multipart, photo_bytes, results, start_server, submit, variants, wait_for)
+
+pytestmark = pytest.mark.server
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef01234567").decode()
 ID_LENGTH = 32
-
-
-def variants(count: int) -> list[tuple[str, bytes]]:
-    """count distinct real photos: scikit-image's, cropped and re-encoded as JPEG at different sizes."""
-    out = []
-    for i in range(count):
-        image = photo(PHOTOS[i % len(PHOTOS)]).convert("RGB")
-        side = 180 + (i * 37) % 200
-        crop = image.crop((i % 40, i % 30, i % 40 + min(image.width - 40, side * 2), i % 30 + min(image.height - 30, side * 2)))
-        out.append((f"photo-{i:04d}.jpg", encode(crop.resize((side, side * 3 // 4)), "JPEG", quality=85)))
-    return out
-
-
-def multipart(files: list[tuple[str, bytes]]) -> list:
-    return [("files", (name, data, "image/jpeg")) for name, data in files]
-
-
-def submit(server: Server, files: list[tuple[str, bytes]], *, k: int = 5, headers: dict | None = None,
-           data: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{server.url}/jobs?k={k}", files=multipart(files), data=data, headers=headers, timeout=120)
-
-
-def wait_for(server: Server, job_id: str, until=lambda job: job["status"] in ("succeeded", "failed", "canceled"),
-             timeout: float = 120, headers: dict | None = None) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = httpx.get(f"{server.url}/jobs/{job_id}", headers=headers, timeout=10).json()
-        if until(job):
-            return job
-        assert time.monotonic() < deadline, f"job still {job}"
-        time.sleep(0.05)
-
-
-def results(server: Server, job_id: str) -> list[dict]:
-    return httpx.get(f"{server.url}/jobs/{job_id}/results", timeout=60).json()["results"]
-
-
-def assert_online_answers(server: Server, entries: list[dict], photos: list[tuple[str, bytes]]) -> None:
-    """A job's results are /predict/batch's answers for the same photos: labels, order, scores within 1e-6."""
-    online = []
-    for start in range(0, len(photos), 30):
-        batch = httpx.post(f"{server.url}/predict/batch?k=5", files=multipart(photos[start : start + 30]), timeout=60)
-        online += batch.json()["results"]
-    assert len(entries) == len(online) == len(photos)
-    for entry, answer, (name, _) in zip(entries, online, photos):
-        assert entry["filename"] == name == answer["filename"]
-        assert [p["index"] for p in entry["predictions"]] == [p["index"] for p in answer["predictions"]]
-        assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(entry["predictions"], answer["predictions"]))
 
 
 @dataclass
@@ -504,6 +459,7 @@ def noise_png(seed: int, side: int = 420) -> bytes:
     return encode(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)))
 
 
+@pytest.mark.system
 def test_a_full_disk_is_507_named_in_the_log_and_jobs_resume_when_it_grows(weights_file, tmp_path, small_disk):
     """The job store's disk fills up: submissions get 507 with Retry-After, the log names the disk, a gauge
     says so, online traffic is untouched; once the disk grows every accepted job finishes, no restart."""

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+pytestmark = pytest.mark.unit
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.system)])
 def store(request: pytest.FixtureRequest, tmp_path: Path):
-    from jobstore import JobStore
+    from classifier.jobs.store import JobStore
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'data' / 'jobs.sqlite3'}"
@@ -32,13 +34,13 @@ def count(store, table: str) -> int:
 
 
 def images(count: int, size: int = 10):
-    from jobstore import NewImage
+    from classifier.jobs.store import NewImage
 
     return [NewImage(f"{i}.jpg", bytes([i % 256]) * size) for i in range(count)]
 
 
 def outcomes_for(claimed):
-    from jobstore import Outcome
+    from classifier.jobs.store import Outcome
 
     return [Outcome(image.job_id, image.index, f'{{"index": {image.index}}}', False) for image in claimed]
 
@@ -79,7 +81,7 @@ def test_job_and_index_are_the_primary_key(store, table):
     from sqlalchemy import insert
     from sqlalchemy.exc import IntegrityError
 
-    import jobstore
+    from classifier.jobs import store as jobstore
 
     job = create(store, 1)
     row = {"job_images": {"job_id": job.id, "index": 7, "filename": None, "data": b"x", "size": 1, "queued_at": 0.0},
@@ -93,13 +95,14 @@ def test_job_and_index_are_the_primary_key(store, table):
 
 def another_process(store):
     """A second store on the same database, as another replica (or process) would have: its own engine."""
-    from jobstore import JobStore
+    from classifier.jobs.store import JobStore
 
     return JobStore(store.url.render_as_string(hide_password=False), ttl_s=store.ttl_s, lease_s=store.lease_s)
 
 
+@pytest.mark.system
 def test_stores_starting_together_migrate_once(tmp_path, postgres):
-    from jobstore import JobStore
+    from classifier.jobs.store import JobStore
 
     for url in (f"sqlite:///{tmp_path / 'jobs.sqlite3'}", postgres.new_database()):
         replicas = [JobStore(url, ttl_s=3600) for _ in range(4)]
@@ -226,7 +229,7 @@ def test_concurrent_workers_claim_each_image_once(store):
 
 
 def test_the_pending_bytes_bound_holds_for_concurrent_submissions(store):
-    from jobstore import PendingFull
+    from classifier.jobs.store import PendingFull
 
     accepted, refused = [], []
 
@@ -255,7 +258,7 @@ def test_results_come_in_upload_order_a_page_at_a_time(store):
 def test_a_job_that_cannot_be_stored_whole_leaves_nothing(store):
     from sqlalchemy.exc import IntegrityError
 
-    from jobstore import NewImage
+    from classifier.jobs.store import NewImage
 
     broken = images(3) + [NewImage("bad.jpg", None, None)]  # a result entry may not be null: the insert fails
     with pytest.raises(IntegrityError):  # after the job and its three images were inserted
@@ -277,7 +280,7 @@ def test_delete_removes_the_job_its_images_and_its_results(store):
 
 
 def test_pending_bytes_are_bounded(store):
-    from jobstore import PendingFull
+    from classifier.jobs.store import PendingFull
 
     create(store, 3, max_pending_bytes=30)
     with pytest.raises(PendingFull):
@@ -336,13 +339,14 @@ def test_a_due_webhook_is_leased_to_one_sender(store):
     assert store.webhooks_due() == [] and store.get(job.id).webhook_delivered
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_full_disk_is_told_apart_and_writes_resume_once_it_grows(database, small_disk, request):
     """The store's disk fills up: the error says so (not "unavailable"), and once there is room again the
     same store writes again, without a restart."""
     from sqlalchemy.exc import DBAPIError
 
-    from jobstore import JobStore, NewImage, disk_full
+    from classifier.jobs.store import JobStore, NewImage, disk_full
 
     postgres = request.getfixturevalue("postgres") if database == "postgresql" else None
     if postgres is None:
@@ -370,11 +374,12 @@ def test_a_full_disk_is_told_apart_and_writes_resume_once_it_grows(database, sma
             postgres.drop_database(url)
 
 
+@pytest.mark.system
 def test_an_unreachable_database_is_not_a_full_disk(postgres):
     from sqlalchemy.exc import DBAPIError
 
-    from conftest import free_port
-    from jobstore import JobStore, disk_full
+    from classifier.jobs.store import JobStore, disk_full
+    from support import free_port
 
     store = JobStore(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere", ttl_s=3600)
     with pytest.raises(DBAPIError) as unreachable:
@@ -388,7 +393,7 @@ def test_the_migrations_build_exactly_the_tables_the_code_declares(store):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    import jobstore
+    from classifier.jobs import store as jobstore
 
     with store.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})

@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from conftest import photo_bytes
+from support import photo_bytes
+
+pytestmark = pytest.mark.app
 
 
 LABELS = tuple(f"class {index}" for index in range(1000))
@@ -22,8 +25,8 @@ def numbers(data: bytes) -> np.ndarray:
 
 async def started(store, predict):
     """A batcher whose forward pass is `predict`, and a job worker on `store`, both running."""
-    from batching import Batcher
-    from jobworker import JobWorker
+    from classifier.inference.batching import Batcher
+    from classifier.jobs.worker import JobWorker
 
     batcher = Batcher(numbers, predict, max_batch_size=4, max_delay_s=0, max_queue=8, decode_workers=1)
     await batcher.start()
@@ -40,7 +43,7 @@ async def until(condition, timeout: float = 30) -> None:
 
 
 def test_an_image_that_stopped_three_workers_gets_an_error_not_a_fourth_try(weights_file, tmp_path: Path):
-    from jobstore import MAX_ATTEMPTS, JobStore, NewImage
+    from classifier.jobs.store import MAX_ATTEMPTS, JobStore, NewImage
 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}", ttl_s=3600)
     store.open()
@@ -73,7 +76,7 @@ def test_an_image_that_stopped_three_workers_gets_an_error_not_a_fourth_try(weig
 def test_the_worker_renews_its_lease_while_the_forward_pass_runs(weights_file, tmp_path: Path):
     """A forward pass that outlasts the lease: the worker keeps renewing it, so another replica never takes
     the images meanwhile, and the one result is stored once the pass ends."""
-    from jobstore import JobStore, NewImage
+    from classifier.jobs.store import JobStore, NewImage
 
     url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
     store = JobStore(url, ttl_s=3600, lease_s=0.6)

@@ -12,40 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, harness, start_server
+from support import REPO, address, free_port, harness, listening, start_server
 
-LISTEN = "0A"  # the TCP state in /proc/net/tcp*
-
-
-def address(hex_address: str) -> str:
-    """/proc/net/tcp's hex address -> text: 0100007F -> 127.0.0.1; an IPv6 one, IPv4-mapped ones as IPv4."""
-    raw = bytes.fromhex(hex_address)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    ipv6 = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # four little-endian words
-    text = socket.inet_ntop(socket.AF_INET6, ipv6)
-    return text.removeprefix("::ffff:") if text.startswith("::ffff:") and "." in text else text
-
-
-def listening(pid: int) -> dict[int, set[str]]:
-    """The ports a process listens on, each with the addresses it is bound to."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports: dict[int, set[str]] = {}
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == LISTEN and inode in inodes:
-                host, port = local.split(":")
-                ports.setdefault(int(port, 16), set()).add(address(host))
-    return ports
+pytestmark = pytest.mark.unit
 
 
 def test_the_address_reader_reads_ipv4_ipv6_and_mapped_addresses():
@@ -55,6 +24,7 @@ def test_the_address_reader_reads_ipv4_ipv6_and_mapped_addresses():
     assert address("00000000000000000000000000000000") == "::"
 
 
+@pytest.mark.server
 def test_with_host_loopback_http_and_grpc_listen_on_loopback_only(weights_file, tmp_path):
     grpc_port = free_port()
     server = start_server(tmp_path, GRPC_PORT=str(grpc_port))  # HOST=127.0.0.1, as make run sets it
@@ -73,6 +43,7 @@ def serve(env: dict[str, str], tmp_path: Path) -> subprocess.Popen:
                                             f"sqlite:///{tmp_path / 'jobs.sqlite3'}", **env})
 
 
+@pytest.mark.server
 def test_by_default_both_listen_on_loopback(weights_file, tmp_path):
     http_port, grpc_port = free_port(), free_port()
     process = serve({"PORT": str(http_port), "GRPC_PORT": str(grpc_port)}, tmp_path)  # HOST unset: its default
@@ -84,6 +55,7 @@ def test_by_default_both_listen_on_loopback(weights_file, tmp_path):
         process.communicate(timeout=60)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("taken", ["PORT", "GRPC_PORT"])
 def test_a_port_in_use_is_one_line_naming_its_setting(weights_file, tmp_path, taken):
     with socket.create_server(("127.0.0.1", 0)) as other:  # another program holds the port
@@ -95,13 +67,15 @@ def test_a_port_in_use_is_one_line_naming_its_setting(weights_file, tmp_path, ta
     assert stderr.strip() == f"Cannot listen for {protocol} on 127.0.0.1:{ports[taken]} (HOST, {taken}): Address already in use"
 
 
+@pytest.mark.app
 def test_a_port_out_of_range_is_one_line():
-    from settings import Settings, SettingsError
+    from classifier.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError, match=r"^PORT=70000 must be at most 65535$"):
         Settings.from_env({"PORT": "70000"})
 
 
+@pytest.mark.server
 def test_connections_to_the_http_socket_go_without_nagles_delay():
     """asyncio turns Nagle's algorithm off only on sockets made as TCP (proto IPPROTO_TCP): with it on, a
     response waited for the client's delayed ACK, about 40 ms per request."""

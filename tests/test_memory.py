@@ -11,8 +11,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from burst import BOUNDARY, burst, multipart, phone_photo_19mb
-from conftest import Server, photo_bytes, start_server
+from bench.burst import BOUNDARY, burst, multipart, phone_photo_19mb
+from support import Server, photo_bytes, start_server
+
+pytestmark = pytest.mark.app
 
 MIB = 1024 * 1024
 
@@ -55,6 +57,7 @@ def response_of(sock: socket.socket) -> str:
     return (head + b"\r\n\r\n" + body).decode("latin-1")
 
 
+@pytest.mark.server
 def test_a_declared_body_that_does_not_fit_is_refused_before_it_is_read(small_budget):
     before = refusals(small_budget)
     holder = open_upload(small_budget, 700_000, b"--" + BOUNDARY.encode())  # holds 700 KB of the 1 MiB
@@ -85,6 +88,7 @@ def test_a_declared_body_that_does_not_fit_is_refused_before_it_is_read(small_bu
                       headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"}).status_code == 400
 
 
+@pytest.mark.server
 def test_a_chunked_body_is_counted_as_it_arrives(small_budget):
     release = threading.Event()
     first_status: list[int] = []
@@ -119,14 +123,14 @@ def test_a_chunked_body_is_counted_as_it_arrives(small_budget):
 
 
 def test_an_upload_limit_above_the_budget_is_refused_at_start_up():
-    from settings import Settings, SettingsError
+    from classifier.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError, match="must not exceed MAX_BODY_BUFFER_BYTES"):
         Settings.from_env({"MAX_UPLOAD_BYTES": "2000", "MAX_BODY_BUFFER_BYTES": "1000"})
 
 
 def test_the_default_budget_is_a_quarter_of_the_container_limit(monkeypatch):
-    import settings
+    from classifier import settings
 
     monkeypatch.setattr(settings, "cgroup_memory_limit", lambda: 2 * 1024 * MIB)
     assert settings.default_body_budget() == 512 * MIB
@@ -136,6 +140,7 @@ def test_the_default_budget_is_a_quarter_of_the_container_limit(monkeypatch):
     assert settings.default_body_budget() == 2048 * MIB
 
 
+@pytest.mark.server
 def test_a_burst_of_large_uploads_stays_within_the_budget_and_memory_goes_back(weights_file, tmp_path):
     budget_mib = 512
     server = start_server(tmp_path, MAX_BODY_BUFFER_BYTES=str(budget_mib * MIB))

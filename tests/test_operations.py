@@ -5,25 +5,27 @@ from __future__ import annotations
 import json
 import re
 import select
-import socket
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import harness
 import httpx
 import pytest
 
-from conftest import ALLOWED_ORIGIN
-from conftest import API_KEY as KEY
-from conftest import Server, encode, photo, photo_bytes, start_server, upload
+from bench import harness
+from support import ALLOWED_ORIGIN
+from support import API_KEY as KEY
+from support import Server, encode, every_route, metric, photo, photo_bytes, start_server, upload
 
+pytestmark = pytest.mark.app
 
 
 def predict(server: Server, headers: dict | None = None, data: bytes | None = None, path: str = "/predict") -> httpx.Response:
     return httpx.post(f"{server.url}{path}", files=upload(data or photo_bytes("coffee.png")), headers=headers or {}, timeout=60)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"X-API-Key": "wrong"}, {"Authorization": f"Basic {KEY}"}],
@@ -39,12 +41,14 @@ def test_predict_without_the_right_key_is_401(guarded, headers, path):
     assert "API key" in response.json()["detail"]
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"authorization": f"bearer {KEY}"}, {"X-API-Key": KEY}])
 def test_predict_with_the_key_is_served(guarded, headers):
     server, _ = guarded
     assert predict(server, headers).status_code == 200
 
 
+@pytest.mark.server
 def test_the_key_is_checked_before_the_upload_is_read(guarded):
     server, _ = guarded
     # A 30 MB body without a key is refused as unauthorized, not parsed and refused as too large.
@@ -53,6 +57,7 @@ def test_the_key_is_checked_before_the_upload_is_read(guarded):
     assert response.status_code == 401
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/model", "/", "/docs", "/openapi.json"])
 def test_health_readiness_metrics_and_docs_stay_open(guarded, path):
     server, _ = guarded
@@ -64,17 +69,7 @@ def needs_the_key(path: str) -> bool:
     return path.startswith(("/predict", "/jobs")) or path.endswith("/infer")
 
 
-def every_route(app) -> list[tuple[str, str]]:
-    """(method, path template) of every HTTP route of the app, those left out of the OpenAPI document too."""
-    def flattened(routes):
-        for route in routes:
-            included = getattr(route, "original_router", None)  # FastAPI keeps an included router whole
-            yield from flattened(included.routes) if included is not None else (route,)
-
-    return sorted((method, route.path) for route in flattened(app.router.routes)
-                  for method in (getattr(route, "methods", None) or ()) if method != "HEAD")
-
-
+@pytest.mark.server
 def test_every_route_that_needs_the_key_refuses_without_it_and_no_other_does(guarded, client):
     server, _ = guarded
     routes = every_route(client.app)
@@ -90,6 +85,7 @@ def test_every_route_that_needs_the_key_refuses_without_it_and_no_other_does(gua
                 assert response.status_code != 401, (method, template, headers)
 
 
+@pytest.mark.server
 def test_openapi_declares_the_key_exactly_where_it_is_needed(guarded, server):
     keyed_server, _ = guarded
     spec = httpx.get(f"{keyed_server.url}/openapi.json").json()
@@ -106,6 +102,7 @@ def test_openapi_declares_the_key_exactly_where_it_is_needed(guarded, server):
                    for operations in open_spec["paths"].values() for operation in operations.values())
 
 
+@pytest.mark.server
 def test_request_id_is_echoed_or_made_and_logged_as_json(guarded):
     server, log = guarded
     key = {"Authorization": f"Bearer {KEY}"}
@@ -142,8 +139,9 @@ def test_request_id_is_echoed_or_made_and_logged_as_json(guarded):
     assert KEY not in text and "not an image" not in text.replace("not an image this service", "")
 
 
+@pytest.mark.server
 def test_security_headers_on_every_response(guarded):
-    from observability import CONTENT_SECURITY_POLICY
+    from classifier.observability import CONTENT_SECURITY_POLICY
 
     server, _ = guarded
     for response in (httpx.get(f"{server.url}/health"), httpx.get(f"{server.url}/nowhere"), predict(server)):
@@ -157,6 +155,7 @@ def test_security_headers_on_every_response(guarded):
         assert not any("http" in sources for sources in directives.values())  # no other origin, no CDN
 
 
+@pytest.mark.server
 def test_a_web_page_elsewhere_may_call_with_its_key(guarded):
     """CORS: the allowed origin's preflight for a request carrying Authorization is answered yes; others no."""
     server, _ = guarded
@@ -170,14 +169,6 @@ def test_a_web_page_elsewhere_may_call_with_its_key(guarded):
     answered = predict(server, {"Origin": ALLOWED_ORIGIN, "Authorization": f"Bearer {KEY}"})
     assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     assert "x-request-id" in answered.headers["access-control-expose-headers"].lower()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_metrics_count_requests_batches_and_rejections(client, uncached):
@@ -211,6 +202,7 @@ def in_flight(server: Server) -> float:
     return metric(httpx.get(f"{server.url}/metrics").text, "images_in_flight")
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("runtime", ["torch", "slim"])
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(weights_file, tmp_path, request, runtime):
     slim = {} if runtime == "torch" else {"MODEL_ONNX": str(request.getfixturevalue("model_file")), "MODEL_WEIGHTS": ""}
@@ -242,6 +234,7 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(weights_file, tmp
     assert answered >= signalled
 
 
+@pytest.mark.server
 def test_clients_that_leave_leave_no_error_in_the_log(weights_file, tmp_path):
     """Clients giving up mid-request are normal traffic: their work is dropped quietly (the access line and
     rejected_requests_total say what happened), never an ERROR with a traceback."""
@@ -274,6 +267,7 @@ def test_clients_that_leave_leave_no_error_in_the_log(weights_file, tmp_path):
     assert "Traceback" not in text and "never retrieved" not in text and " ERROR " not in text, text[-3000:]
 
 
+@pytest.mark.server
 def test_a_full_queue_refuses_an_upload_before_reading_it(weights_file, tmp_path):
     """With MAX_QUEUE images in flight, a new /predict is answered 503 while its body is still unsent: the
     service spends nothing on uploads it will not serve."""

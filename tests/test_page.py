@@ -10,8 +10,6 @@ import csv
 import http.server
 import io
 import json
-import importlib.resources
-import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,30 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-# Headless, and none of the background traffic a closed network refuses.
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-quic"]
+from support import browser_page, photo_path
 
-
-def photo_path(name: str) -> Path:
-    path = Path(str(importlib.resources.files("skimage") / "data" / name))
-    assert path.is_file()
-    return path
-
-
-@contextmanager
-def browser_page(width: int = 420, height: int = 900) -> Iterator:
-    from playwright.sync_api import sync_playwright
-
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test does it)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": width, "height": height})
-        finally:
-            browser.close()
+pytestmark = pytest.mark.system
 
 
 def test_the_page_loads_without_a_console_error_or_a_failed_request(server):
@@ -139,7 +116,7 @@ def other_origin(api: str, port: int = 0) -> Iterator[str]:
 
 
 def test_cross_origin_fetch_follows_cors_origins(weights_file, tmp_path_factory):
-    from conftest import free_port, start_server
+    from support import free_port, start_server
 
     allowed_port = free_port()
     allowed = f"http://127.0.0.1:{allowed_port}"
@@ -161,7 +138,7 @@ def test_cross_origin_fetch_follows_cors_origins(weights_file, tmp_path_factory)
 def test_many_photos_run_as_a_job_with_progress_results_and_downloads(server, tmp_path):
     """Several files chosen at once: the page submits one job, fills a progress bar, lists each photo's best
     label as it arrives (a bad file in words) and offers CSV and JSONL downloads of the same answers."""
-    from conftest import PHOTOS, encode, photo
+    from support import PHOTOS, encode, photo
 
     paths = []
     for i in range(12):
@@ -211,7 +188,7 @@ if __name__ == "__main__":
 
 
 def test_demo_mode_says_everywhere_that_its_answers_mean_nothing(weights_file, tmp_path):
-    from conftest import start_server
+    from support import start_server
 
     log = tmp_path / "server.log"
     server = start_server(tmp_path, log=log, DEMO="true", MODEL_WEIGHTS="", LOG_LEVEL="info")

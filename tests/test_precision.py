@@ -6,14 +6,15 @@ import httpx
 import pytest
 import torch
 
-from conftest import PHOTOS, photo, photo_bytes, start_server
-from test_startup import assert_refused, load
+from support import PHOTOS, assert_refused, load, photo, photo_bytes, start_server
+
+pytestmark = pytest.mark.unit
 
 
 def test_precision_rules():
-    import torch_model
+    from classifier.inference.runtimes import torch_runtime
 
-    precision_problem = torch_model.precision_problem
+    precision_problem = torch_runtime.precision_problem
 
     assert precision_problem("cpu", "fp32", False, False) is None
     assert precision_problem("cpu", "bf16", True, False) is None
@@ -24,15 +25,17 @@ def test_precision_rules():
     assert precision_problem("cuda", "bf16", False, False) is None
 
 
+@pytest.mark.app
 def test_auto_picks_cuda_only_where_torch_sees_a_gpu(runtime):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    import torch_model
+    from classifier.inference.runtimes import torch_runtime
 
-    assert torch_model.pick_device("auto").type == expected
-    assert torch_model.pick_device("cpu").type == "cpu"
+    assert torch_runtime.pick_device("auto").type == expected
+    assert torch_runtime.pick_device("cpu").type == "cpu"
     assert runtime.device_type == expected  # the service's own choice under DEVICE=auto
 
 
+@pytest.mark.app
 def test_cuda_without_a_gpu_fails_clearly(weights_file, tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
@@ -40,6 +43,7 @@ def test_cuda_without_a_gpu_fails_clearly(weights_file, tmp_path, monkeypatch):
                    "DEVICE=cuda, but torch sees no CUDA device")
 
 
+@pytest.mark.app
 def test_fp16_on_the_cpu_is_refused(weights_file, tmp_path, monkeypatch):
     assert_refused({"MODEL_WEIGHTS": str(weights_file), "DEVICE": "cpu", "PRECISION": "fp16"}, tmp_path, monkeypatch,
                    "PRECISION=fp16 is for GPUs")
@@ -56,6 +60,7 @@ def confident_weights(weights_file, folder) -> str:
     return str(folder / "confident.pth")
 
 
+@pytest.mark.app
 def test_bf16_starts_with_confident_weights(weights_file, tmp_path, monkeypatch):
     # FORCE_PRECISION: the test also runs on CPUs without native bf16, where the service would refuse it.
     runtime = load({"MODEL_WEIGHTS": confident_weights(weights_file, tmp_path), "PRECISION": "bf16", "DEVICE": "cpu",
@@ -63,14 +68,15 @@ def test_bf16_starts_with_confident_weights(weights_file, tmp_path, monkeypatch)
     assert runtime.precision == "bf16" and runtime.max_score_difference > 0
 
 
+@pytest.mark.app
 def test_reduced_precision_is_measured_and_refused_only_when_broken(reference_network):
-    import torch_model
-    from errors import ModelLoadError
+    from classifier.errors import ModelLoadError
+    from classifier.inference.runtimes import torch_runtime
 
     def rounded(batch):  # a forward pass whose scores differ from fp32's far beyond rounding
         return reference_network(batch) * 3
 
-    check = torch_model.check_parity
+    check = torch_runtime.check_parity
     assert check(rounded, reference_network, "bf16", None) > 0.1  # shown, not refused: bench/accuracy.py judges it
     with pytest.raises(ModelLoadError, match="differs from fp32 torch"):
         check(rounded, reference_network, "fp32")  # fp32 must match
@@ -78,13 +84,15 @@ def test_reduced_precision_is_measured_and_refused_only_when_broken(reference_ne
         check(lambda batch: torch.full((len(batch), 1000), float("nan")), reference_network, "bf16", None)
 
 
+@pytest.mark.app
 def test_onnxruntime_with_reduced_precision_is_a_settings_error():
-    from settings import Settings, SettingsError
+    from classifier.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError, match="need BACKEND=torch"):
         Settings.from_env({"BACKEND": "onnxruntime", "PRECISION": "bf16"})
 
 
+@pytest.mark.app
 def test_model_info_shows_fp32_and_its_difference(client):
     info = client.get("/model").json()
     assert info["precision"] == "fp32" and info["backend"] == "torch"
@@ -92,6 +100,7 @@ def test_model_info_shows_fp32_and_its_difference(client):
     assert info["max_batch_size"] == (32 if torch.cuda.is_available() else 8)
 
 
+@pytest.mark.server
 def test_bf16_on_the_cpu_answers_close_to_the_reference(weights_file, reference, tmp_path):
     # FORCE_PRECISION: the test also runs on CPUs without native bf16, where the service would refuse it.
     server = start_server(tmp_path, DEVICE="cpu", PRECISION="bf16", FORCE_PRECISION="true")

@@ -10,7 +10,9 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.models import ResNet18_Weights
 
-from conftest import PHOTOS, TOLERANCE, assert_top_k, encode, large_jpeg, photo, photo_bytes, upload
+from support import PHOTOS, TOLERANCE, assert_top_k, encode, large_jpeg, photo, photo_bytes, upload
+
+pytestmark = pytest.mark.app
 
 
 @pytest.mark.parametrize("name", PHOTOS)

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 from torchvision.models import ResNet18_Weights
 
-from conftest import photo
-from test_corpus import CORPUS
+from corpus import CORPUS
+from support import photo
+
+pytestmark = pytest.mark.unit
 
 TRANSFORMS = ResNet18_Weights.DEFAULT.transforms()
 PHOTOS = sorted(entry.name for entry in (importlib.resources.files("skimage") / "data").iterdir()
@@ -22,7 +24,7 @@ SIZES = [(1, 1), (17, 300), (224, 224), (255, 256), (256, 256), (257, 256), (256
 
 
 def slim_preprocessing():
-    from preprocessing import Preprocessing
+    from classifier.inference.preprocessing import Preprocessing
 
     return Preprocessing(resize=TRANSFORMS.resize_size[0], crop=TRANSFORMS.crop_size[0], mean=tuple(TRANSFORMS.mean),
                          std=tuple(TRANSFORMS.std), interpolation=TRANSFORMS.interpolation.value)
@@ -49,16 +51,17 @@ def test_every_size(size):
         assert_same_input(photo(name).convert("RGB").resize(size, Image.Resampling.BICUBIC))
 
 
+@pytest.mark.app
 @pytest.mark.parametrize("case", [case for case in CORPUS if CORPUS[case][3] == 200])
 def test_every_corpus_upload_once_decoded(settings, case):
-    import images
+    from classifier.inference import images
 
     _, _, data, _, _ = CORPUS[case]
     assert_same_input(images.decode(data, TRANSFORMS.resize_size[0], settings.max_image_pixels))
 
 
 def test_only_bilinear_is_implemented():
-    from preprocessing import Preprocessing
+    from classifier.inference.preprocessing import Preprocessing
 
     with pytest.raises(ValueError, match="bilinear"):
         Preprocessing(resize=256, crop=224, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bicubic")

@@ -19,8 +19,9 @@ from PIL import Image
 from torchvision.models import ResNet18_Weights
 from tritonclient.utils import InferenceServerException
 
-from conftest import API_KEY, PHOTOS, Server, corrupt_png, large_jpeg, photo, photo_bytes, start_server, upload
-from test_operations import metric
+from support import API_KEY, PHOTOS, Server, corrupt_png, large_jpeg, metric, photo, photo_bytes, start_server, upload
+
+pytestmark = pytest.mark.server
 
 MODEL = "resnet18"
 

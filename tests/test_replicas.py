@@ -10,10 +10,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import Postgres, Server, photo_bytes, start_server, upload
-from test_jobs import assert_online_answers, results, submit, variants
+from support import (Postgres, Server, assert_online_answers, photo_bytes, results, start_server, submit, upload,
+                     variants)
+
+pytestmark = pytest.mark.system
 
 
 def replica(tmp: Path, database: str) -> Server:

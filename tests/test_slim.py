@@ -18,8 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (PHOTOS, REPO, TOLERANCE, encode, export, large_jpeg, photo, photo_bytes, torch_is_mapped,
-                      without_torch)
+from support import PHOTOS, REPO, TOLERANCE, export, large_jpeg, photo, photo_bytes, torch_is_mapped, without_torch
+
+pytestmark = pytest.mark.server
 
 # Real photos of many sizes: scikit-image's as they ship, and enlarged to a phone's or a camera's as JPEG.
 SIZED = {f"{name}:{side}": large_jpeg(name, side) for name in ("chelsea.png", "rocket.jpg") for side in (300, 1200, 3000)}
@@ -115,7 +116,7 @@ def test_classify_runs_slim_and_gives_the_reference_answers(model_file, referenc
 
 def start_slim(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
     """Load the model as a slim replica's start-up does, in a fresh process without torch."""
-    code = ("import sys, errors, model, settings\n"
+    code = ("import sys, model\nfrom classifier import errors, settings\n"
             "try: print(model.load(settings.get_settings()).max_score_difference)\n"
             "except errors.ModelLoadError as error: sys.exit(f'Cannot load the model: {error}')")
     return subprocess.run([sys.executable, "-c", code], cwd=REPO,
@@ -141,9 +142,9 @@ def rewritten(model_file: Path, out: Path, **changes: str) -> Path:
 
 
 def test_a_file_whose_probe_torch_disagrees_with_is_refused(model_file, tmp_path):
-    import onnx_model
+    from classifier.inference.runtimes import onnx_runtime
 
-    recorded = onnx_model.read(model_file, 1)
+    recorded = onnx_runtime.read(model_file, 1)
     shifted = np.roll(recorded.probe_scores, 1, axis=1)  # someone else's answers
     tampered = rewritten(model_file, tmp_path / "tampered.onnx",
                          probe_scores=base64.b64encode(shifted.astype("<f4").tobytes()).decode())

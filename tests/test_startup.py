@@ -10,29 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from support import REPO, assert_refused, free_port, load
 
-
-def load(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Load the model as the service's start-up does (model.load, with the settings these variables give), with
-    torchvision's cache under an empty TORCH_HOME of the test's."""
-    import model
-    from settings import Settings
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    for name, value in env.items():
-        if name.lower() not in Settings.model_fields:  # the environment torch reads itself (a proxy)
-            monkeypatch.setenv(name, value)
-    return model.load(Settings.from_env(env))
-
-
-def assert_refused(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *fragments: str) -> None:
-    from errors import ModelLoadError
-
-    with pytest.raises(ModelLoadError) as refused:
-        load(env, tmp_path, monkeypatch)
-    for fragment in fragments:
-        assert fragment in str(refused.value)
+pytestmark = pytest.mark.unit
 
 
 def start(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -51,6 +31,7 @@ def assert_fails_clearly(result: subprocess.CompletedProcess, *fragments: str) -
         assert fragment in result.stderr
 
 
+@pytest.mark.server
 def test_a_model_that_cannot_be_loaded_stops_the_service_with_one_line(tmp_path):
     missing = tmp_path / "nope.pth"
     assert_fails_clearly(start({"MODEL_WEIGHTS": str(missing)}, tmp_path), f"MODEL_WEIGHTS={missing} does not exist")
@@ -80,6 +61,7 @@ def test_no_weights_and_no_network_never_falls_back_to_random(tmp_path, monkeypa
                    "MODEL_WEIGHTS is not set", "resnet18-f37072fd.pth", str(tmp_path / "torch-home"))
 
 
+@pytest.mark.app
 def test_torchvision_cache_under_torch_home_is_used_offline(tmp_path, weights_file, monkeypatch):
     cache = tmp_path / "torch-home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
@@ -89,12 +71,14 @@ def test_torchvision_cache_under_torch_home_is_used_offline(tmp_path, weights_fi
     assert runtime.weights_source == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
 
 
+@pytest.mark.app
 def test_explicit_weights_file_is_used(tmp_path, weights_file, monkeypatch):
     assert load({"MODEL_WEIGHTS": str(weights_file)}, tmp_path, monkeypatch).weights_source == f"file:{weights_file.name}"
 
 
+@pytest.mark.app
 def test_settings_defaults():
-    from settings import Settings
+    from classifier.settings import Settings
 
     settings = Settings.from_env({})
     assert settings.model_weights is None
@@ -104,6 +88,7 @@ def test_settings_defaults():
     assert settings.cors_origins == []
 
 
+@pytest.mark.app
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -114,13 +99,25 @@ def test_settings_defaults():
     ],
 )
 def test_bad_settings_are_refused(env, message):
-    from settings import Settings, SettingsError
+    from classifier.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
 
 
+@pytest.mark.server
 def test_bad_setting_stops_the_service_with_its_name(tmp_path):
     result = start({"THREADS": "lots"}, tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "Invalid setting: THREADS='lots' is not a whole number" in result.stderr
+
+
+def test_importing_the_service_loads_no_model_and_imports_no_torch():
+    # A fresh interpreter: this test process has torch already. Importing builds the application from the
+    # environment's settings; the model loads only when it starts.
+    code = ("import sys, app, model, classify, export, quantize; "
+            "print(sorted(name for name in ('torch', 'torchvision', 'onnxruntime') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "GRPC_PORT": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,247 @@
+"""The job worker: stored job images through the batcher, in the background, and their results back.
+
+    store.claim --> batcher.submit(background=True) --> store.record --> webhook
+
+Two batches of job images are out at a time: one in (or waiting for) the forward pass, the next being
+decoded, so the model never waits for a job's decoding. Images are claimed only when the batcher is idle
+(no online image for a moment), and their lease is renewed until their results are stored, so with several
+replicas on one database the backlog goes to the idle ones. Beside that, once a second: backlog metrics,
+webhooks that are due, and (less often) expired jobs swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+
+import httpx
+from sqlalchemy import Row
+from sqlalchemy.exc import DBAPIError
+from standardwebhooks.webhooks import Webhook
+
+from classifier.errors import InsufficientStorage, ServiceError, Unavailable
+from classifier.inference.batching import Batcher
+from classifier.inference.images import ImageError
+from classifier.jobs import webhooks
+from classifier.jobs.store import MAX_ATTEMPTS, TERMINAL, ClaimedImage, JobStore, Outcome, disk_full
+from classifier.observability import (JOB_IMAGES, JOB_IMAGES_PENDING, JOB_IMAGES_RETRIED, JOB_OLDEST_PENDING_AGE,
+                                      JOB_PENDING_BYTES, JOB_STORE_DISK_FULL, JOBS_FINISHED)
+from classifier.schemas import Job, result_line
+
+log = logging.getLogger(__name__)
+for status in TERMINAL:  # jobs_finished_total exports every end from the start, at 0
+    JOBS_FINISHED.labels(status)
+
+LANES = 2  # job batches out at once
+SWEEP_EVERY_S = 30  # or JOB_TTL_S, when shorter
+
+
+class GaveUp(ImageError):
+    """An image that stopped the service every time it was tried: it gets this answer, not another try."""
+
+    status = 500
+
+
+class JobWorker:
+    def __init__(self, store: JobStore, batcher: Batcher, labels: Sequence[str], *, webhook_secret: str | None,
+                 webhook_first_retry_s: float) -> None:
+        self.store = store
+        self.batcher = batcher
+        self.labels = labels
+        self.signer = Webhook(webhook_secret) if webhook_secret else None
+        self.webhook_first_retry_s = webhook_first_retry_s
+        self._submitted = asyncio.Event()  # a job was stored: look for work now, not at the next poll
+        self._ended = asyncio.Event()  # replaced each time a job ends, so waiters wake
+        self._tasks: set[asyncio.Task[None]] = set()  # the loops, the batches out, the webhooks being sent
+        self._client: httpx.AsyncClient | None = None
+        self._opened = False
+
+    async def start(self) -> None:
+        """Open the store (see JobStore.open), then work in the background. An embedded store that cannot be
+        opened stops the start-up; an unreachable database server is retried while online traffic is served."""
+        try:
+            await asyncio.to_thread(self.store.open)
+        except DBAPIError as error:
+            if self.store.embedded:
+                raise
+            log.warning("the job database is unreachable (%s); job routes answer 503 until it is back",
+                        type(error).__name__)
+        else:
+            self._opened = True
+        self._client = httpx.AsyncClient()
+        self._spawn(self._work())
+
+    async def _work(self) -> None:
+        while not self._opened:
+            await asyncio.sleep(5.0)
+            try:
+                await asyncio.to_thread(self.store.open)
+                self._opened = True
+                log.info("the job database is reachable again")
+            except DBAPIError:
+                pass
+        self._spawn(self._classify_forever())
+        self._spawn(self._housekeeping_forever())
+
+    async def stop(self) -> None:
+        """Stop taking work. Images claimed but not recorded keep their state and are classified after a restart."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client:
+            await self._client.aclose()
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def submitted(self) -> None:
+        self._submitted.set()
+        self.store_written()
+
+    def store_failed(self, error: DBAPIError, doing: str) -> ServiceError:
+        """A failed store operation: logged with its cause, and what it means for a client: the store's disk is
+        full (507: an operator must free or grow it; the job_store_disk_full gauge stays up until a write
+        succeeds again), or the database cannot be reached (503: a restart, a failover)."""
+        if disk_full(error):
+            JOB_STORE_DISK_FULL.set(1)
+            log.warning("%s: the job store's disk is full: %s", doing, self.store.location)
+            return InsufficientStorage("the job store is out of disk space; retry later")
+        log.warning("%s: the job database is unavailable (%s: %s)", doing, type(error).__name__,
+                    str(error.orig).splitlines()[0])
+        return Unavailable("the job database is unavailable; retry shortly", "database_unavailable")
+
+    def store_written(self) -> None:
+        JOB_STORE_DISK_FULL.set(0)
+
+    def ended(self) -> None:
+        """A job reached a terminal status in this process: wake whoever waits (Prefer: wait)."""
+        ended, self._ended = self._ended, asyncio.Event()
+        ended.set()
+
+    async def wait_until_ended(self, job_id: str, timeout_s: float) -> Row | None:
+        """The job once it has ended, or as it is after timeout_s (None if it is gone)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ended = self._ended
+            job = await asyncio.to_thread(self.store.get, job_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.status in TERMINAL or remaining <= 0:
+                return job
+            try:  # a job can also end in another process (a replica): look again at least every second
+                await asyncio.wait_for(ended.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+
+    # Classifying
+
+    async def _classify_forever(self) -> None:
+        lanes = asyncio.Semaphore(LANES)
+        while True:
+            await lanes.acquire()
+            await self.batcher.until_idle()
+            try:
+                images = await asyncio.to_thread(self.store.claim, self.batcher.max_batch_size)
+            except DBAPIError as error:
+                lanes.release()
+                await self._pause("claiming job images", error)
+                continue
+            if not images:
+                lanes.release()
+                self._submitted.clear()
+                try:
+                    await asyncio.wait_for(self._submitted.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                continue
+            JOB_IMAGES_RETRIED.inc(sum(image.attempts > 1 for image in images))
+            self._spawn(self._classify(images)).add_done_callback(lambda _: lanes.release())
+
+    async def _classify(self, images: list[ClaimedImage]) -> None:
+        renewing = self._spawn(self._renew_leases([(image.job_id, image.index) for image in images]))
+        try:
+            await self._classify_and_record(images)
+        finally:
+            renewing.cancel()
+
+    async def _renew_leases(self, keys: list[tuple[str, int]]) -> None:
+        while True:
+            await asyncio.sleep(self.store.lease_s / 3)
+            try:
+                await asyncio.to_thread(self.store.renew, keys)
+            except DBAPIError as error:  # if the lease runs out meanwhile, another worker may take the images too;
+                # only the first result is stored
+                log.warning("renewing job image leases: the database is unavailable (%s)", type(error).__name__)
+
+    async def _classify_and_record(self, images: list[ClaimedImage]) -> None:
+        tried = [image for image in images if image.attempts <= MAX_ATTEMPTS]
+        answers = await asyncio.gather(*(self.batcher.submit(image.data, background=True) for image in tried),
+                                       return_exceptions=True)
+        outcome_of = dict(zip(((image.job_id, image.index) for image in tried), answers))
+        outcomes = []
+        for image in images:
+            answer = outcome_of.get((image.job_id, image.index),
+                                    GaveUp(f"this image stopped the service {MAX_ATTEMPTS} times; it was not classified"))
+            if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # cancellation: leave the images to be claimed again
+            failed = isinstance(answer, Exception)
+            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k, self.labels), failed))
+        while True:
+            try:
+                ended = await asyncio.to_thread(self.store.record, outcomes)
+                break
+            except DBAPIError as error:  # the answers are kept and stored when the database is back
+                await self._pause("storing job results", error)
+        self.store_written()
+        failed = sum(outcome.failed for outcome in outcomes)
+        JOB_IMAGES.labels("error").inc(failed)
+        JOB_IMAGES.labels("classified").inc(len(outcomes) - failed)
+        if ended:
+            JOBS_FINISHED.labels("succeeded").inc(len(ended))
+            self.ended()
+
+    # Housekeeping
+
+    async def _housekeeping_forever(self) -> None:
+        last_sweep = 0.0
+        while True:
+            try:
+                backlog = await asyncio.to_thread(self.store.backlog)
+                JOB_IMAGES_PENDING.set(backlog.images)
+                JOB_PENDING_BYTES.set(backlog.bytes)
+                JOB_OLDEST_PENDING_AGE.set(0 if backlog.oldest_queued_at is None else time.time() - backlog.oldest_queued_at)
+                if self.signer:
+                    for job in await asyncio.to_thread(self.store.webhooks_due):
+                        self._spawn(self._call_back(job))
+                if time.monotonic() - last_sweep > min(SWEEP_EVERY_S, self.store.ttl_s):
+                    last_sweep = time.monotonic()
+                    swept = await asyncio.to_thread(self.store.sweep)
+                    if swept:
+                        log.info("swept %d expired jobs", swept)
+            except DBAPIError as error:
+                self.store_failed(error, "job housekeeping")
+            await asyncio.sleep(1.0)
+
+    async def _call_back(self, job: Row) -> None:
+        assert self.signer is not None and self._client is not None
+        status = await webhooks.deliver(self._client, self.signer, job.webhook_url, f"msg_{job.id}",
+                                        Job.from_row(job).model_dump_json())
+        delivered = status is not None and 200 <= status < 300
+        attempts = job.webhook_attempts + 1
+        retry_at = None if delivered else webhooks.retry_at(attempts, self.webhook_first_retry_s, time.time())
+        if not delivered:
+            log.warning("webhook of job %s: attempt %d got %s; %s", job.id, attempts, status or "no answer",
+                        "giving up" if retry_at is None else f"retrying in {retry_at - time.time():.0f} s")
+        try:
+            await asyncio.to_thread(self.store.webhook_attempted, job.id, status, delivered, retry_at)
+        except DBAPIError as error:  # the lease runs out and the delivery is tried again
+            log.warning("webhook of job %s: could not record the attempt (%s)", job.id, type(error).__name__)
+
+    async def _pause(self, doing: str, error: DBAPIError) -> None:
+        self.store_failed(error, f"{doing} (retrying in 1 s)")
+        await asyncio.sleep(1.0)

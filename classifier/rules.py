@@ -1,0 +1,60 @@
+"""Who may call, and when: the rules every door (/predict*, /jobs, /v2 over HTTP and gRPC) applies, each decided
+here once. Each raises one of errors.py's errors; the transports answer it in their own terms.
+
+    API key --authorize--> shutting down? --accepting--> overloaded? --admitting--> within the limits --> work
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+from classifier.errors import TooLarge, Unauthorized, Unavailable
+from classifier.inference.batching import Batcher
+
+UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>"
+
+
+def authorize(api_key: str | None, headers: Mapping[str, str]) -> None:
+    """With API_KEY set: `Authorization: Bearer <key>` or `X-API-Key: <key>` (HTTP headers or gRPC metadata,
+    lower-case names; either one right will do), each compared in constant time."""
+    if api_key is None:
+        return
+    scheme, _, bearer = headers.get("authorization", "").partition(" ")
+    offered = [headers.get("x-api-key", ""), bearer.strip() if scheme.lower() == "bearer" else ""]
+    if not any([hmac.compare_digest(key.encode(), api_key.encode()) for key in offered]):  # both compared, always
+        raise Unauthorized(UNAUTHORIZED)
+
+
+def ready(serving: bool) -> None:
+    """Readiness (/ready, /v2/health/ready; gRPC's ServerReady answers service.ready itself): the model is loaded
+    and warm, and the service is not shutting down."""
+    if not serving:
+        raise Unavailable("the model is not ready")
+
+
+def accepting(serving: bool) -> None:
+    """New work (an online prediction, a job) is taken only while ready: on SIGTERM the replica drains."""
+    if not serving:
+        raise Unavailable("the service is shutting down; retry on another replica", "shutting_down")
+
+
+def admitting(batcher: Batcher, images: int = 1) -> None:
+    """An online prediction is refused at once, before its body is read, while MAX_QUEUE images are in flight
+    (Batcher.admit counts them once admitted)."""
+    if batcher.full(images):
+        raise batcher.overloaded()
+
+
+def within(count: int | None, limit: int, setting: str) -> None:
+    """At most `limit` images in one request (MAX_BATCH_FILES, MAX_JOB_FILES); count None: the parser stopped
+    at the limit."""
+    if count is None or count > limit:
+        raise TooLarge(f"{count if count is not None else 'more than ' + str(limit)} images in one request; "
+                       f"at most {limit} ({setting})")
+
+
+def body_within(size: int, limit: int, setting: str) -> None:
+    """A request body (or one uploaded file) of at most `limit` bytes (MAX_UPLOAD_BYTES, MAX_JOB_BYTES)."""
+    if size > limit:
+        raise TooLarge(f"the request body is larger than {limit:,} bytes ({setting})")

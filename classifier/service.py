@@ -1,0 +1,150 @@
+"""What runs beside the routes, built from the settings and a loaded runtime when the application starts: the
+batcher that owns the forward pass, the result cache, the job store and its worker, the budget all request
+bodies share; whether the service is ready; and classify(), the one path every online door (/predict*, /v2
+over HTTP and gRPC) sends its images through. No transport here: they are handed this object.
+
+    uploads --admit (MAX_QUEUE)--> bytes --batcher.submit--> probabilities [1000], or the exception, per image
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+from starlette.datastructures import UploadFile
+
+from classifier import rules
+from classifier.errors import Unavailable
+from classifier.inference import metrics
+from classifier.inference.batching import Batcher
+from classifier.inference.cache import ResultCache
+from classifier.inference.runtime import Runtime
+from classifier.jobs.store import JobStore
+from classifier.jobs.worker import JobWorker
+from classifier.memory import BodyBudget
+from classifier.settings import Settings
+
+log = logging.getLogger("app")
+
+
+class Service:
+    def __init__(self, settings: Settings, runtime: Runtime, bodies: BodyBudget) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.bodies = bodies  # HTTP bodies (gate.BodyLimits) and gRPC messages (grpc_server) together
+        context = runtime.answer_context(settings)
+        self.cache = ResultCache(settings.cache_entries, lambda: context) if settings.cache_entries else None
+        # Decoding runs in a small thread pool; one inference thread owns the forward pass, so requests
+        # never run it side by side on the same cores.
+        self.batcher = Batcher(
+            self.prepare,
+            runtime.predict,
+            max_batch_size=settings.max_batch_size or runtime.default_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            decode_workers=settings.decode_workers,
+            # Job images run only after 10 ms without online images: a steady online stream keeps the cores.
+            idle_s=0.01,
+            job_batch_max_s=settings.job_batch_max_ms / 1000,
+            job_full_batch_after_s=settings.job_full_batch_after_s,
+            cache=self.cache,
+            init_inference_thread=runtime.init_inference_thread,
+            init_decode_thread=runtime.init_decode_thread,
+            on_batch=metrics.observe_batch,
+        )
+        try:
+            store = JobStore(settings.jobs_database_url, settings.job_ttl_s, settings.job_lease_s)
+        except Exception as error:  # an unknown driver, a malformed URL
+            raise SystemExit(f"Cannot open the job store JOBS_DATABASE_URL: {error}") from None
+        self.jobs = JobWorker(store, self.batcher, runtime.labels, webhook_secret=settings.webhook_secret,
+                              webhook_first_retry_s=settings.webhook_first_retry_s)
+        self.ready = False  # rules.ready and rules.accepting read this
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """Uploaded bytes -> the model's input, decoded as the settings say (MAX_IMAGE_PIXELS, JPEG_DRAFT)."""
+        return self.runtime.prepare(data, self.settings.max_image_pixels, self.settings.jpeg_draft)
+
+    async def start(self) -> None:
+        self._unwatch = metrics.watch(self.cache, lambda: self.batcher.in_flight)
+        await self.batcher.start()
+        await self.jobs.start()
+        self._drain_on_sigterm()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.jobs.stop()
+        await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
+        self._unwatch()
+
+    def _drain_on_sigterm(self) -> None:
+        """On SIGTERM: not ready (new predictions and jobs answer 503), the accepted images finish (for at most
+        SHUTDOWN_TIMEOUT_S), then uvicorn's own shutdown runs; a request hanging past that is cut off."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (not a test client's)
+        uvicorn_handler = signal.getsignal(signal.SIGTERM)
+        if not callable(uvicorn_handler):
+            return
+        loop = asyncio.get_running_loop()
+
+        async def drain(frame: object) -> None:
+            timeout_s = self.settings.shutdown_timeout_s
+            deadline = time.monotonic() + timeout_s
+            log.info("SIGTERM: draining %d images in flight, for at most %g s", self.batcher.in_flight, timeout_s)
+            await self.batcher.drain(timeout_s)
+            uvicorn_handler(signal.SIGTERM, frame)  # stop listening, finish open responses, run the lifespan's end
+            # uvicorn forces its exit on a second SIGINT: the bound for whatever still hangs.
+            loop.call_later(max(0.0, deadline - time.monotonic()) + 1, uvicorn_handler, signal.SIGINT, frame)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            if self.ready:
+                self.ready = False
+                loop.call_soon_threadsafe(lambda: loop.create_task(drain(frame)))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    async def classify(self, images: Sequence[UploadFile | bytes | np.ndarray],
+                       until_gone: Callable[[], Awaitable[None]] | None = None) -> list[np.ndarray | Exception]:
+        """Uploaded files (or images already read, or already preprocessed to [3, 224, 224]) -> softmax
+        probabilities [1000] each, or the exception that stopped that image.
+
+        More than MAX_BATCH_FILES images: TooLarge. The images go through the decoders and the batching worker
+        together (sharing batches with other requests). A request that times out or whose client leaves
+        (until_gone returns: an HTTP disconnect; a gRPC call is cancelled instead) gives up all its images.
+        Uploads are read only once admitted: a refused request never copies its files.
+        """
+        rules.within(len(images), self.settings.max_batch_files, "MAX_BATCH_FILES")
+        timeout_s = self.settings.request_timeout_s
+        try:
+            with self.batcher.admit(len(images)):
+                read = [image if isinstance(image, (bytes, np.ndarray)) else await _read(image) for image in images]
+                async with asyncio.timeout(timeout_s):
+                    work = asyncio.gather(*(self.batcher.submit(data) for data in read), return_exceptions=True)
+                    watcher = asyncio.ensure_future(until_gone() if until_gone else asyncio.Event().wait())
+                    try:
+                        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        watcher.cancel()
+                        if not work.done():
+                            work.cancel()  # the client left or time ran out: its images are not computed
+                            # A cancelled gather ends holding a CancelledError; collect it, or asyncio logs it as an
+                            # ERROR with a traceback ("exception was never retrieved") for what is normal traffic.
+                            work.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
+                    if not work.done() or work.cancelled():
+                        raise Unavailable("the client disconnected")
+                    return work.result()
+        except TimeoutError:
+            raise Unavailable(f"no answer within {timeout_s:g} s (REQUEST_TIMEOUT_S); retry shortly", "timeout") from None
+
+
+async def _read(upload: UploadFile) -> bytes:
+    data = await upload.read()
+    await upload.close()  # its in-memory spool: one copy of the bytes is enough
+    return data
+
+

@@ -1,0 +1,1 @@
+"""The Open Inference Protocol (KServe V2): what its bindings share, over HTTP (/v2) and gRPC."""
