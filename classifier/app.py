@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from starlette.formparsers import MultiPartParser
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from classifier import observability, openapi
 from classifier.errors import ModelLoadError
@@ -48,6 +49,26 @@ ONLINE: set[Callable[..., Any]] = {predictions.predict, predictions.predict_topk
                                    http_routes.infer}
 
 
+class OneLineStartupFailure:
+    """A start-up that stops for a reason it can say (weights that cannot be loaded, a port in use): the server
+    (uvicorn app:app) logs that one line, not the traceback Starlette reports by default."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_reason(message: Message) -> None:
+            reason = getattr(scope["app"].state, "startup_failure", None)
+            if message["type"] == "lifespan.startup.failed" and reason:
+                message = {**message, "message": reason}
+            await send(message)
+
+        await self.app(scope, receive, send_reason)
+
+
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
     """The service as an ASGI app. settings: the environment's by default. runtime: a model already loaded
     (served as it is); by default the lifespan loads the one the settings choose."""
@@ -58,19 +79,22 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = runtime
-        if loaded is None:
-            try:
-                loaded = await asyncio.to_thread(runtimes.load, settings)
-            except ModelLoadError as error:
-                log.error("Cannot load the model: %s", error)
-                raise SystemExit(f"Cannot load the model: {error}") from None
-        service = app.state.service = Service(settings, loaded, bodies)
-        await service.start()
-        grpc = None
-        if settings.grpc_port:
-            from classifier.v2 import grpc_server  # the gRPC binding of /v2, on its own port
+        try:
+            if loaded is None:
+                try:
+                    loaded = await asyncio.to_thread(runtimes.load, settings)
+                except ModelLoadError as error:
+                    raise SystemExit(f"Cannot load the model: {error}") from None
+            service = app.state.service = Service(settings, loaded, bodies)
+            await service.start()
+            grpc = None
+            if settings.grpc_port:
+                from classifier.v2 import grpc_server  # the gRPC binding of /v2, on its own port
 
-            grpc = await grpc_server.serve(service)
+                grpc = await grpc_server.serve(service)
+        except SystemExit as refusal:  # one line, not a traceback: OneLineStartupFailure tells the server
+            app.state.startup_failure = str(refusal)
+            raise
         yield
         service.ready = False
         if grpc is not None:  # calls in flight finish within the drain; new ones are refused meanwhile
@@ -94,6 +118,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.add_middleware(http_routes.ProtocolErrors)  # /v2 errors as {"error"}, whichever layer above refused
     app.add_middleware(observability.Observe, demo=settings.demo)
+    app.add_middleware(OneLineStartupFailure)
     add_error_handlers(app)
     app.include_router(predictions.router)
     app.include_router(jobs.router)

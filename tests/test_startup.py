@@ -37,6 +37,16 @@ def test_a_model_that_cannot_be_loaded_stops_the_service_with_one_line(tmp_path)
     assert_fails_clearly(start({"MODEL_WEIGHTS": str(missing)}, tmp_path), f"MODEL_WEIGHTS={missing} does not exist")
 
 
+@pytest.mark.server
+def test_under_uvicorn_too_a_model_that_cannot_be_loaded_is_one_line(tmp_path):
+    missing = tmp_path / "nope.pth"
+    result = subprocess.run([sys.executable, "-m", "uvicorn", "app:app", "--port", str(free_port())], cwd=REPO,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MODEL_WEIGHTS": str(missing), "GRPC_PORT": "0"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"Cannot load the model: MODEL_WEIGHTS={missing} does not exist" in result.stderr
+
+
 def test_missing_weights_file(tmp_path, monkeypatch):
     missing = tmp_path / "nope.pth"
     assert_refused({"MODEL_WEIGHTS": str(missing)}, tmp_path, monkeypatch, f"MODEL_WEIGHTS={missing} does not exist")
