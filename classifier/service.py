@@ -38,7 +38,7 @@ class Service:
         self.runtime = runtime
         self.bodies = bodies  # HTTP bodies (gate.BodyLimits) and gRPC messages (grpc_server) together
         context = runtime.answer_context(settings)
-        self.cache = ResultCache(settings.cache_entries, lambda: context) if settings.cache_entries else None
+        self.cache = ResultCache(settings.cache_entries, context) if settings.cache_entries else None
         # Decoding runs in a small thread pool; one inference thread owns the forward pass, so requests
         # never run it side by side on the same cores.
         self.batcher = Batcher(

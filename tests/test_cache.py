@@ -92,8 +92,7 @@ def test_the_cache_unit_keeps_the_most_recently_used_and_only_clean_answers():
     from classifier.inference.cache import ResultCache
     from classifier.inference.images import NotAnImage
 
-    context = ["settings A"]
-    cache = ResultCache(2, lambda: context[0])
+    cache = ResultCache(2, "settings A")
     a, b, c = (cache.key(data) for data in (b"a", b"b", b"c"))
     cache.put(a, np.ones(1000, np.float32))
     cache.put(b, NotAnImage("not an image"))
@@ -102,8 +101,7 @@ def test_the_cache_unit_keeps_the_most_recently_used_and_only_clean_answers():
     assert cache.get(b) is None and cache.evictions == 1 and len(cache) == 2
     cache.put(b, RuntimeError("a bug is never kept"))
     assert cache.get(b) is None
-    context[0] = "settings B"
-    assert cache.key(b"a") != a  # other settings: another key
+    assert ResultCache(2, "settings B").key(b"a") != a  # other settings: another key
 
 
 @pytest.fixture(scope="module")

@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
         except ModelLoadError as error:
             raise SystemExit(f"Cannot load the model: {error}") from None
     # Identical files are classified once per run (the same bytes: a copy, a re-export of the same file).
-    context = runtime.answer_context(settings)
-    cache = ResultCache(settings.cache_entries, lambda: context) if settings.cache_entries else None
+    cache = ResultCache(settings.cache_entries, runtime.answer_context(settings)) if settings.cache_entries else None
 
     def prepare(data: bytes) -> Any:
         return runtime.prepare(data, settings.max_image_pixels, settings.jpeg_draft)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 
 import numpy as np
 
@@ -24,9 +23,9 @@ ENTRY_BYTES = 1000 * 4 + 300  # the scores, the key and the dictionary's own sha
 
 
 class ResultCache:
-    def __init__(self, entries: int, context: Callable[[], str]) -> None:
+    def __init__(self, entries: int, context: str) -> None:
         self.capacity = entries
-        self.context = context  # read at every key: a change of settings is a change of key
+        self.context = context.encode()  # in every key: other weights or settings, other keys
         self.hits = self.misses = self.evictions = 0
         self._answers: OrderedDict[bytes, np.ndarray | ImageError] = OrderedDict()
         self._lock = threading.Lock()  # python -m classify's decode threads look up while its main thread stores
@@ -36,7 +35,7 @@ class ResultCache:
 
     def key(self, data: bytes) -> bytes:
         digest = hashlib.blake2b(data, digest_size=32)
-        digest.update(self.context().encode())
+        digest.update(self.context)
         return digest.digest()
 
     def get(self, key: bytes) -> np.ndarray | ImageError | None:

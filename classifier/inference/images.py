@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,8 +38,9 @@ _ISO_MEDIA_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF"}
 
 _WHITE = (255, 255, 255, 255)
 
-# decode() refuses such images with a clear 413; Pillow's own warning about them is noise.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# Pillow's own decompression-bomb check is off: decode() refuses such images itself, from the header, at
+# MAX_IMAGE_PIXELS (the settings', not a process-wide value), with a clear 413.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(BadRequest):
@@ -69,14 +69,13 @@ class ImageTooLarge(ImageError):
 def decode(data: bytes, shorter_side: int, max_pixels: int, draft: bool = False) -> Image.Image:
     """Uploaded bytes -> an upright RGB image: EXIF orientation applied, first frame of animations.
 
-    shorter_side: what the preprocessing resizes the shorter side to (the model's, see model.RESIZE_SIZE);
+    shorter_side: what the preprocessing resizes the shorter side to (the runtime's preprocessing.resize);
     max_pixels: MAX_IMAGE_PIXELS; images larger, or that would outgrow it once resized, are refused.
     draft: let big JPEGs decode at a reduced scale (see _draft; JPEG_DRAFT). Off by default: the image is
     decoded in full, exactly as torchvision's reference pipeline sees it.
     """
     if not data:
         raise NotAnImage("the file is empty")
-    Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check is _check_size's, below, at max_pixels
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -93,8 +92,6 @@ def decode(data: bytes, shorter_side: int, max_pixels: int, draft: bool = False)
         # In place and without needless copies: a decoded 24 MP photo is 72 MB, and every copy counts.
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
-    except Image.DecompressionBombError as error:
-        raise ImageTooLarge(str(error)) from None
     except Exception as error:
         raise NotAnImage(f"the image data is corrupt or truncated ({type(error).__name__})") from None
 

@@ -28,7 +28,7 @@ from classifier.settings import Settings
 log = logging.getLogger(__name__)
 
 WEIGHTS = ResNet18_Weights.DEFAULT
-NUM_CLASSES = len(WEIGHTS.meta["categories"])  # labels.py's LABELS
+NUM_CLASSES = len(WEIGHTS.meta["categories"])  # the outputs: runtime.NUM_CLASSES
 
 # What the weights were trained with: shorter side to 256 (bilinear, antialiased), centre crop 224,
 # ImageNet mean and std. Using torchvision's own object keeps us bit-identical to its reference.
