@@ -66,10 +66,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 classifier \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin classifier \
-    && mkdir /data /models && chown 10001:10001 /data
-# /data: the job store when it is SQLite (mount a volume); /tmp: the only other place anything is written
-# (TMPDIR: SQLite would otherwise put its temporary files in /var/tmp).
+    && mkdir /data /models /cache && chown 10001:10001 /data /cache
+# /data: the job store when it is SQLite (mount a volume); /cache: the ONNX export and the runtime BACKEND=auto
+# chose, by the weights' hash (RUNTIME_CACHE_DIR; a volume makes restarts quick); /tmp: the only other place
+# anything is written (TMPDIR: SQLite would otherwise put its temporary files in /var/tmp).
 ENV PATH=/opt/venv/bin:$PATH \
+    RUNTIME_CACHE_DIR=/cache \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp \

@@ -252,7 +252,6 @@ def measure_all(sizes: list[int], skip: set[str], int8_model: Path | None) -> di
     runtime = model.load(settings)
     network, _, _ = torch_runtime.load_network(settings)
     fp32 = torch_runtime.torch_forward(network, torch.device("cpu"), "fp32")  # what the service runs by default
-    runtime.init_inference_thread()
     results: dict = {"sizes": sizes}
     if "int8" not in skip:  # on photos of its own, kept apart from its calibration photos
         int8 = results["int8"] = measure_int8(int8_model or build_int8(Path(tempfile.mkdtemp(prefix="accuracy-int8-"))),

@@ -53,7 +53,6 @@ def ceiling(image_path: str, batch_size: int, seconds: float) -> dict:
 
     runtime, prepare = served_model()
     data = Path(image_path).read_bytes()
-    runtime.init_inference_thread()
     decoder = ThreadPoolExecutor(1, initializer=runtime.init_decode_thread)
 
     def one_batch() -> None:

@@ -14,7 +14,6 @@ import os
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,7 @@ def main() -> None:
     runtime, prepare = served_model()
     data = photos(64)
     batch = np.stack([prepare(image) for image in data[:8]])
-    inference = ThreadPoolExecutor(1, initializer=runtime.init_inference_thread)
-    inference.submit(lambda: None).result()
+    inference = runtime.forward_thread
 
     def forward_ms_per_image(batches: int = 15) -> float:
         started = time.perf_counter()

@@ -53,7 +53,7 @@ class Service:
             job_batch_max_s=settings.job_batch_max_ms / 1000,
             job_full_batch_after_s=settings.job_full_batch_after_s,
             cache=self.cache,
-            init_inference_thread=runtime.init_inference_thread,
+            forward_thread=runtime.forward_thread,
             init_decode_thread=runtime.init_decode_thread,
             on_batch=metrics.observe_batch,
         )

@@ -42,6 +42,11 @@ def default_body_budget() -> int:
     return 512 * MiB if limit is None else max(16 * MiB, limit // 4)
 
 
+def default_cache_dir() -> Path:
+    """RUNTIME_CACHE_DIR: the XDG cache directory's classifier folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "classifier"
+
+
 Names = Annotated[list[str], NoDecode]  # comma-separated in the environment, not JSON
 
 
@@ -52,8 +57,14 @@ class Settings(BaseSettings):
     model_weights: Path | None = Field(None, description="A ResNet18 state_dict file; unset: torchvision's cache under TORCH_HOME")
     model_onnx: Path | None = Field(None, description="Slim replica: serve the model file python -m export wrote, with "
                                     "ONNX Runtime and without torch (same answers, a fraction of the memory and start-up)")
-    backend: Literal["torch", "onnxruntime"] = Field("torch", description="What runs the forward pass (PRECISION=int8: "
-                                                     "always ONNX Runtime)")
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="What runs the forward pass. auto: in fp32 on a CPU, torch or ONNX Runtime, whichever "
+        "start-up measures faster (both give the reference answers; the choice is kept in RUNTIME_CACHE_DIR), else "
+        "torch; PRECISION=int8: always ONNX Runtime")
+    runtime_cache_dir: Path = Field(default_factory=lambda: default_cache_dir(),
+                                    description="Where start-up keeps what it derives from the weights, by their "
+                                    "hash: the ONNX export and which runtime BACKEND=auto chose (default: "
+                                    "$XDG_CACHE_HOME/classifier, else ~/.cache/classifier)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the forward pass runs; auto: a GPU if torch sees one")
     precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
         "fp32", description="Number type of the forward pass; bf16, fp16 and int8 trade exactness for speed (measured at start-up)")
@@ -121,7 +132,7 @@ class Settings(BaseSettings):
     def _lower_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("model_weights", "model_onnx", "int8_model", mode="after")
+    @field_validator("model_weights", "model_onnx", "int8_model", "runtime_cache_dir", mode="after")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value else None

@@ -35,6 +35,9 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The in-process app's job store: a temporary file, never the working directory's data/.
     os.environ["JOBS_DATABASE_URL"] = f"sqlite:///{path.parent / 'jobs.sqlite3'}"
     os.environ["GRPC_PORT"] = "0"  # no gRPC server unless a test asks for one on a free port
+    # Not the user's ~/.cache: one folder for the session, so every process of it (the in-process model, each
+    # server) reads the export and the runtime BACKEND=auto chose from the first start, and serves alike.
+    os.environ["RUNTIME_CACHE_DIR"] = str(path.parent / "runtime-cache")
     return path
 
 
@@ -66,6 +69,7 @@ def settings(weights_file: Path):
     from classifier.settings import Settings
 
     return Settings.from_env({"MODEL_WEIGHTS": str(weights_file), "GRPC_PORT": "0",
+                              "RUNTIME_CACHE_DIR": os.environ["RUNTIME_CACHE_DIR"],
                               "JOBS_DATABASE_URL": f"sqlite:///{weights_file.parent / 'jobs.sqlite3'}"})
 
 
@@ -101,6 +105,7 @@ def app_with(settings, runtime, tmp_path) -> Callable[..., Any]:
         from classifier.settings import Settings
 
         env = {"MODEL_WEIGHTS": str(settings.model_weights), "GRPC_PORT": "0",
+               "RUNTIME_CACHE_DIR": str(settings.runtime_cache_dir),
                "JOBS_DATABASE_URL": f"sqlite:///{tmp_path / f'jobs-{len(changes)}-{abs(hash(str(changes)))}.sqlite3'}",
                **changes}
         return in_process(create_app(Settings.from_env(env), runtime))

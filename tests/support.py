@@ -386,7 +386,8 @@ def load(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for name, value in env.items():
         if name.lower() not in Settings.model_fields:  # the environment torch reads itself (a proxy)
             monkeypatch.setenv(name, value)
-    return model.load(Settings.from_env(env))
+    # RUNTIME_CACHE_DIR: the test's own folder, never the user's ~/.cache.
+    return model.load(Settings.from_env({"RUNTIME_CACHE_DIR": str(tmp_path / "runtime-cache"), **env}))
 
 
 def assert_refused(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *fragments: str) -> None:

@@ -75,12 +75,12 @@ def image() -> str:
 
 @pytest.fixture
 def volumes(tmp_path: Path, weights_file: Path) -> dict[str, Path]:
-    """/models (the stand-in weights, read-only), /data, /tmp, /photos and /results for the container."""
-    folders = {name: tmp_path / name for name in ("models", "data", "tmp", "photos", "results")}
+    """/models (the stand-in weights, read-only), /data, /tmp, /cache, /photos and /results for the container."""
+    folders = {name: tmp_path / name for name in ("models", "data", "tmp", "cache", "photos", "results")}
     for folder in folders.values():
         folder.mkdir()
     shutil.copy(weights_file, folders["models"] / WEIGHTS.name)
-    for folder in ("data", "results"):
+    for folder in ("data", "results", "cache"):
         os.chown(folders[folder], UID, UID)
     folders["tmp"].chmod(0o1777)
     return folders
@@ -111,7 +111,7 @@ def slim_container(slim_image: str) -> Iterator[tuple[str, Path]]:
 def run(container: str, volumes: dict[str, Path], *command: str, env: dict[str, str] | None = None,
         output: Path | None = None) -> subprocess.Popen:
     mounts = [f"-v={volumes['models']}:/models:ro", f"-v={volumes['data']}:/data", f"-v={volumes['tmp']}:/tmp",
-              f"-v={volumes['photos']}:/photos:ro", f"-v={volumes['results']}:/results"]
+              f"-v={volumes['cache']}:/cache", f"-v={volumes['photos']}:/photos:ro", f"-v={volumes['results']}:/results"]
     settings = [f"-e={key}={value}" for key, value in ({"MODEL_WEIGHTS": str(WEIGHTS)} if env is None else env).items()]
     return subprocess.Popen(["buildah", "run", "--isolation", "chroot", "--network", "host", *mounts, *settings,
                              container, "--", *command],
@@ -120,7 +120,7 @@ def run(container: str, volumes: dict[str, Path], *command: str, env: dict[str, 
 
 def written_outside_the_volumes(rootfs: Path, since: float) -> list[str]:
     """Files the container created or changed in its own filesystem (what a read-only root would refuse)."""
-    mounted = {"tmp", "data", "models", "photos", "results", "proc", "sys", "dev", "run"}
+    mounted = {"tmp", "data", "cache", "models", "photos", "results", "proc", "sys", "dev", "run"}
     buildah_writes = {"etc/hosts", "etc/resolv.conf", "etc/hostname"}  # written by buildah run itself, at start
     changed = []
     for path in rootfs.rglob("*"):
@@ -239,6 +239,7 @@ def test_the_image_serves_http_and_grpc_as_deployed_and_drains_on_sigterm(contai
                          headers={"Prefer": "wait=60", **service.headers}, timeout=90).json()
         assert job["status"] == "succeeded"  # in the manifest's job store: PostgreSQL
         assert not any(volumes["data"].iterdir())
+        assert len(list(volumes["cache"].glob("*.onnx"))) == 1  # BACKEND=auto's export, kept for the next start
 
         # SIGTERM with a request in flight: it is answered, then the process exits.
         big = encode(photo("astronaut.png").convert("RGB").resize((3000, 2250)), "JPEG", quality=95)

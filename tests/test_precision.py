@@ -95,7 +95,10 @@ def test_onnxruntime_with_reduced_precision_is_a_settings_error():
 @pytest.mark.app
 def test_model_info_shows_fp32_and_its_difference(client):
     info = client.get("/model").json()
-    assert info["precision"] == "fp32" and info["backend"] == "torch"
+    assert info["precision"] == "fp32"
+    # On a CPU the default (BACKEND=auto) serves the runtime start-up measured faster (tests/test_fastest.py).
+    assert info["backend"] == ("torch" if torch.cuda.is_available() else min(
+        info["backend_choice"]["timings_ms"], key=lambda name: sum(info["backend_choice"]["timings_ms"][name].values())))
     assert 0 <= info["max_score_difference"] < 1e-4
     assert info["max_batch_size"] == (32 if torch.cuda.is_available() else 8)
 

@@ -228,7 +228,6 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     already = results.done() if args.resume else set()
     todo = [path for path in images if str(path) not in already]
 
-    runtime.init_inference_thread()  # this thread runs the forward passes; decoders start after it
     failed = 0
     started = time.perf_counter()
     with ThreadPoolExecutor(args.workers, "decode", initializer=runtime.init_decode_thread) as pool, \

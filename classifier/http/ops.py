@@ -50,6 +50,15 @@ class Int8Info(BaseModel):
                                    examples=[3.6])
 
 
+class BackendChoice(BaseModel):
+    timings_ms: dict[str, dict[str, float]] = Field(
+        description="Each candidate's fastest forward pass in ms, by batch size (one image; a full batch)",
+        examples=[{"torch": {"1": 19.2, "8": 104.9}, "onnxruntime": {"1": 13.1, "8": 95.0}}])
+    remembered: bool = Field(description="Read from RUNTIME_CACHE_DIR: measured by an earlier start with these weights "
+                             "on this machine (false: measured by this start)")
+    pin: str = Field("BACKEND=torch or BACKEND=onnxruntime", description="How to serve with one runtime regardless")
+
+
 class SlimInfo(BaseModel):
     model_file: str = Field(description="The file served (MODEL_ONNX), by name", examples=["resnet18.onnx"])
     format: str = Field(description="Its format version", examples=["classifier-onnx/1"])
@@ -67,6 +76,8 @@ class ModelInfo(BaseModel):
     preprocessing: Preprocessing
     threads: int = Field(description="Threads of the forward pass", examples=[2])
     backend: Literal["torch", "onnxruntime"]
+    backend_choice: BackendChoice | None = Field(None, description="With BACKEND=auto (the default on a CPU in fp32): "
+                                                 "the runtimes start-up measured; the fastest serves")
     device: str = Field(description="Where the forward pass runs: cpu, or cuda (the GPU's name)", examples=["cpu"])
     precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(description="Number type of the forward pass (PRECISION)")
     int8: Int8Info | None = Field(None, description="With PRECISION=int8: how the model was made, and its speed here")
@@ -120,6 +131,8 @@ async def model_info(service: Served) -> ModelInfo:
         ),
         threads=served.threads,
         backend=served.backend,
+        backend_choice=BackendChoice(timings_ms=served.choice.timings_ms, remembered=served.choice.remembered)
+        if served.choice else None,
         device=served.device_name if served.device_type == "cpu" else f"cuda ({served.device_name})",
         precision=served.precision,
         max_score_difference=served.max_score_difference,

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -83,7 +83,7 @@ class Batcher:
         job_batch_max_s: float | None = None,
         job_full_batch_after_s: float = 2.0,
         cache: ResultCache | None = None,
-        init_inference_thread: Callable[[], None] | None = None,
+        forward_thread: Executor | None = None,
         init_decode_thread: Callable[[], None] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
@@ -101,7 +101,7 @@ class Batcher:
         self.in_flight = 0  # online images admitted and not yet answered
         self._image_s: float | None = None  # forward-pass time per image, a moving average of the batches so far
         self._decode_workers = decode_workers
-        self._init_inference_thread = init_inference_thread
+        self._forward_thread = forward_thread  # the model's own (Runtime.forward_thread); default: one of ours
         self._init_decode_thread = init_decode_thread
         self._decoding = 0  # online images in the decode threads right now: the only ones worth waiting for
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -109,15 +109,13 @@ class Batcher:
         self._arrived = asyncio.Event()  # something was queued
         self._online_seen = 0.0  # when an online image last arrived or was answered (monotonic)
         self._last_background = (0.0, 0.0)  # when the last background forward pass started and finished
-        self._inference: ThreadPoolExecutor | None = None
+        self._inference: Executor | None = None
         self._decoders: ThreadPoolExecutor | None = None
         self._background_decoders: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start the inference thread (running its initializer to the end) first, then the decoders."""
-        self._inference = ThreadPoolExecutor(1, "inference", initializer=self._init_inference_thread)
-        await asyncio.get_running_loop().run_in_executor(self._inference, lambda: None)
+        self._inference = self._forward_thread or ThreadPoolExecutor(1, "inference")
         self._decoders = ThreadPoolExecutor(self._decode_workers, "decode", initializer=self._init_decode_thread)
         # Their own threads, so an online upload never waits for a decoder behind job images.
         self._background_decoders = ThreadPoolExecutor(self._decode_workers, "decode-background",
@@ -136,7 +134,7 @@ class Batcher:
         if self._worker:
             self._worker.cancel()
         for pool in (self._decoders, self._background_decoders, self._inference):
-            if pool:
+            if pool and pool is not self._forward_thread:  # the model's thread outlives this batcher
                 pool.shutdown(wait=True, cancel_futures=True)
 
     async def until_idle(self) -> None:

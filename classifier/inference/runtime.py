@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,11 +30,18 @@ from classifier.inference.preprocessing import Preprocessing
 from classifier.settings import Settings
 
 if TYPE_CHECKING:
+    from classifier.inference.runtimes.fastest import Choice
     from classifier.inference.runtimes.onnx_runtime import ModelFile
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 1000  # ImageNet's classes, the model's outputs
+
+
+def default_batch_size(device_type: str) -> int:
+    """MAX_BATCH_SIZE unset: a GPU's forward pass costs little more for 32 images than for 8; a CPU's grows with
+    every image."""
+    return 32 if device_type == "cuda" else 8
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,14 @@ class Runtime:
     max_score_difference: float  # from fp32 torch on the CPU, measured at start-up
     int8_made: dict[str, str] = field(default_factory=dict)  # PRECISION=int8: how the model was made, its speed-up
     model_file: ModelFile | None = None  # slim: the file served
+    choice: Choice | None = None  # BACKEND=auto: the timings that chose the backend
+    # The thread that loaded the model and runs every forward pass (runtimes.load): predict, called from any
+    # thread, runs there. None: predict runs on its caller's thread.
+    forward_thread: ThreadPoolExecutor | None = None
 
     @property
     def default_batch_size(self) -> int:
-        # A GPU's forward pass costs little more for 32 images than for 8; a CPU's grows with every image.
-        return 32 if self.device_type == "cuda" else 8
+        return default_batch_size(self.device_type)
 
     def decode(self, data: bytes, max_pixels: int, draft: bool = False) -> Image.Image:
         """Uploaded bytes -> the upright RGB picture this model's preprocessing takes (images.decode)."""
@@ -74,12 +85,6 @@ class Runtime:
         backend, device, precision, the decoding settings and the preprocessing."""
         return (f"{self.weights_hash} {self.backend} {self.device_type} {self.precision} "
                 f"jpeg_draft={settings.jpeg_draft} max_image_pixels={settings.max_image_pixels} {self.preprocessing!r}")
-
-    def init_inference_thread(self) -> None:
-        """Run once in the thread that owns the forward pass, before any decode thread starts: it takes THREADS
-        first, then decoders take 1."""
-        self.set_threads(self.threads)
-        self.predict(np.zeros((1, 3, self.preprocessing.crop, self.preprocessing.crop), np.float32))
 
     def init_decode_thread(self) -> None:
         """Decoders preprocess one image at a time on one thread each, leaving the cores to the forward pass.

@@ -21,8 +21,9 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from classifier.errors import ModelLoadError
 from classifier.inference.preprocessing import Preprocessing
-from classifier.inference.runtime import Runtime
-from classifier.inference.runtimes import onnx_runtime
+from classifier.inference.runtime import Runtime, default_batch_size
+from classifier.inference.runtimes import fastest, onnx_runtime
+from classifier.inference.runtimes.fastest import best_time
 from classifier.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -153,12 +154,37 @@ def session_forward(session) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa:
     return forward
 
 
-def onnx_forward(network: torch.nn.Module, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The same network exported to ONNX in memory, run by ONNX Runtime: images -> logits."""
+def onnx_forward(network: torch.nn.Module, threads: int, graph: Callable[[], bytes] | None = None
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same network exported to ONNX (by default in memory; graph: where the export comes from), run by
+    ONNX Runtime: images -> logits."""
     try:
-        return session_forward(onnx_runtime.session(export_onnx(network), threads))
+        return session_forward(onnx_runtime.session((graph or (lambda: export_onnx(network)))(), threads))
     except Exception as error:
         raise ModelLoadError(f"could not export the model to ONNX Runtime ({type(error).__name__}: {error})") from None
+
+
+def fastest_exact(network: torch.nn.Module, weights_hash: str, settings: Settings
+                  ) -> tuple[fastest.Choice, Callable[[torch.Tensor], torch.Tensor]]:
+    """BACKEND=auto on a CPU in fp32: torch and ONNX Runtime (its export kept in RUNTIME_CACHE_DIR, by the
+    weights' hash), each checked against fp32 torch, the faster chosen (fastest.py) and its forward pass."""
+    cache = settings.runtime_cache_dir
+    export = cache / f"{weights_hash}.onnx"
+    candidates = {"torch": torch_forward(network, torch.device("cpu"), "fp32")}
+    try:
+        onnx = onnx_forward(network, settings.threads, lambda: fastest.kept(export, lambda: export_onnx(network)))
+        check_parity(onnx, network, "the onnxruntime backend on cpu in fp32")
+        candidates["onnxruntime"] = onnx
+    except ModelLoadError as error:  # torch still serves; the log says why ONNX Runtime does not
+        log.warning("BACKEND=auto: ONNX Runtime is not a candidate: %s", error)
+        export.unlink(missing_ok=True)  # a damaged export is made again by the next start
+    batch_size = settings.max_batch_size or default_batch_size("cpu")
+    choice = fastest.choose(candidates, cache / f"{weights_hash}-{fastest.machine(settings.threads, batch_size)}.json",
+                            batch_size)
+    log.info("BACKEND=auto: %s serves, %s (ms for batches of %s; BACKEND=torch or onnxruntime pins one)",
+             choice.backend, "remembered from an earlier start" if choice.remembered else "measured now",
+             "; ".join(f"{name} {timings}" for name, timings in choice.timings_ms.items()))
+    return choice, candidates[choice.backend]
 
 
 def int8_forward(path: Path, threads: int, weights: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str]]:
@@ -186,18 +212,6 @@ def int8_problem(int8_s: float, fp32_s: float, force: bool) -> str | None:
         return (f"PRECISION=int8 is not faster than fp32 on this CPU ({int8_s * 1000:.0f} vs {fp32_s * 1000:.0f} ms "
                 "for a batch of 8, measured at start-up): use fp32, or FORCE_PRECISION=true to run it anyway")
     return None
-
-
-def best_time(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tries: int = 3) -> float:
-    """Seconds of the fastest of `tries` forward passes over batch, after one untimed (warm-up)."""
-    with torch.inference_mode():
-        forward(batch)
-        times = []
-        for _ in range(tries):
-            started = time.perf_counter()
-            forward(batch)
-            times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def check_parity(forward: Callable[[torch.Tensor], torch.Tensor], network: torch.nn.Module, what: str,
@@ -241,8 +255,8 @@ def predictor(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.n
 
 
 def set_threads(threads: int) -> None:
-    """torch's thread count is per thread once a thread has run a parallel op, but set_num_threads also sets
-    the default for threads that have not (Runtime.init_inference_thread relies on it)."""
+    """The threads of this thread's parallel work (each thread has its own count: the forward thread's is
+    THREADS, set as the model loads; each decoder's 1)."""
     torch.set_num_threads(threads)
 
 
@@ -263,9 +277,12 @@ def load(settings: Settings) -> Runtime:
     precision = settings.precision
     backend = "onnxruntime" if precision == "int8" else settings.backend  # int8 runs in ONNX Runtime
     device = torch.device("cpu") if backend == "onnxruntime" else pick_device(settings.device)
+    if backend == "auto" and (device.type != "cpu" or precision != "fp32"):
+        backend = "torch"  # ONNX Runtime runs fp32 on the CPU here: no other candidate
     if problem := precision_problem(device.type, precision, native_bf16(), settings.force_precision):
         raise ModelLoadError(problem)
     network, weights_source, weights_hash = load_network(settings)
+    choice = None
     int8_made: dict[str, str] = {}  # what the int8 model records of its calibration, and its measured speed-up
     if precision == "int8":
         assert settings.int8_model is not None  # the settings refuse int8 without it
@@ -275,6 +292,9 @@ def load(settings: Settings) -> Runtime:
         if problem := int8_problem(int8_s, fp32_s, settings.force_precision):
             raise ModelLoadError(problem)
         int8_made["speedup_vs_fp32"] = f"{fp32_s / int8_s:.2f}"
+    elif backend == "auto":
+        choice, forward = fastest_exact(network, weights_hash, settings)
+        backend = choice.backend
     elif backend == "torch":
         forward = torch_forward(network, device, precision)
     else:
@@ -284,4 +304,4 @@ def load(settings: Settings) -> Runtime:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return Runtime(tuple(WEIGHTS.meta["categories"]), preprocessing, preprocess, predictor(forward), set_threads,
                    settings.threads, weights_source, weights_hash, backend, device.type, device_name, precision,
-                   difference, int8_made)
+                   difference, int8_made, choice=choice)
