@@ -60,6 +60,16 @@ class Unavailable(ServiceError):
     status = 503
 
 
+class DeadlineExceeded(ServiceError):
+    """The deadline the caller set passed before its answer was ready: its images were dropped unfinished."""
+
+    status, reason = 504, "deadline_exceeded"
+
+    def __init__(self, detail: str = "the deadline this request set (X-Request-Timeout-Ms, Triton's timeout parameter "
+                 "or the gRPC deadline) passed before its answer was ready") -> None:
+        super().__init__(detail)
+
+
 class InsufficientStorage(ServiceError):
     """The job store's disk is full: an operator must free or grow it."""
 

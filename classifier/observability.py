@@ -49,9 +49,14 @@ JOB_STORE_DISK_FULL = Gauge("job_store_disk_full",
                             "1 while the job store's disk is full (its last write failed for lack of space), else 0")
 for outcome in ("classified", "error"):
     JOB_IMAGES.labels(outcome)
+DEADLINE_EXCEEDED = Counter("deadline_exceeded_images_total", "Images dropped because their caller's deadline passed, "
+                            "by where: received (already past), decode (before decoding), forward (before the forward "
+                            "pass: none starts one late), answer (during its forward pass)", ["stage"])
+for stage in ("received", "decode", "forward", "answer"):
+    DEADLINE_EXCEEDED.labels(stage)
 REJECTED = Counter("rejected_requests_total", "Requests or images refused, by reason", ["reason"])
 for reason in ("overloaded", "memory", "jobs_full", "database_unavailable", "store_full", "timeout", "too_large", "bad_image",
-               "unauthorized", "shutting_down"):
+               "unauthorized", "shutting_down", "deadline_exceeded"):
     REJECTED.labels(reason)  # export every reason from the start, at 0
 
 

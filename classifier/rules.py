@@ -1,15 +1,17 @@
 """Who may call, and when: the rules every door (/predict*, /jobs, /v2 over HTTP and gRPC) applies, each decided
 here once. Each raises one of errors.py's errors; the transports answer it in their own terms.
 
-    API key --authorize--> shutting down? --accepting--> overloaded? --admitting--> within the limits --> work
+    API key --authorize--> shutting down? --accepting--> overloaded? --admitting--> within the limits
+            --deadline (the caller's, if it set one)--> work
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 from collections.abc import Mapping
 
-from classifier.errors import TooLarge, Unauthorized, Unavailable
+from classifier.errors import BadRequest, TooLarge, Unauthorized, Unavailable
 from classifier.inference.batching import Batcher
 
 UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>"
@@ -58,3 +60,34 @@ def body_within(size: int, limit: int, setting: str) -> None:
     """A request body (or one uploaded file) of at most `limit` bytes (MAX_UPLOAD_BYTES, MAX_JOB_BYTES)."""
     if size > limit:
         raise TooLarge(f"the request body is larger than {limit:,} bytes ({setting})")
+
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # HTTP: how long the caller waits for its answer, in milliseconds
+
+
+def deadline(arrived: float, requested_s: float | None, request_timeout_s: float, given_as: str) -> float | None:
+    """When the caller stops waiting (time.monotonic()), counted from its request's arrival: the timeout it sent
+    (X-Request-Timeout-Ms over HTTP, Triton's `timeout` parameter on /v2, the gRPC deadline; given_as names it
+    for the error), at most REQUEST_TIMEOUT_S. None: it set none (REQUEST_TIMEOUT_S alone bounds the wait, 503).
+    An image past its deadline is dropped before it is decoded or before its forward pass, and the request
+    answered 504 (gRPC DEADLINE_EXCEEDED)."""
+    if requested_s is None:
+        return None
+    if not (math.isfinite(requested_s) and requested_s > 0):
+        raise BadRequest(f"{given_as} must be a positive number; got {requested_s!r}")
+    return arrived + min(requested_s, request_timeout_s)
+
+
+def earliest(*deadlines: float | None) -> float | None:
+    """The first of the deadlines set (a request may carry more than one: a header and a parameter)."""
+    return min((deadline for deadline in deadlines if deadline is not None), default=None)
+
+
+def timeout_header_s(value: str | None) -> float | None:
+    """X-Request-Timeout-Ms's value in seconds, or None when absent. Raises BadRequest when it is not a number."""
+    if value is None:
+        return None
+    try:
+        return float(value) / 1000
+    except ValueError:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a number of milliseconds; got {value!r}") from None

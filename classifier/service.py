@@ -19,7 +19,7 @@ import numpy as np
 from starlette.datastructures import UploadFile
 
 from classifier import rules
-from classifier.errors import Unavailable
+from classifier.errors import DeadlineExceeded, Unavailable
 from classifier.inference import metrics
 from classifier.inference.batching import Batcher
 from classifier.inference.cache import ResultCache
@@ -56,6 +56,7 @@ class Service:
             forward_thread=runtime.forward_thread,
             init_decode_thread=runtime.init_decode_thread,
             on_batch=metrics.observe_batch,
+            on_deadline=metrics.deadline_passed,
         )
         try:
             store = JobStore(settings.jobs_database_url, settings.job_ttl_s, settings.job_lease_s)
@@ -109,7 +110,8 @@ class Service:
         signal.signal(signal.SIGTERM, on_sigterm)
 
     async def classify(self, images: Sequence[UploadFile | bytes | np.ndarray],
-                       until_gone: Callable[[], Awaitable[None]] | None = None) -> list[np.ndarray | Exception]:
+                       until_gone: Callable[[], Awaitable[None]] | None = None,
+                       deadline: float | None = None) -> list[np.ndarray | Exception]:
         """Uploaded files (or images already read, or already preprocessed to [3, 224, 224]) -> softmax
         probabilities [1000] each, or the exception that stopped that image.
 
@@ -117,14 +119,24 @@ class Service:
         together (sharing batches with other requests). A request that times out or whose client leaves
         (until_gone returns: an HTTP disconnect; a gRPC call is cancelled instead) gives up all its images.
         Uploads are read only once admitted: a refused request never copies its files.
+
+        deadline: when the caller stops waiting (time.monotonic(), rules.deadline). Past it, its images are
+        dropped wherever they are (before decoding, before their forward pass) and the request fails with
+        DeadlineExceeded; REQUEST_TIMEOUT_S, the service's own bound, fails it with Unavailable.
         """
         rules.within(len(images), self.settings.max_batch_files, "MAX_BATCH_FILES")
         timeout_s = self.settings.request_timeout_s
+        own_limit = time.monotonic() + timeout_s
+        callers_first = deadline is not None and deadline < own_limit
+        if deadline is not None and time.monotonic() >= deadline:
+            metrics.deadline_passed("received", len(images))
+            raise DeadlineExceeded()
         try:
             with self.batcher.admit(len(images)):
                 read = [image if isinstance(image, (bytes, np.ndarray)) else await _read(image) for image in images]
-                async with asyncio.timeout(timeout_s):
-                    work = asyncio.gather(*(self.batcher.submit(data) for data in read), return_exceptions=True)
+                async with asyncio.timeout_at(deadline if callers_first else own_limit):
+                    work = asyncio.gather(*(self.batcher.submit(data, deadline=deadline) for data in read),
+                                          return_exceptions=True)
                     watcher = asyncio.ensure_future(until_gone() if until_gone else asyncio.Event().wait())
                     try:
                         await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
@@ -137,9 +149,15 @@ class Service:
                             work.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
                     if not work.done() or work.cancelled():
                         raise Unavailable("the client disconnected")
-                    return work.result()
+                    answers = work.result()
         except TimeoutError:
+            if callers_first:
+                raise DeadlineExceeded() from None
             raise Unavailable(f"no answer within {timeout_s:g} s (REQUEST_TIMEOUT_S); retry shortly", "timeout") from None
+        if any(isinstance(answer, DeadlineExceeded) for answer in answers):
+            raise DeadlineExceeded()  # the whole request: its caller is no longer waiting for the rest
+        return answers
+
 
 
 async def _read(upload: UploadFile) -> bytes:

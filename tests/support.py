@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +312,14 @@ def every_route(app) -> list[tuple[str, str]]:
 
     return sorted((method, route.path) for route in flattened(app.router.routes)
                   for method in (getattr(route, "methods", None) or ()) if method != "HEAD")
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 60) -> None:
+    """Poll condition until it holds; fail after timeout_s (generous: the suite runs on slow machines too)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.01)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

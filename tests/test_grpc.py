@@ -21,8 +21,8 @@ from PIL import Image
 from torchvision.models import ResNet18_Weights
 from tritonclient.utils import InferenceServerException
 
-from support import (API_KEY, PHOTOS, Server, corrupt_png, encode, free_port, large_jpeg, photo, photo_bytes,
-                     start_server, upload)
+from support import (API_KEY, PHOTOS, Server, corrupt_png, encode, free_port, large_jpeg, metric, photo, photo_bytes,
+                     start_server, upload, wait_until)
 
 pytestmark = pytest.mark.server
 
@@ -229,3 +229,25 @@ def test_the_generated_code_is_what_the_proto_makes(tmp_path):
                     str(protos / "inference.proto")], cwd=tmp_path, check=True)
     for name in ("inference_pb2.py", "inference_pb2_grpc.py"):
         assert (tmp_path / protos / name).read_text() == (REPO / protos / name).read_text(), f"run make protos ({name})"
+
+
+def test_tritons_timeout_and_the_grpc_deadline_are_honoured(served):
+    server, client = served
+
+    def dropped() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(metric(text, "deadline_exceeded_images_total", stage=stage)
+                   for stage in ("received", "decode", "forward", "answer"))
+
+    before = dropped()
+    late = failure(client, photos_input([photo_bytes("coffee.png")]), timeout=1)  # Triton's parameter, microseconds
+    assert late.status() == "StatusCode.DEADLINE_EXCEEDED" and "deadline" in late.message()
+    assert dropped() == before + 1
+
+    # The call's own deadline (tritonclient's client_timeout), shorter than decoding four photos and their pass.
+    four = [large_jpeg(name, 1200, seed=i) for i, name in enumerate(PHOTOS)]
+    late = failure(client, photos_input(four), client_timeout=0.02)
+    assert late.status() == "StatusCode.DEADLINE_EXCEEDED"
+    wait_until(lambda: dropped() >= before + 2)  # the server dropped them too, rather than computing for nobody
+    on_time = client.infer(MODEL, [photos_input([photo_bytes("coffee.png")])], timeout=30_000_000, client_timeout=60)
+    assert on_time.as_numpy("probabilities").shape == (1, 1000)

@@ -29,6 +29,16 @@ def service_of(request: Request) -> Service:
 Served = Annotated[Service, Depends(service_of)]
 
 
+def deadline(request: Request) -> float | None:
+    """When the caller stops waiting (the gate read X-Request-Timeout-Ms), or None."""
+    return request.scope.get("state", {}).get("deadline")
+
+
+def arrived(request: Request) -> float:
+    """When the gate saw the request (time.monotonic())."""
+    return request.scope["state"]["arrived"]
+
+
 async def until_disconnected(request: Request) -> None:
     # The body has been read, so the next message is the client leaving (or the response being done).
     while (await request.receive())["type"] != "http.disconnect":

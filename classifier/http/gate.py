@@ -1,10 +1,13 @@
 """What is refused before a request's body is read, by rules.py's rules: a missing or wrong API key (401) on a
 keyed route; new work (an online prediction, a job) while shutting down, or an online prediction while
-overloaded (503); a body over its size limit (413) or over the budget all bodies share (503). Parsing uploads
+overloaded (503) or with a malformed X-Request-Timeout-Ms (400); a body over its size limit (413) or over the
+budget all bodies share (503). An online prediction's arrival and deadline are noted here, before its body is
+read: reading it counts against the deadline. Parsing uploads
 only to refuse them would hand the CPU and the memory to clients that are not served."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,14 +41,19 @@ class Gate:
         route = self.keyed_route(scope["path"]) if scope["type"] == "http" else None
         if route is None:
             return await self.app(scope, receive, send)
+        arrived = time.monotonic()
         try:
-            rules.authorize(self.api_key, Headers(scope=scope))
+            headers = Headers(scope=scope)
+            rules.authorize(self.api_key, headers)
             online = route.endpoint in self.online
             if (online or route.endpoint is self.submit) and scope["method"] == "POST":
                 service = scope["app"].state.service
                 rules.accepting(service.ready)
                 if online:
                     rules.admitting(service.batcher)
+                    requested_s = rules.timeout_header_s(headers.get(rules.TIMEOUT_HEADER))
+                    deadline = rules.deadline(arrived, requested_s, service.settings.request_timeout_s, rules.TIMEOUT_HEADER)
+                    scope.setdefault("state", {}).update(arrived=arrived, deadline=deadline)  # request.state's
         except ServiceError as error:
             return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)

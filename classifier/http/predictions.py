@@ -8,7 +8,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Request, UploadFile
 
-from classifier.http.base import Served, until_disconnected
+from classifier.http.base import Served, deadline, until_disconnected
 from classifier.inference.images import READABLE
 from classifier.inference.outcomes import Prediction, outcome, top_k
 from classifier.schemas import BatchItem, BatchResults, TopK, TopKParameter, errors
@@ -21,7 +21,7 @@ UploadedImage = Annotated[UploadFile, File(description=f"The photo: {READABLE}",
 
 
 async def classify_one(service: Served, request: Request, upload: UploadFile) -> np.ndarray:
-    [probabilities] = await service.classify([upload], lambda: until_disconnected(request))
+    [probabilities] = await service.classify([upload], lambda: until_disconnected(request), deadline(request))
     if isinstance(probabilities, Exception):
         raise probabilities
     return probabilities
@@ -52,6 +52,6 @@ async def predict_batch(
     k: TopKParameter = 5,
 ) -> BatchResults:
     """A bad file gets an `error` entry of its own; the others are still classified."""
-    results = await service.classify(files, lambda: until_disconnected(request))
+    results = await service.classify(files, lambda: until_disconnected(request), deadline(request))
     return BatchResults(results=[BatchItem(filename=upload.filename, **outcome(result, k, service.runtime.labels))
                                  for upload, result in zip(files, results)])

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from classifier.errors import Unavailable
+from classifier.errors import DeadlineExceeded, Unavailable
 from classifier.inference.cache import ResultCache
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class _Job:
     image: np.ndarray
     result: asyncio.Future[np.ndarray]
     queued_at: float
+    deadline: float | None = None  # monotonic: when its caller stops waiting
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Batcher:
         forward_thread: Executor | None = None,
         init_decode_thread: Callable[[], None] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_deadline: Callable[[str, int], None] | None = None,
     ) -> None:
         self.prepare = prepare
         self.predict = predict
@@ -93,6 +95,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.on_deadline = on_deadline or (lambda stage, images: None)  # images dropped late, by stage
         self.idle_s = idle_s
         self.job_batch_max_s = job_batch_max_s  # None: background batches of up to max_batch_size
         self.job_full_batch_after_s = job_full_batch_after_s
@@ -175,15 +178,17 @@ class Batcher:
         finally:
             self.in_flight -= images
 
-    async def submit(self, data: bytes | np.ndarray, background: bool = False) -> np.ndarray:
+    async def submit(self, data: bytes | np.ndarray, background: bool = False, deadline: float | None = None) -> np.ndarray:
         """Uploaded bytes (or an image already prepared) -> its row of the model's output. Cancel the call
         to withdraw the image.
 
         background: a job's image, classified only with capacity online images leave idle.
+        deadline: when its caller stops waiting (time.monotonic()); past it, the image is dropped before it is
+        decoded or before its forward pass, whichever comes first (DeadlineExceeded).
         With a cache, bytes answered before are answered from it (a refused image raises its error again),
         and identical bytes submitted while the first are being computed wait for that one computation."""
         if self.cache is None or isinstance(data, np.ndarray):
-            return await self._compute(data, background)
+            return await self._compute(data, background, deadline)
         key = self.cache.key(data) if len(data) < 256 * 1024 else await asyncio.to_thread(self.cache.key, data)
         answer = self.cache.get(key)
         computing = self._computing[background]  # an online image never waits for a job's computation
@@ -197,11 +202,16 @@ class Batcher:
         if answer is not None:
             return answer
         if shared is None:
-            shared = computing[key] = _Shared(asyncio.ensure_future(self._compute(data, background)))
+            shared = computing[key] = _Shared(asyncio.ensure_future(self._compute(data, background, deadline)))
             shared.task.add_done_callback(lambda task: self._computed(key, task, computing))
         shared.waiters += 1
         try:
             return await asyncio.shield(shared.task)
+        except DeadlineExceeded:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            # The first caller's deadline passed, not this one's: computed again for this one.
+            return await self._compute(data, background, deadline)
         except asyncio.CancelledError:
             if shared.waiters == 1:  # the last one waiting withdrew: so is the image
                 shared.task.cancel()
@@ -211,14 +221,17 @@ class Batcher:
 
     def _computed(self, key: bytes, task: asyncio.Task[np.ndarray], computing: dict[bytes, _Shared]) -> None:
         computing.pop(key, None)
-        if not task.cancelled():
+        if not task.cancelled() and not isinstance(task.exception(), DeadlineExceeded):  # the bytes are not at fault
             assert self.cache is not None
             self.cache.put(key, task.exception() or task.result())
 
-    async def _compute(self, data: bytes | np.ndarray, background: bool) -> np.ndarray:
+    async def _compute(self, data: bytes | np.ndarray, background: bool, deadline: float | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
         if not background:
             self._online_seen = time.monotonic()
+        if deadline is not None and time.monotonic() >= deadline:
+            self.on_deadline("decode", 1)
+            raise DeadlineExceeded()
         if isinstance(data, np.ndarray):
             image = data
         elif background:
@@ -227,9 +240,13 @@ class Batcher:
             self._decoding += 1
             try:
                 image = await loop.run_in_executor(self._decoders, self.prepare, data)
+            except asyncio.CancelledError:
+                if deadline is not None and time.monotonic() >= deadline:  # its caller's deadline withdrew it
+                    self.on_deadline("decode", 1)
+                raise
             finally:
                 self._decoding -= 1
-        job = _Job(image, loop.create_future(), time.monotonic())
+        job = _Job(image, loop.create_future(), time.monotonic(), deadline)
         (self._background if background else self._queue).put_nowait(job)
         self._arrived.set()
         return await job.result
@@ -270,7 +287,11 @@ class Batcher:
                     batch.append(await self._queue.get())
             except TimeoutError:
                 break
-        # Callers that gave up (timed out, disconnected) cancelled their futures: skip their images.
+        # Callers that gave up (timed out, their deadline passed, disconnected) cancelled their futures: skip their images.
+        now = time.monotonic()
+        late = sum(job.result.done() and job.deadline is not None and job.deadline <= now for job in batch)
+        if late:
+            self.on_deadline("forward", late)
         return [job for job in batch if not job.result.done()]
 
     async def _run(self) -> None:
@@ -280,32 +301,52 @@ class Batcher:
             if not batch:
                 continue
             started = time.monotonic()
-            rows = await loop.run_in_executor(self._inference, predict_each, self.predict, [job.image for job in batch])
+            rows = await loop.run_in_executor(self._inference, self._forward, batch)
             finished = time.monotonic()
-            per_image = (finished - started) / len(batch)
-            self._image_s = per_image if self._image_s is None else 0.8 * self._image_s + 0.2 * per_image
-            behind_job = []
-            if background:
-                self._last_background = (started, finished)
-            else:
-                self._online_seen = finished
-                # The part of each image's wait spent behind the last background forward pass: what jobs cost it.
-                job_started, job_finished = self._last_background
-                behind_job = [max(0.0, min(job_finished, started) - max(job.queued_at, job_started)) for job in batch]
             for job, row in zip(batch, rows):
                 if job.result.done():
+                    if job.deadline is not None and job.deadline <= finished and not isinstance(row, DeadlineExceeded):
+                        self.on_deadline("answer", 1)  # computed, but its caller had stopped waiting
                     continue
                 if isinstance(row, BaseException):
                     job.result.set_exception(row)
                 else:
                     job.result.set_result(row)
-            if self.on_batch:
-                stats = BatchStats(len(batch), [started - job.queued_at for job in batch], finished - started,
-                                   background, behind_job)
-                try:
-                    self.on_batch(stats)
-                except Exception:  # an observer's bug must not stop the worker
-                    log.exception("on_batch failed")
+            late = sum(isinstance(row, DeadlineExceeded) for row in rows)
+            if late:
+                self.on_deadline("forward", late)
+            batch = [job for job, row in zip(batch, rows) if not isinstance(row, DeadlineExceeded)]
+            if batch:
+                self._observe(batch, background, started, finished)
+
+    def _observe(self, batch: list[_Job], background: bool, started: float, finished: float) -> None:
+        """What a forward pass measured: the time per image (job batches are sized by it), and BatchStats."""
+        per_image = (finished - started) / len(batch)
+        self._image_s = per_image if self._image_s is None else 0.8 * self._image_s + 0.2 * per_image
+        behind_job = []
+        if background:
+            self._last_background = (started, finished)
+        else:
+            self._online_seen = finished
+            # The part of each image's wait spent behind the last background forward pass: what jobs cost it.
+            job_started, job_finished = self._last_background
+            behind_job = [max(0.0, min(job_finished, started) - max(job.queued_at, job_started)) for job in batch]
+        if self.on_batch:
+            stats = BatchStats(len(batch), [started - job.queued_at for job in batch], finished - started,
+                               background, behind_job)
+            try:
+                self.on_batch(stats)
+            except Exception:  # an observer's bug must not stop the worker
+                log.exception("on_batch failed")
+
+    def _forward(self, batch: list[_Job]) -> list[np.ndarray | Exception]:
+        """On the forward thread, just before the pass: an image whose deadline has passed is dropped here, so
+        none starts a forward pass late; one pass for the others."""
+        now = time.monotonic()
+        late = [job.deadline is not None and job.deadline <= now for job in batch]
+        rows = iter(predict_each(self.predict, [job.image for job, dropped in zip(batch, late) if not dropped])
+                    if not all(late) else [])
+        return [DeadlineExceeded() if dropped else next(rows) for dropped in late]
 
 
 def predict_each(predict: Callable[[np.ndarray], np.ndarray],

@@ -10,7 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from classifier.inference.batching import BatchStats
 from classifier.inference.cache import ResultCache
-from classifier.observability import BATCH_SIZE, BEHIND_JOB, IN_FLIGHT, INFERENCE, JOB_BATCH_SIZE, QUEUE_WAIT
+from classifier.observability import (BATCH_SIZE, BEHIND_JOB, DEADLINE_EXCEEDED, IN_FLIGHT, INFERENCE, JOB_BATCH_SIZE,
+                                      QUEUE_WAIT)
 
 # The service being served (watch): its cache and its count of images in flight.
 _watched: list[tuple[ResultCache | None, Callable[[], int]]] = []
@@ -52,3 +53,8 @@ def observe_batch(stats: BatchStats) -> None:
             QUEUE_WAIT.observe(wait)
         for wait in stats.behind_job_s:
             BEHIND_JOB.observe(wait)
+
+
+def deadline_passed(stage: str, images: int = 1) -> None:
+    """Images dropped because their caller's deadline passed, at this stage of the pipeline."""
+    DEADLINE_EXCEEDED.labels(stage).inc(images)

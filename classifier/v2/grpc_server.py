@@ -22,8 +22,8 @@ import grpc
 import numpy as np
 
 from classifier import rules
-from classifier.errors import (BadRequest, InsufficientStorage, NotFound, ServiceError, TooLarge, Unauthorized,
-                               Unavailable, Unprocessable)
+from classifier.errors import (BadRequest, DeadlineExceeded, InsufficientStorage, NotFound, ServiceError, TooLarge,
+                               Unauthorized, Unavailable, Unprocessable)
 from classifier.observability import GRPC_LATENCY, GRPC_REQUESTS, refused
 from classifier.service import Service
 from classifier.v2 import protocol
@@ -41,6 +41,7 @@ CODES = {
     Unprocessable: grpc.StatusCode.INVALID_ARGUMENT,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     InsufficientStorage: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 BY_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
              415: grpc.StatusCode.INVALID_ARGUMENT}
@@ -109,6 +110,19 @@ def wanted_outputs(request: pb.ModelInferRequest) -> list[protocol.Requested]:
     return outputs
 
 
+def deadline(service: Service, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext,
+             arrived: float) -> float | None:
+    """The call's gRPC deadline (what tritonclient's client_timeout sends) or Triton's `timeout` parameter,
+    whichever comes first."""
+    settings, remaining = service.settings, context.time_remaining()
+    parameter = request.parameters["timeout"].int64_param if "timeout" in request.parameters else None
+    return rules.earliest(
+        # A deadline already past counts as a moment left: refused as late (DEADLINE_EXCEEDED), not as malformed.
+        rules.deadline(arrived, max(remaining, 1e-6), settings.request_timeout_s, "the gRPC deadline")
+        if remaining is not None else None,
+        rules.deadline(arrived, protocol.timeout_s(parameter), settings.request_timeout_s, "parameter 'timeout'"))
+
+
 class Inference(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -148,7 +162,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
 
     @answered
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        service = self.service
+        service, arrived = self.service, time.monotonic()
         rules.authorize(service.settings.api_key, {key.lower(): value for key, value in context.invocation_metadata() or ()
                                                    if isinstance(value, str)})
         rules.accepting(service.ready)
@@ -158,7 +172,8 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         try:
             input_name, images = parse(service, request)
             outputs = wanted_outputs(request)
-            probabilities = await protocol.classified(service, images, input_name)
+            probabilities = await protocol.classified(service, images, input_name, deadline=deadline(service, request,
+                                                                                                      context, arrived))
         finally:
             service.bodies.give_back(size)
         response = pb.ModelInferResponse(model_name=protocol.MODEL_NAME, model_version=protocol.MODEL_VERSION, id=request.id)

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from classifier import rules
 from classifier.errors import BadRequest
-from classifier.http.base import Served, until_disconnected
+from classifier.http.base import Served, arrived, deadline, until_disconnected
 from classifier.service import Service
 from classifier.v2 import protocol
 from classifier.v2.protocol import MODEL_NAME, MODEL_VERSION, ModelMetadata, ProtocolError, Requested, ServerMetadata
@@ -193,8 +193,10 @@ async def infer(service: Served, request: Request, name: ModelName, version: str
         async with _large_body_parsing:
             inference, images = await asyncio.to_thread(parse, service, body, request.headers)
     requested = requested_outputs(inference)
+    timeout = rules.deadline(arrived(request), protocol.timeout_s(inference.parameters.get("timeout")),
+                             service.settings.request_timeout_s, "parameter 'timeout'")
     probabilities = await protocol.classified(service, images, inference.inputs[0].name,
-                                             lambda: until_disconnected(request))
+                                             lambda: until_disconnected(request), rules.earliest(deadline(request), timeout))
 
     outputs, binary = [], []
     for output_wanted in requested:

@@ -168,12 +168,22 @@ def encode(probabilities: np.ndarray, requested: Requested, labels: tuple[str, .
     return {**output, "data": strings}, None
 
 
+def timeout_s(value: object) -> float | None:
+    """Triton's `timeout` request parameter (its schedule-policy extension), in seconds: it is sent in
+    microseconds, 0 or absent meaning none (both bindings; rules.deadline caps it at REQUEST_TIMEOUT_S)."""
+    if value is None or value == 0:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(f"parameter 'timeout' must be a whole number of microseconds; got {value!r}")
+    return value / 1_000_000
+
+
 async def classified(service: Service, images: list[bytes] | np.ndarray, input_name: str,
-                     until_gone: Callable[[], Awaitable[None]] | None = None) -> np.ndarray:
+                     until_gone: Callable[[], Awaitable[None]] | None = None, deadline: float | None = None) -> np.ndarray:
     """An input's images -> their probabilities [N, 1000], through the service's one pipeline (both bindings).
     The first bad image fails the request, naming the element, counted as on /predict; other requests in the
     same dynamic batch are not affected."""
-    answers = await service.classify(list(images), until_gone)
+    answers = await service.classify(list(images), until_gone, deadline)
     for index, answer in enumerate(answers):
         if isinstance(answer, Exception):
             refused = failure(answer)

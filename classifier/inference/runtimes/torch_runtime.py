@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
