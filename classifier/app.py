@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(http_routes.router)
     app.include_router(http_routes.inference)
     app.include_router(ops.router)
-    app.openapi = openapi.document_for(app, settings, KEYED)  # type: ignore[method-assign]
+    app.openapi = openapi.document_for(app, settings, KEYED, ONLINE)  # type: ignore[method-assign]
     return app
 
 

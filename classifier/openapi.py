@@ -2,7 +2,8 @@
 
 FastAPI's document, corrected to this service's answers and settings: its errors' own shapes ({"detail": "..."},
 {"error": "..."} under /v2), 422 included; the limits a client must keep to (MAX_BATCH_FILES, MAX_JOB_FILES);
-a job's webhook only where one may be given; and, when API_KEY is set, the two ways to send the key, required
+a job's webhook only where one may be given; the deadline an online prediction may carry (X-Request-Timeout-Ms)
+and its 504; and, when API_KEY is set, the two ways to send the key, required
 on every keyed operation, with its 401 (without a key nothing asks for one, as the service does not).
 """
 
@@ -14,6 +15,8 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
+from classifier import rules
+from classifier.observability import every_route
 from classifier.schemas import FILE_PART, Error
 from classifier.settings import Settings
 from classifier.v2.protocol import ProtocolError
@@ -40,8 +43,18 @@ def job_submission(settings: Settings) -> dict[str, Any]:
         "type": "object", "required": ["files"], "properties": fields, "additionalProperties": False}}}}
 
 
-def document_for(app: FastAPI, settings: Settings, keyed: tuple[APIRouter, ...]) -> Callable[[], dict[str, Any]]:
-    """app.openapi for this app: FastAPI's document, corrected once, then kept."""
+def timeout_header(settings: Settings) -> dict[str, Any]:
+    return {"name": rules.TIMEOUT_HEADER, "in": "header", "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": settings.request_timeout_s * 1000},
+            "description": "How long you will wait for the answer, in milliseconds, from the request's arrival (at most "
+                           f"REQUEST_TIMEOUT_S, {settings.request_timeout_s:g} s): past it, images still waiting are "
+                           "dropped before decoding or before their forward pass, and the answer is 504"}
+
+
+def document_for(app: FastAPI, settings: Settings, keyed: tuple[APIRouter, ...],
+                 online: set[Callable[..., Any]]) -> Callable[[], dict[str, Any]]:
+    """app.openapi for this app: FastAPI's document, corrected once, then kept. online: the endpoints of online
+    predictions (they take a deadline)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -53,12 +66,18 @@ def document_for(app: FastAPI, settings: Settings, keyed: tuple[APIRouter, ...])
             schemas.setdefault(shape.__name__, shape.model_json_schema())
         keyed_operations = {(route.path_format, method.lower()) for router in keyed for route in router.routes
                             for method in route.methods}
+        online_operations = {(route.path_format, method.lower()) for route in every_route(app.router.routes)
+                             if getattr(route, "endpoint", None) in online for method in route.methods}
         for path, operations in document["paths"].items():
             error = {"$ref": f"#/components/schemas/{'ProtocolError' if path.startswith('/v2') else 'Error'}"}
             for method, operation in operations.items():
                 if "422" in operation["responses"]:  # FastAPI's list of problems; this service sends one sentence
                     operation["responses"]["422"] = {"description": "The request's parameters or body are not valid",
                                                      "content": {"application/json": {"schema": error}}}
+                if (path, method) in online_operations:
+                    operation.setdefault("parameters", []).append(timeout_header(settings))
+                    operation["responses"]["504"] = {"description": "The request's deadline passed before its answer was "
+                                                     "ready", "content": {"application/json": {"schema": error}}}
                 if settings.api_key is not None and (path, method) in keyed_operations:
                     operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
                     operation["responses"]["401"] = {"description": "No valid API key",

@@ -139,3 +139,12 @@ def test_identical_bytes_without_a_deadline_are_answered_when_the_first_callers_
     for sender in [*senders, busy]:
         sender.join()
     assert answers == {"hurried": 504, "patient": 200}
+
+
+def test_the_openapi_document_offers_the_deadline_where_it_is_honoured(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/predict", "/predict/topk", "/predict/batch", "/v2/models/{name}/infer"):
+        operation = paths[path]["post"]
+        assert "X-Request-Timeout-Ms" in [parameter["name"] for parameter in operation["parameters"]]
+        assert "504" in operation["responses"]
+    assert not any("X-Request-Timeout-Ms" in str(operation) for operation in paths["/jobs"].values())
