@@ -89,14 +89,17 @@ def keep(path: Path, data: bytes) -> None:
                     path.parent, error.strerror or error)
 
 
-def choose(candidates: dict[str, Forward], record: Path, batch_size: int) -> Choice:
-    """The fastest of candidates (each already checked), or the one record says an earlier start chose."""
+def remembered(record: Path) -> Choice | None:
+    """The choice an earlier start with these weights on this machine made, if record holds one."""
     try:
         earlier = json.loads(record.read_text())
-        if earlier["backend"] in candidates:
-            return Choice(earlier["backend"], earlier["timings_ms"], remembered=True)
+        return Choice(str(earlier["backend"]), dict(earlier["timings_ms"]), remembered=True)
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        return None
+
+
+def choose(candidates: dict[str, Forward], record: Path, batch_size: int) -> Choice:
+    """The fastest of candidates (each already checked), measured now and kept in record for the next start."""
     probe = {size: torch.rand(size, 3, 224, 224, generator=torch.Generator().manual_seed(2)) for size in (1, batch_size)}
     # A full batch takes ~100 ms on a 2-core CPU: two tries of it keep start-up short.
     timings = {name: {str(size): round(best_time(forward, batch, tries=3 if size == 1 else 2) * 1000, 1)

@@ -169,21 +169,37 @@ def fastest_exact(network: torch.nn.Module, weights_hash: str, settings: Setting
     weights' hash), each checked against fp32 torch, the faster chosen (fastest.py) and its forward pass."""
     cache = settings.runtime_cache_dir
     export = cache / f"{weights_hash}.onnx"
+    batch_size = settings.max_batch_size or default_batch_size("cpu")
+    record = cache / f"{weights_hash}-{fastest.machine(settings.threads, batch_size)}.json"
+
+    def onnx() -> Callable[[torch.Tensor], torch.Tensor]:
+        return onnx_forward(network, settings.threads, lambda: fastest.kept(export, lambda: export_onnx(network)))
+
+    # An earlier start chose on this machine: only that runtime is built (load checks it, as every backend).
+    choice = fastest.remembered(record)
+    if choice is not None and choice.backend in ("torch", "onnxruntime"):
+        try:
+            forward = torch_forward(network, torch.device("cpu"), "fp32") if choice.backend == "torch" else onnx()
+            return said(choice), forward
+        except ModelLoadError as error:
+            log.warning("BACKEND=auto: the runtime an earlier start chose cannot be built (%s): measuring again", error)
     candidates = {"torch": torch_forward(network, torch.device("cpu"), "fp32")}
     try:
-        onnx = onnx_forward(network, settings.threads, lambda: fastest.kept(export, lambda: export_onnx(network)))
-        check_parity(onnx, network, "the onnxruntime backend on cpu in fp32")
-        candidates["onnxruntime"] = onnx
+        candidates["onnxruntime"] = onnx()
+        check_parity(candidates["onnxruntime"], network, "the onnxruntime backend on cpu in fp32")
     except ModelLoadError as error:  # torch still serves; the log says why ONNX Runtime does not
         log.warning("BACKEND=auto: ONNX Runtime is not a candidate: %s", error)
+        candidates.pop("onnxruntime", None)
         export.unlink(missing_ok=True)  # a damaged export is made again by the next start
-    batch_size = settings.max_batch_size or default_batch_size("cpu")
-    choice = fastest.choose(candidates, cache / f"{weights_hash}-{fastest.machine(settings.threads, batch_size)}.json",
-                            batch_size)
-    log.info("BACKEND=auto: %s serves, %s (ms for batches of %s; BACKEND=torch or onnxruntime pins one)",
+    choice = fastest.choose(candidates, record, batch_size)
+    return said(choice), candidates[choice.backend]
+
+
+def said(choice: fastest.Choice) -> fastest.Choice:
+    log.info("BACKEND=auto: %s serves, %s (ms by batch size: %s; BACKEND=torch or onnxruntime pins one)",
              choice.backend, "remembered from an earlier start" if choice.remembered else "measured now",
              "; ".join(f"{name} {timings}" for name, timings in choice.timings_ms.items()))
-    return choice, candidates[choice.backend]
+    return choice
 
 
 def int8_forward(path: Path, threads: int, weights: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str]]:
