@@ -50,7 +50,7 @@ JOB_STORE_DISK_FULL = Gauge("job_store_disk_full",
 for outcome in ("classified", "error"):
     JOB_IMAGES.labels(outcome)
 DEADLINE_EXCEEDED = Counter("deadline_exceeded_images_total", "Images dropped because their caller's deadline passed, "
-                            "by where: received (already past), decode (before decoding), forward (before the forward "
+                            "by where: received (already past, or the images ahead would outlast it), decode (before decoding), forward (before the forward "
                             "pass: none starts one late), answer (during its forward pass)", ["stage"])
 for stage in ("received", "decode", "forward", "answer"):
     DEADLINE_EXCEEDED.labels(stage)

@@ -11,7 +11,7 @@ import hmac
 import math
 from collections.abc import Mapping
 
-from classifier.errors import BadRequest, TooLarge, Unauthorized, Unavailable
+from classifier.errors import BadRequest, DeadlineExceeded, TooLarge, Unauthorized, Unavailable
 from classifier.inference.batching import Batcher
 
 UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>"
@@ -76,6 +76,20 @@ def deadline(arrived: float, requested_s: float | None, request_timeout_s: float
     if not (math.isfinite(requested_s) and requested_s > 0):
         raise BadRequest(f"{given_as} must be a positive number; got {requested_s!r}")
     return arrived + min(requested_s, request_timeout_s)
+
+
+def in_time(batcher: Batcher, deadline: float | None, now: float, images: int) -> None:
+    """Raises DeadlineExceeded for a request whose deadline has passed, or would pass before the images in
+    flight ahead of it and its own are through (Batcher.expected_s): it is not decoded, and the cores go to
+    requests that can still be answered in time (Service.classify answers it at its deadline)."""
+    if deadline is None:
+        return
+    expected_s = batcher.expected_s(images)
+    if now >= deadline:
+        raise DeadlineExceeded()
+    if now + expected_s > deadline:
+        raise DeadlineExceeded(f"the deadline this request set could not be met: the images in flight ahead of it and "
+                               f"its own took about {expected_s * 1000:.0f} ms, {(deadline - now) * 1000:.0f} ms remained")
 
 
 def earliest(*deadlines: float | None) -> float | None:

@@ -109,6 +109,18 @@ class Service:
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
+    async def in_time(self, deadline: float | None, images: int) -> None:
+        """Raises DeadlineExceeded, at the deadline, for images whose deadline has passed or that the images in
+        flight would make late (rules.in_time); they are never decoded. At the deadline, as any late request is
+        answered, not at once: a caller told at once sends again at once, and a storm of hopeless requests would
+        take the cores from those that can still be answered in time."""
+        try:
+            rules.in_time(self.batcher, deadline, time.monotonic(), images)
+        except DeadlineExceeded:
+            metrics.deadline_passed("received", images)
+            await asyncio.sleep(max(0.0, (deadline or 0) - time.monotonic()))
+            raise
+
     async def classify(self, images: Sequence[UploadFile | bytes | np.ndarray],
                        until_gone: Callable[[], Awaitable[None]] | None = None,
                        deadline: float | None = None) -> list[np.ndarray | Exception]:
@@ -128,13 +140,12 @@ class Service:
         timeout_s = self.settings.request_timeout_s
         own_limit = time.monotonic() + timeout_s
         callers_first = deadline is not None and deadline < own_limit
-        if deadline is not None and time.monotonic() >= deadline:
-            metrics.deadline_passed("received", len(images))
-            raise DeadlineExceeded()
+        await self.in_time(deadline, len(images))
         try:
             with self.batcher.admit(len(images)):
                 read = [image if isinstance(image, (bytes, np.ndarray)) else await _read(image) for image in images]
-                async with asyncio.timeout_at(deadline if callers_first else own_limit):
+                # Relative: uvloop's loop.time() counts whole milliseconds from its own origin.
+                async with asyncio.timeout(max(0.0, (deadline if callers_first else own_limit) - time.monotonic())):
                     work = asyncio.gather(*(self.batcher.submit(data, deadline=deadline) for data in read),
                                           return_exceptions=True)
                     watcher = asyncio.ensure_future(until_gone() if until_gone else asyncio.Event().wait())

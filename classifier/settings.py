@@ -81,7 +81,9 @@ class Settings(BaseSettings):
     decode_workers: int = Field(default_factory=cores, ge=1, description="Threads that decode and preprocess uploads (default: the CPUs)")
     jpeg_draft: bool = Field(False, description="Decode large JPEGs at a reduced scale: faster, answers change slightly (measured)")
     max_batch_size: int | None = Field(None, ge=1, description="Most images in one forward pass (default: 8 on a CPU, 32 on a GPU)")
-    max_batch_delay_ms: float = Field(5, ge=0, description="How long a batch waits for images still being decoded")
+    max_batch_delay_ms: float = Field(30, ge=0, description="Longest a batch waits for images still being decoded (never "
+                                      "for nobody: with none decoding it starts at once); long enough for a burst's "
+                                      "images to share one forward pass instead of waiting a whole pass behind it")
     job_batch_max_ms: float = Field(50, ge=0, description="Longest a job's forward pass may take while online requests are "
                                     "about (one arriving meanwhile waits for it): job batches hold as many images as fit, at least 1")
     job_full_batch_after_s: float = Field(2, ge=0, description="After this long without an online request, job batches "

@@ -148,3 +148,17 @@ def test_the_openapi_document_offers_the_deadline_where_it_is_honoured(client):
         assert "X-Request-Timeout-Ms" in [parameter["name"] for parameter in operation["parameters"]]
         assert "504" in operation["responses"]
     assert not any("X-Request-Timeout-Ms" in str(operation) for operation in paths["/jobs"].values())
+
+
+def test_a_deadline_the_queue_would_outlast_is_never_decoded(slow):
+    client, batches = slow
+    assert client.post("/predict", files=upload(photo_bytes("rocket.jpg"))).status_code == 200  # one pass timed
+    busy = occupied(client, batches)
+    before = dropped(client, "received")
+    started = time.monotonic()
+    hopeless = client.post("/predict", files=upload(photo_bytes("chelsea.png")), headers={"X-Request-Timeout-Ms": "150"})
+    assert hopeless.status_code == 504 and "could not be met" in hopeless.json()["detail"]
+    assert 0.15 <= time.monotonic() - started < FORWARD_DELAY_S  # at its deadline, never decoded
+    assert dropped(client, "received") == before + 1
+    busy.join()
+    assert batches == [1, 1]

@@ -1,6 +1,7 @@
 """What is refused before a request's body is read, by rules.py's rules: a missing or wrong API key (401) on a
 keyed route; new work (an online prediction, a job) while shutting down, or an online prediction while
-overloaded (503) or with a malformed X-Request-Timeout-Ms (400); a body over its size limit (413) or over the
+overloaded (503) or with a malformed X-Request-Timeout-Ms (400), or whose deadline the images in flight would
+outlast (504, at its deadline); a body over its size limit (413) or over the
 budget all bodies share (503). An online prediction's arrival and deadline are noted here, before its body is
 read: reading it counts against the deadline. Parsing uploads
 only to refuse them would hand the CPU and the memory to clients that are not served."""
@@ -54,6 +55,7 @@ class Gate:
                     requested_s = rules.timeout_header_s(headers.get(rules.TIMEOUT_HEADER))
                     deadline = rules.deadline(arrived, requested_s, service.settings.request_timeout_s, rules.TIMEOUT_HEADER)
                     scope.setdefault("state", {}).update(arrived=arrived, deadline=deadline)  # request.state's
+                    await service.in_time(deadline, 1)  # a hopeless request's body is never read
         except ServiceError as error:
             return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)

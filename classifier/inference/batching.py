@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -108,6 +109,7 @@ class Batcher:
         self._init_decode_thread = init_decode_thread
         self._decoding = 0  # online images in the decode threads right now: the only ones worth waiting for
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._held: _Job | None = None  # held back from a batch it would have made late: first in line for the next
         self._background: asyncio.Queue[_Job] = asyncio.Queue()
         self._arrived = asyncio.Event()  # something was queued
         self._online_seen = 0.0  # when an online image last arrived or was answered (monotonic)
@@ -159,6 +161,14 @@ class Batcher:
         if self._image_s is None:
             return 1
         return max(1, min(self.max_batch_size, int(self.job_batch_max_s / self._image_s)))
+
+    def expected_s(self, images: int = 1) -> float:
+        """About how long images admitted now would take to be answered: the forward passes of those in flight ahead
+        of them and their own, at the time per image measured so far (0 until a pass has been timed), and one more
+        for decoding, which runs in the gaps the forward pass leaves. On a CPU a batch costs about its size times
+        one image, so batching does not shorten the sum much. Measured only by forward passes, so it never sticks
+        at a busy moment's figure."""
+        return (self.in_flight + images + 1) * (self._image_s or 0.0)
 
     def full(self, images: int = 1) -> bool:
         return self.in_flight + images > self.max_queue
@@ -254,7 +264,7 @@ class Batcher:
     async def _next_batch(self) -> tuple[list[_Job], bool]:
         """The next batch, and whether it is of background images."""
         while True:
-            if not self._queue.empty():
+            if self._held is not None or not self._queue.empty():
                 return await self._online_batch(), False
             wait = None
             if not self._background.empty():
@@ -273,26 +283,46 @@ class Batcher:
                 pass
 
     async def _online_batch(self) -> list[_Job]:
-        batch = [self._queue.get_nowait()]
-        deadline = time.monotonic() + self.max_delay_s
+        """Online images in arrival order, up to max_batch_size, waiting at most max_delay_s for images still being
+        decoded (never for nobody). With deadlines, a batch holds no more images than its forward pass can finish
+        before the earliest of them: the image that would make it late is first in line for the next pass."""
+        batch: list[_Job] = []
+        delay_ends = time.monotonic() + self.max_delay_s
         while len(batch) < self.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            job = self._take()
+            if job is None:
+                remaining = min(delay_ends, self._latest_start(batch)) - time.monotonic()
+                if not batch or not self._decoding or remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        job = await self._queue.get()
+                except TimeoutError:
+                    break
+            if job.result.done():  # its caller gave up (timed out, its deadline passed, disconnected): skipped
+                if job.deadline is not None and job.deadline <= time.monotonic():
+                    self.on_deadline("forward", 1)
                 continue
-            remaining = deadline - time.monotonic()
-            if not self._decoding or remaining <= 0:
+            if batch and time.monotonic() > self._latest_start([*batch, job]):
+                self._held = job
                 break
-            try:
-                async with asyncio.timeout(remaining):
-                    batch.append(await self._queue.get())
-            except TimeoutError:
-                break
-        # Callers that gave up (timed out, their deadline passed, disconnected) cancelled their futures: skip their images.
-        now = time.monotonic()
-        late = sum(job.result.done() and job.deadline is not None and job.deadline <= now for job in batch)
-        if late:
-            self.on_deadline("forward", late)
-        return [job for job in batch if not job.result.done()]
+            batch.append(job)
+        return batch
+
+    def _take(self) -> _Job | None:
+        """The next online image: the one held back from the last batch first, then the queue's."""
+        job, self._held = self._held, None
+        if job is None and not self._queue.empty():
+            job = self._queue.get_nowait()
+        return job
+
+    def _latest_start(self, batch: list[_Job]) -> float:
+        """The latest moment a forward pass of batch may start and still end by the earliest deadline in it, at the
+        time per image measured so far (no bound without deadlines, or before a pass has been timed)."""
+        deadlines = [job.deadline for job in batch if job.deadline is not None]
+        if not deadlines or self._image_s is None:
+            return math.inf
+        return min(deadlines) - len(batch) * self._image_s
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
