@@ -209,10 +209,12 @@ def drive(call: Callable[[], object], concurrency: int, seconds: float) -> dict:
 
 
 def hey(url: str, concurrency: int, *, seconds: float | None = None, requests: int | None = None,
-        body: Path | None = None, pid: int | None = None) -> Load:
+        body: Path | None = None, pid: int | None = None, headers: dict[str, str] | None = None) -> Load:
     """Drive url with hey; per-request results come back as CSV. pid: the service's, to measure its CPU time."""
     command = ["hey", "-c", str(concurrency), "-o", "csv", "-t", "60"]
     command += ["-z", f"{seconds}s"] if seconds else ["-n", str(requests)]
+    for name, value in (headers or {}).items():
+        command += ["-H", f"{name}: {value}"]
     if body:
         command += ["-m", "POST", "-D", str(body), "-T", f"multipart/form-data; boundary={BOUNDARY}"]
     started, cpu_started = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
