@@ -33,6 +33,7 @@ from bench.bindings import measure as measure_bindings
 from bench.harness import (BOUNDARY, REPO, Load, cpu_description, hey, imagenet_size_jpeg, ms, multipart,
                            phone_size_jpeg, print_rows, served_model, service_env, start_server)
 from bench.install import measure as measure_install
+from bench.latency import measure as measure_latency
 from bench.repeats import measure as measure_repeats
 from bench.slim import measure as measure_slim
 from bench.slim import targets as slim_targets
@@ -228,14 +229,6 @@ def backends(run: Run, int8_env: dict[str, str]) -> dict:
     return ceilings
 
 
-def baseline(run: Run) -> None:
-    """The handler most tutorials write (bench/naive.py), same weights and photos."""
-    service = start_server(run.env, app="naive:app", app_dir=REPO / "bench")
-    for concurrency in (1, 8):
-        run.row(f"baseline: naive FastAPI handler c={concurrency}", run.hey(service, concurrency))
-    service.stop()
-
-
 def offline(run: Run, ceiling: float, int8_env: dict[str, str]) -> None:
     """python -m classify over a folder, in fp32 beside the torch ceiling, and in int8 beside fp32."""
     folder = run.work / "folder"
@@ -341,7 +334,9 @@ def main() -> None:
 
     int8_env, int8 = int8_model_env(run)
     ceilings = backends(run, int8_env)
-    baseline(run)
+    # The default, BACKEND=torch and the slim replica against the handler most tutorials write (bench/naive.py).
+    latency_rows, latency_targets = measure_latency(args.seconds)
+    run.rows_of(latency_rows)
     offline(run, ceilings["torch"]["images_per_s"], int8_env)
     run.rows_of(measure_jobs(500, args.seconds))  # a 500-photo job beside python -m classify; /predict beside a job
     run.rows_of(measure_bindings(args.seconds))  # /predict, /v2 over HTTP and over gRPC, driven alike
@@ -356,7 +351,7 @@ def main() -> None:
     print(f"make run installs in {setup['runtime_install_s']} s ({setup['runtime_venv_mib']} MiB), make test "
           f"{setup['dev_install_s']} s more ({setup['dev_venv_mib']} MiB)", flush=True)
 
-    targets = report_targets(run.rows, ceilings, draft_speedup, int8)
+    targets = report_targets(run.rows, ceilings, draft_speedup, int8) + latency_targets
     targets += [(name, met(passed), value) for name, passed, value in slim_targets(replica_rows)]
     started_at = datetime.fromtimestamp(run_started, timezone.utc)
     out = args.out or REPO / "docs" / "results" / f"{started_at:%Y-%m-%d-%H%M}.json"
@@ -382,15 +377,6 @@ def against_ceiling(served: float, ceiling: dict, share: float = 0.9) -> tuple[s
     verdict = "met" if served >= share * ceiling["high"] else "MISS" if served < share * ceiling["low"] else "within noise"
     return verdict, (f"{served / ceiling['images_per_s']:.2f}x ({served:.1f} img/s; ceiling {ceiling['images_per_s']:.1f}, "
                      f"its samples {ceiling['low']:.1f}-{ceiling['high']:.1f})")
-
-
-def duel(ours: dict, theirs: dict, other: str) -> tuple[str, str]:
-    """This service against another server, same load: who won on throughput and on p99, said as it is."""
-    faster, steadier = ours["ok_per_s"] >= theirs["ok_per_s"], ours["p99_ms"] <= theirs["p99_ms"]
-    verdict = "won" if faster and steadier else "lost" if not (faster or steadier) else "mixed"
-    winner = {True: "this service", False: other}
-    return verdict, (f"throughput {ours['ok_per_s']} vs {theirs['ok_per_s']} req/s ({winner[faster]} won), "
-                     f"p99 {ours['p99_ms']} vs {theirs['p99_ms']} ms ({winner[steadier]} won)")
 
 
 def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float, int8: dict) -> list[tuple[str, str, str]]:
@@ -436,10 +422,6 @@ def report_targets(rows: list[dict], ceilings: dict, draft_speedup: float, int8:
         ("cache, 30 % repeats vs cache off (no target)", "measured", f"{mixed['ok_per_s'] / max(off['ok_per_s'], 1e-9):.2f}x,"
          f" hit p50 {mixed['hit_p50_ms']} ms"),
     ]
-    for concurrency in (1, 8):
-        checks.append((f"this service vs the naive handler, c={concurrency}",
-                       *duel(by_name[f"torch batch≤8 500x375 JPEG c={concurrency}"],
-                             by_name[f"baseline: naive FastAPI handler c={concurrency}"], "the naive handler")))
     for concurrency in (1, 8):
         rest, grpc = by_name[f"binding: /v2 over HTTP, binary c={concurrency}"], by_name[f"binding: /v2 over gRPC c={concurrency}"]
         faster = "gRPC" if grpc["ok_per_s"] >= rest["ok_per_s"] else "HTTP"

@@ -251,7 +251,8 @@ def service_env(work: Path) -> dict[str, str]:
     """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work; the
     response cache off (hey sends one photo again and again: every request would be a hit)."""
     env = {**os.environ, "LOG_LEVEL": "warning", "CACHE_ENTRIES": "0",  # no row flattered by repeats (bench/repeats.py)
-           "GRPC_PORT": "0"}  # the gRPC rows ask for a port of their own
+           "GRPC_PORT": "0",  # the gRPC rows ask for a port of their own
+           "RUNTIME_CACHE_DIR": str(work / "runtime-cache")}  # the run's own: never the user's ~/.cache
     if not env.get("MODEL_WEIGHTS"):
         import torch
         from torchvision.models import resnet18

@@ -119,9 +119,9 @@ def curve(rows: dict[str, dict], prefix: str) -> list[tuple[int, dict]]:
     return sorted(found)
 
 
-SERIES = {"torch fp32": "torch batch≤8 500x375 JPEG ", "onnxruntime": "onnxruntime batch≤8 500x375 JPEG ",
+SERIES = {"the default (BACKEND=auto)": "default ", "BACKEND=torch": "BACKEND=torch ", "slim replica": "slim replica ",
           "torch bf16": "torch bf16 batch≤8 500x375 JPEG ", "int8": "int8 batch≤8 500x375 JPEG ",
-          "naive FastAPI handler": "baseline: naive FastAPI handler "}
+          "naive FastAPI handler": "naive handler "}
 
 
 def plots(results: dict) -> dict[str, bytes]:
@@ -263,6 +263,32 @@ def slim_section(rows: dict[str, dict], targets: list[dict]) -> list[str]:
 VERDICTS = {"MISS": "**MISS**", "lost": "**lost**"}  # a loss reads as one
 
 
+def latency_section(rows: dict[str, dict]) -> list[str]:
+    """bench/latency.py's c=1 breakdowns and in-process figures (docs/model.md says what each means)."""
+    alone = rows.get("in process: decode, the forward thread, garbage collection")
+    broken = [(name, row["breakdown"]) for name, row in rows.items() if "breakdown" in row]
+    if not alone or not broken:
+        return []
+    lines = ["## Where a lone request's milliseconds go", "",
+             "At c=1, per request: the client's median and mean, the service's own time for it, and within that its "
+             "forward pass and queue wait (the service's metrics over the run), the decode measured alone; the rest is "
+             "HTTP, parsing the upload and the hops between threads (bench/latency.py).", "",
+             "| server | client p50 | client mean | service | forward pass | queue | decode | rest |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, figures in broken:
+        lines.append(f"| {name.removesuffix(' c=1')} | " + " | ".join(
+            f"{figures[key]:.1f} ms" for key in ("client_p50_ms", "client_mean_ms", "service_ms", "forward_ms",
+                                                 "queue_wait_ms", "decode_alone_ms", "rest_ms")) + " |")
+    lines += ["", "Two decisions, measured in process in the same run:", "",
+              f"- torch's forward pass of one image on the thread that loaded the model: "
+              f"{alone['forward_loading_thread_ms']:.1f} ms; on another thread: {alone['forward_other_thread_ms']:.1f} ms "
+              "(two GNU OpenMP teams on the cores; the service loads and serves on one thread);",
+              f"- a full garbage collection over the {alone['objects']:,} objects a serving process holds: "
+              f"{alone['gc_full_ms']:.0f} ms, stopping every request; after gc.freeze(): {alone['gc_full_after_freeze_ms']:.2f} ms.",
+              ""]
+    return lines
+
+
 def target_row(target: dict) -> str:
     return f"| {VERDICTS.get(target['verdict'], target['verdict'])} | {target['target']} | {target['value']} |"
 
@@ -322,6 +348,7 @@ def performance_page(results: dict, source: str, image: dict | None, candidates:
     lines += accuracy_section(results["accuracy"])
     lines += int8_section(results.get("int8"))
     rows = {row["row"]: row for row in results["rows"]}
+    lines += latency_section(rows)
     lines += slim_section(rows, results["targets"])
     lines += candidates_section(candidates)
     lines += image_section(image)
