@@ -45,10 +45,10 @@ def job_submission(settings: Settings) -> dict[str, Any]:
 
 def timeout_header(settings: Settings) -> dict[str, Any]:
     return {"name": rules.TIMEOUT_HEADER, "in": "header", "required": False,
-            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": settings.request_timeout_s * 1000},
-            "description": "How long you will wait for the answer, in milliseconds, from the request's arrival (at most "
-                           f"REQUEST_TIMEOUT_S, {settings.request_timeout_s:g} s): past it, images still waiting are "
-                           "dropped before decoding or before their forward pass, and the answer is 504"}
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "description": "How long you will wait for the answer, in milliseconds, from the request's arrival (more than "
+                           f"REQUEST_TIMEOUT_S, {settings.request_timeout_s:g} s, counts as that): past it, images still "
+                           "waiting are dropped before decoding or before their forward pass, and the answer is 504"}
 
 
 def document_for(app: FastAPI, settings: Settings, keyed: tuple[APIRouter, ...],
