@@ -352,6 +352,8 @@ def main() -> None:
           f"{setup['dev_install_s']} s more ({setup['dev_venv_mib']} MiB)", flush=True)
 
     targets = report_targets(run.rows, ceilings, draft_speedup, int8) + latency_targets
+    for name, verdict, value in latency_targets:
+        print(f"  {verdict:12} {name:48} {value}")
     targets += [(name, met(passed), value) for name, passed, value in slim_targets(replica_rows)]
     started_at = datetime.fromtimestamp(run_started, timezone.utc)
     out = args.out or REPO / "docs" / "results" / f"{started_at:%Y-%m-%d-%H%M}.json"

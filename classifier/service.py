@@ -170,7 +170,6 @@ class Service:
         return answers
 
 
-
 async def _read(upload: UploadFile) -> bytes:
     data = await upload.read()
     await upload.close()  # its in-memory spool: one copy of the bytes is enough
