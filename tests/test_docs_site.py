@@ -30,7 +30,7 @@ NOT_SETTINGS = {
     "WEIGHTS": "a build argument of the Dockerfile",
     "INVALID_ARGUMENT": "a gRPC status code", "NOT_FOUND": "a gRPC status code",
     "RESOURCE_EXHAUSTED": "a gRPC status code", "UNAVAILABLE": "a gRPC status code",
-    "UNAUTHENTICATED": "a gRPC status code",
+    "UNAUTHENTICATED": "a gRPC status code", "DEADLINE_EXCEEDED": "a gRPC status code",
 }
 
 
