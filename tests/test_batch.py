@@ -222,6 +222,15 @@ def test_job_rejects_bad_arguments(runtime, folder, tmp_path, bad):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("missing", ["s3://photos/in/", "no-such-folder"])
+def test_job_refuses_an_input_that_is_not_there(runtime, folder, tmp_path, missing, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(runtime, folder, missing, "--out", tmp_path / "r.jsonl")
+    assert exit_info.value.code == 2
+    assert missing in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 @pytest.mark.server
 def test_job_runs_as_a_module_with_exit_codes(weights_file, folder, tmp_path):
     out = tmp_path / "results.jsonl"

@@ -49,6 +49,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def existing(text: str) -> Path:
+    # Path() would fold "s3://bucket/key" into "s3:/bucket/key", a file that is simply not there.
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"{text}: only local files and folders are read, not URLs")
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return path
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -59,7 +69,7 @@ def positive(text: str) -> int:
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m classify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=Path, help="folders (searched recursively) and image files")
+    parser.add_argument("inputs", nargs="+", type=existing, help="folders (searched recursively) and image files")
     parser.add_argument("--out", type=Path, required=True, help="the results file")
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     parser.add_argument("--k", type=positive, default=5, help="labels per image (default 5)")
