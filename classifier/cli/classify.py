@@ -49,14 +49,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def existing(text: str) -> Path:
-    # Path() would fold "s3://bucket/key" into "s3:/bucket/key", a file that is simply not there.
-    if "://" in text:
-        raise argparse.ArgumentTypeError(f"{text}: only local files and folders are read, not URLs")
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
-    return path
+def existing(inputs: list[str]) -> list[Path]:
+    """The inputs as paths, or exit 2 naming the first that is not a local file or folder (checked when the job
+    runs, not when its arguments are parsed: a manifest's are checked on machines without its files)."""
+    for text in inputs:
+        # Path() would fold "s3://bucket/key" into "s3:/bucket/key", a file that is simply not there.
+        problem = ("only local files and folders are read, not URLs" if "://" in text
+                   else None if Path(text).exists() else "no such file or folder")
+        if problem:
+            print(f"python -m classify: error: {text}: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+    return [Path(text) for text in inputs]
 
 
 def positive(text: str) -> int:
@@ -69,7 +72,7 @@ def positive(text: str) -> int:
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m classify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=existing, help="folders (searched recursively) and image files")
+    parser.add_argument("inputs", nargs="+", help="folders (searched recursively) and image files")
     parser.add_argument("--out", type=Path, required=True, help="the results file")
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     parser.add_argument("--k", type=positive, default=5, help="labels per image (default 5)")
@@ -211,6 +214,7 @@ def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int, cache: Resul
 def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     """runtime: a model already loaded (tests share one); by default the one the settings choose."""
     args = arguments(argv)
+    inputs = existing(args.inputs)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
 
@@ -219,8 +223,10 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     from classifier.inference.cache import ResultCache
     from classifier.inference.outcomes import outcome
     from classifier.settings import get_settings
+    from classifier.tracing import Tracing
 
     settings = get_settings()
+    tracing = Tracing(settings.otel_traces_exporter)  # a span per batch, when OTEL_TRACES_EXPORTER is set
     if runtime is None:
         try:
             runtime = runtimes.load(settings)
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     def prepare(data: bytes) -> Any:
         return runtime.prepare(data, settings.max_image_pixels, settings.jpeg_draft)
 
-    images, others = find_images(args.inputs)
+    images, others = find_images(inputs)
     images = [path for path in images if in_shard(path, args.shard)]
     results = Results(args.out, args.format, args.k)
     already = results.done() if args.resume else set()
@@ -243,12 +249,15 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     with ThreadPoolExecutor(args.workers, "decode", initializer=runtime.init_decode_thread) as pool, \
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress:
         for paths, prepared in batches(todo, pool, args.batch_size, cache, prepare):
-            lines = [{"path": str(path), **outcome(result, args.k, runtime.labels)}
-                     for path, result in zip(paths, answer(prepared, cache, runtime.predict))]
-            failed += sum("error" in line for line in lines)
-            results.append(lines)
+            with tracing.tracer.start_as_current_span("classify batch", attributes={"images": len(paths)}) as span:
+                lines = [{"path": str(path), **outcome(result, args.k, runtime.labels)}
+                         for path, result in zip(paths, answer(prepared, cache, runtime.predict))]
+                failed += sum("error" in line for line in lines)
+                span.set_attribute("images.failed", sum("error" in line for line in lines))
+                results.append(lines)
             progress.update(len(paths))
     elapsed = time.perf_counter() - started
+    tracing.shutdown()
     classified = len(todo) - failed
     print(
         f"classified {classified}, failed {failed}, skipped {len(images) - len(todo)} already done"
