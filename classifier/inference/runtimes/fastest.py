@@ -57,8 +57,9 @@ def best_time(forward: Forward, batch: torch.Tensor, tries: int = 3) -> float:
 def machine(threads: int, batch_size: int) -> str:
     """What decides the runtimes' speeds besides the weights, as a short hash: the CPU (its name and flags),
     THREADS, the full batch, and the libraries' versions."""
-    import onnxruntime
+    from classifier.inference.runtimes.onnx_runtime import import_onnxruntime
 
+    onnxruntime = import_onnxruntime()
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     described = [line for line in cpu.splitlines() if line.startswith(("model name", "flags"))][:2]
     parts = [*described, f"threads={threads}", f"batch={batch_size}", torch.__version__, onnxruntime.__version__]

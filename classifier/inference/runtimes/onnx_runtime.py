@@ -45,12 +45,18 @@ class ModelFileError(ModelLoadError):
     """A model file that cannot be served; the message says why and how to fix it."""
 
 
-def session(graph: bytes | str, threads: int):  # noqa: ANN201 (an onnxruntime.InferenceSession)
-    """An ONNX Runtime session on the CPU, its forward pass on `threads` threads."""
+def import_onnxruntime():  # noqa: ANN201 (the module)
+    """ONNX Runtime, imported only where it runs (not by a torch replica that never runs ONNX)."""
     # Unless told not to, ONNX Runtime's telemetry writes a session file (.ses) into TMPDIR at import.
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    import onnxruntime  # not imported by a torch replica that never runs ONNX
+    import onnxruntime
 
+    return onnxruntime
+
+
+def session(graph: bytes | str, threads: int):  # noqa: ANN201 (an onnxruntime.InferenceSession)
+    """An ONNX Runtime session on the CPU, its forward pass on `threads` threads."""
+    onnxruntime = import_onnxruntime()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
