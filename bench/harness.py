@@ -267,3 +267,30 @@ def print_rows(rows: list[dict]) -> None:
     """A benchmark's rows, one line each: its name, then its figures."""
     for row in rows:
         print(f"{row['row']:48} " + ", ".join(f"{key}={value}" for key, value in row.items() if key != "row"), flush=True)
+
+
+Verdict = tuple[str, str, str]  # target, met / MISS / measured / ..., the value as said
+
+
+def measure_and_write(description: str, default_out: Path,
+                      measure: Callable[[float], tuple[list[dict], list[Verdict]]], **extra: object) -> None:
+    """A benchmark's command line: --seconds per load run and --out; measure, print the verdicts, and write the
+    results file (date, CPU, rows, targets) the performance page renders."""
+    import argparse
+    import json
+    from datetime import datetime, timezone
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--out", type=Path, default=default_out)
+    args = parser.parse_args()
+    started = datetime.now(timezone.utc)
+    rows, targets = measure(args.seconds)
+    print("\ntargets")
+    for name, verdict, value in targets:
+        print(f"  {verdict:8} {name:64} {value}")
+    args.out.write_text(json.dumps({"date": started.isoformat(timespec="seconds"), "cpu": cpu_description(),
+                                    "seconds_per_run": args.seconds, **extra, "rows": rows,
+                                    "targets": [{"target": n, "verdict": v, "value": x} for n, v, x in targets]},
+                                   indent=1) + "\n")
+    print(f"written to {args.out}")

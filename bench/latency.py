@@ -16,7 +16,6 @@ Also run by bench/benchmark.py (make bench), whose results file holds these rows
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -25,12 +24,11 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 
-from bench.harness import (REPO, Load, Server, cpu_description, hey, imagenet_size_jpeg, multipart, service_env,
+from bench.harness import (REPO, Load, Server, hey, imagenet_size_jpeg, measure_and_write, multipart, service_env,
                            start_server, without_torch)
 from bench.slim import export
 
@@ -131,11 +129,11 @@ def ratio(ours: float, theirs: float) -> float:
 def verdict(name: str, ours: float, theirs: float, most: float | None = None, least: float | None = None,
             what: str = "") -> tuple[str, str, str]:
     """A target on ours / theirs (at most `most`, or at least `least`), said with who won."""
-    value = ratio(ours, theirs)
-    met = (most is None or value <= most) and (least is None or value >= least)
+    exact = ours / theirs if theirs else float("nan")  # judged unrounded: 0.966 does not meet 0.97
+    met = (most is None or exact <= most) and (least is None or exact >= least)
     lower_wins = least is None
     winner = "this service" if (ours <= theirs if lower_wins else ours >= theirs) else "the other"
-    return name, "met" if met else "MISS", f"{value:.2f}x ({ours:g} vs {theirs:g}{what}; {winner} won)"
+    return name, "met" if met else "MISS", f"{exact:.3f}x ({ours:g} vs {theirs:g}{what}; {winner} won)"
 
 
 def measure(seconds: float) -> tuple[list[dict], list[tuple[str, str, str]]]:
@@ -234,20 +232,7 @@ def measure(seconds: float) -> tuple[list[dict], list[tuple[str, str, str]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "latency.json")
-    args = parser.parse_args()
-    run_started = datetime.now(timezone.utc)
-    rows, targets = measure(args.seconds)
-    print("\ntargets")
-    for name, verdict_, value in targets:
-        print(f"  {verdict_:6} {name:64} {value}")
-    args.out.write_text(json.dumps({"date": run_started.isoformat(timespec="seconds"), "cpu": cpu_description(),
-                                    "seconds_per_run": args.seconds, "rows": rows,
-                                    "targets": [{"target": n, "verdict": v, "value": x} for n, v, x in targets]},
-                                   indent=1) + "\n")
-    print(f"written to {args.out}")
+    measure_and_write(__doc__, REPO / "docs" / "results" / "latency.json", measure)
 
 
 if __name__ == "__main__":
