@@ -69,6 +69,7 @@ test-fast: $(DEV)
 bench: $(DEV)
 	command -v hey >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q hey; }
 	$(BIN)/python -m bench.benchmark
+	$(BIN)/python -m bench.tracing
 
 clean:
 	rm -rf $(VENV)

@@ -34,6 +34,7 @@ from classifier.inference.runtime import Runtime
 from classifier.memory import BodyBudget
 from classifier.service import Service
 from classifier.settings import Settings, get_settings
+from classifier.tracing import Tracing
 from classifier.v2 import http_routes
 
 log = logging.getLogger("app")
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     settings = settings or get_settings()
     observability.configure_logging(settings.log_level, settings.log_format)
     bodies = BodyBudget(settings.max_body_buffer_bytes, observability.BODY_BYTES_HELD)
+    tracing = Tracing(settings.otel_traces_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,7 +88,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                     loaded = await asyncio.to_thread(runtimes.load, settings)
                 except ModelLoadError as error:
                     raise SystemExit(f"Cannot load the model: {error}") from None
-            service = app.state.service = Service(settings, loaded, bodies)
+            service = app.state.service = Service(settings, loaded, bodies, tracing)
             await service.start()
             grpc = None
             if settings.grpc_port:
@@ -105,6 +107,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         if grpc is not None:  # calls in flight finish within the drain; new ones are refused meanwhile
             await grpc.stop(settings.shutdown_timeout_s)
         await service.stop()
+        await asyncio.to_thread(tracing.shutdown)
 
     # /docs (Swagger UI) and /redoc load their JavaScript and CSS from this service (the fastapi-offline
     # package ships them), not from a CDN: inference boxes are often offline.
@@ -118,11 +121,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         CORSMiddleware,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "POST", "DELETE"],
-        allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Idempotency-Key", "Prefer"],
-        expose_headers=["X-Request-ID", "Retry-After", "Location", "Preference-Applied"],
+        allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Idempotency-Key", "Prefer",
+                       "traceparent", "tracestate", "X-Request-Timeout-Ms"],
+        expose_headers=["X-Request-ID", "X-Trace-Id", "Retry-After", "Location", "Preference-Applied"],
     )
     app.add_middleware(http_routes.ProtocolErrors)  # /v2 errors as {"error"}, whichever layer above refused
-    app.add_middleware(observability.Observe, demo=settings.demo)
+    app.add_middleware(observability.Observe, demo=settings.demo, tracer=tracing.tracer)
     app.add_middleware(OneLineStartupFailure)
     add_error_handlers(app)
     app.include_router(predictions.router)
@@ -131,6 +135,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(http_routes.inference)
     app.include_router(ops.router)
     app.openapi = openapi.document_for(app, settings, KEYED, ONLINE)  # type: ignore[method-assign]
+    tracing.instrument(app)  # outermost: the server span is current in everything above
     return app
 
 

@@ -10,12 +10,15 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from opentelemetry import trace
+from opentelemetry.trace import Span, Tracer
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from classifier import tracing
 from classifier.errors import ServiceError
 
 REQUESTS = Counter("http_requests_total", "HTTP requests answered, by route and status", ["method", "endpoint", "status"])
@@ -76,17 +79,21 @@ access_log = logging.getLogger("access")
 
 
 class RequestIdFilter(logging.Filter):
-    """Puts the current request's id on every log record made while handling it."""
+    """Puts the current request's id on every log record made while handling it, and its trace and span ids
+    when it is traced."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
+        traced = tracing.ids()
+        record.trace_id, record.span_id = traced or (None, None)
+        record.trace = f" trace={traced[0]} span={traced[1]}" if traced else ""
         return True
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers. Access lines carry their fields as keys."""
 
-    FIELDS = ("method", "path", "status", "duration_ms", "body_bytes", "client")
+    FIELDS = ("trace_id", "span_id", "method", "path", "status", "duration_ms", "body_bytes", "client")
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -96,7 +103,7 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
-        entry.update({field: getattr(record, field) for field in self.FIELDS if hasattr(record, field)})
+        entry.update({field: getattr(record, field) for field in self.FIELDS if getattr(record, field, None) is not None})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -108,7 +115,7 @@ def configure_logging(level: str, format: str) -> None:
     if format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s%(trace)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -136,12 +143,13 @@ def every_route(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
 
 class Observe:
     """Per request: an id (the client's X-Request-ID if sane, else a new one), security headers (and a
-    Content-Security-Policy on HTML pages),
-    metrics by route and status, and one access log line. Neither bodies nor headers are logged."""
+    Content-Security-Policy on HTML pages), metrics by route and status, one access log line, and when traced
+    X-Trace-Id and a `respond` span for the response going out. Neither bodies nor headers are logged."""
 
-    def __init__(self, app: ASGIApp, demo: bool) -> None:
+    def __init__(self, app: ASGIApp, demo: bool, tracer: Tracer = tracing.NO_TRACER) -> None:
         self.app = app
         self.demo = demo  # DEMO: every response says the answers mean nothing
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -151,6 +159,8 @@ class Observe:
         token = REQUEST_ID.set(request_id)
         started = time.perf_counter()
         status, body_bytes = 500, 0  # 500 until a response starts
+        request_span = trace.get_current_span()  # the server span, when traced
+        responding: Span | None = None
 
         async def counting_receive() -> Message:
             nonlocal body_bytes
@@ -159,16 +169,22 @@ class Observe:
             return message
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responding
             if message["type"] == "http.response.start":
+                responding = self.tracer.start_span("respond", trace.set_span_in_context(request_span))
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id
                 headers["X-Content-Type-Options"] = "nosniff"
+                traced = tracing.ids()
+                if traced:  # the id to quote when asking about this request (the trace's, continued or new)
+                    headers["X-Trace-Id"] = traced[0]
                 if self.demo:
                     headers["X-Demo"] = "stand-in weights, not trained: the answers mean nothing"
                 if headers.get("content-type", "").startswith("text/html"):
                     headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+            if responding is not None and message["type"] == "http.response.body" and not message.get("more_body"):
+                responding.end()  # as the last of the body is handed over: the request's span ends within that send
             await send(message)
 
         try:

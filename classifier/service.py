@@ -28,15 +28,17 @@ from classifier.jobs.store import JobStore
 from classifier.jobs.worker import JobWorker
 from classifier.memory import BodyBudget
 from classifier.settings import Settings
+from classifier.tracing import Tracing
 
 log = logging.getLogger("app")
 
 
 class Service:
-    def __init__(self, settings: Settings, runtime: Runtime, bodies: BodyBudget) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime, bodies: BodyBudget, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.runtime = runtime
         self.bodies = bodies  # HTTP bodies (gate.BodyLimits) and gRPC messages (grpc_server) together
+        self.tracing = tracing or Tracing("none")
         context = runtime.answer_context(settings)
         self.cache = ResultCache(settings.cache_entries, context) if settings.cache_entries else None
         # Decoding runs in a small thread pool; one inference thread owns the forward pass, so requests
@@ -57,13 +59,16 @@ class Service:
             init_decode_thread=runtime.init_decode_thread,
             on_batch=metrics.observe_batch,
             on_deadline=metrics.deadline_passed,
+            tracer=self.tracing.tracer,
+            span_attributes={"model.backend": runtime.backend, "model.precision": runtime.precision,
+                             "model.device": runtime.device_name},
         )
         try:
             store = JobStore(settings.jobs_database_url, settings.job_ttl_s, settings.job_lease_s)
         except Exception as error:  # an unknown driver, a malformed URL
             raise SystemExit(f"Cannot open the job store JOBS_DATABASE_URL: {error}") from None
         self.jobs = JobWorker(store, self.batcher, runtime.labels, webhook_secret=settings.webhook_secret,
-                              webhook_first_retry_s=settings.webhook_first_retry_s)
+                              webhook_first_retry_s=settings.webhook_first_retry_s, tracing=self.tracing)
         self.ready = False  # rules.ready and rules.accepting read this
 
     def prepare(self, data: bytes) -> np.ndarray:
@@ -143,7 +148,8 @@ class Service:
         await self.in_time(deadline, len(images))
         try:
             with self.batcher.admit(len(images)):
-                read = [image if isinstance(image, (bytes, np.ndarray)) else await _read(image) for image in images]
+                with self.tracing.tracer.start_as_current_span("read", attributes={"images": len(images)}):
+                    read = [image if isinstance(image, (bytes, np.ndarray)) else await _read(image) for image in images]
                 # Relative: uvloop's loop.time() counts whole milliseconds from its own origin.
                 async with asyncio.timeout(max(0.0, (deadline if callers_first else own_limit) - time.monotonic())):
                     work = asyncio.gather(*(self.batcher.submit(data, deadline=deadline) for data in read),

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe log level written")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object each")
     shutdown_timeout_s: float = Field(20, ge=0, description="On SIGTERM, how long accepted requests may take to finish")
+    otel_traces_exporter: Literal["none", "otlp", "console"] = Field(
+        "none", description="Traces (OpenTelemetry): otlp sends them over OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT, console "
+        "prints them; the SDK's other OTEL_* variables apply (docs/operations.md#traces)")
 
     # Asynchronous jobs
     jobs_database_url: str = Field("sqlite:///data/jobs.sqlite3",
@@ -129,7 +132,8 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: Names = Field([], description="Hosts (or host:port) a job's webhook may call, comma-separated; empty: none")
     webhook_first_retry_s: float = Field(7.5, ge=0.01, description="Wait before a failed webhook's first retry; each later wait is 4x")
 
-    @field_validator("backend", "device", "precision", "log_level", "log_format", mode="before")
+    @field_validator("backend", "device", "precision", "log_level", "log_format", "otel_traces_exporter",
+                     mode="before")
     @classmethod
     def _lower_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -405,3 +406,29 @@ def assert_refused(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.Monk
         load(env, tmp_path, monkeypatch)
     for fragment in fragments:
         assert fragment in str(refused.value)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """A test server's request handler: nothing logged; answer(status) sends an empty answer."""
+
+    def answer(self, status: int, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A small HTTP server of the test's own (a webhook receiver, an OTLP collector) on a free port of 127.0.0.1,
+    serving from a thread; its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()

@@ -31,6 +31,11 @@ NOT_SETTINGS = {
     "INVALID_ARGUMENT": "a gRPC status code", "NOT_FOUND": "a gRPC status code",
     "RESOURCE_EXHAUSTED": "a gRPC status code", "UNAVAILABLE": "a gRPC status code",
     "UNAUTHENTICATED": "a gRPC status code", "DEADLINE_EXCEEDED": "a gRPC status code",
+    **dict.fromkeys(["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG",
+                     "OTEL_RESOURCE_ATTRIBUTES", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_SCHEDULE_DELAY",
+                     "OTEL_PYTHON_FASTAPI_EXCLUDED_URLS"],
+                    "read by the OpenTelemetry SDK itself"),
+    "COLLECTOR_OTLP_ENABLED": "Jaeger's", "POD_NAME": "a variable of the example",
 }
 
 

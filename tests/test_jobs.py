@@ -15,15 +15,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from support import (API_KEY, PHOTOS, Server, assert_online_answers, assert_top_k, corrupt_png, encode, large_jpeg,
-                     multipart, photo_bytes, results, start_server, submit, variants, wait_for)
+from support import (API_KEY, PHOTOS, Handler, Server, assert_online_answers, assert_top_k, corrupt_png, encode,
+                     http_server, large_jpeg, multipart, photo_bytes, results, start_server, submit, variants, wait_for)
 
 pytestmark = pytest.mark.server
 
@@ -48,30 +47,21 @@ class Receiver:
 def receiver() -> Iterator[Receiver]:
     state = Receiver("")
 
-    class Handler(BaseHTTPRequestHandler):
+    class Receive(Handler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["content-length"]))
             state.received.append((self.path, dict(self.headers), body, time.monotonic()))
             if self.path == "/redirect":
-                self.send_response(307)
-                self.send_header("Location", "/elsewhere")
+                self.answer(307, {"Location": "/elsewhere"})
             elif self.path == "/flaky":
-                self.send_response(500 if len(state.deliveries("/flaky")) == 1 else 204)
+                self.answer(500 if len(state.deliveries("/flaky")) == 1 else 204)
             elif self.path == "/failing" or (self.path == "/down" and state.down.is_set()):
-                self.send_response(500 if self.path == "/failing" else 503)
+                self.answer(500 if self.path == "/failing" else 503)
             else:
-                self.send_response(204)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+                self.answer(204)
 
-        def log_message(self, *args) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield state
-    httpd.shutdown()
+    with http_server(Receive) as state.url:
+        yield state
 
 
 @pytest.fixture(scope="module")

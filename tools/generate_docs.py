@@ -4,9 +4,10 @@
 
 settings.md is made from settings.Settings (one field per variable), so a setting cannot exist without its
 line. performance.md and its plots are made from the newest benchmark results file in docs/results/ (make
-bench writes one per run, every section it measures in it), and two files of their own runs, each named with its
-machine and date on the page: docs/results/image.json (tools/image_build.py) and
-docs/results/int8-candidates.json (bench/int8_candidates.py); no figure on it is typed by hand. tests/test_docs.py checks that the committed
+bench writes one per run, every section it measures in it), and three files of their own runs, each named with its
+machine and date on the page: docs/results/image.json (tools/image_build.py),
+docs/results/int8-candidates.json (bench/int8_candidates.py) and docs/results/tracing.json (bench/tracing.py,
+in make bench); no figure on it is typed by hand. tests/test_docs.py checks that the committed
 pages are what this writes.
 """
 
@@ -244,6 +245,20 @@ def candidates_section(candidates: dict | None) -> list[str]:
     return lines
 
 
+def tracing_section(tracing: dict | None) -> list[str]:
+    """What tracing costs: another run (bench/tracing.py, after bench/benchmark.py in make bench)."""
+    if not tracing:
+        return ["## Tracing", "", "Not measured yet: run `python -m bench.tracing`.", ""]
+    lines = [f"## Tracing: `bench/tracing.py`, {tracing['date']}, on {tracing['cpu']} {{#tracing}}", "",
+             f"The default replica at c=8, ImageNet-size JPEGs, cache off, {tracing['rounds']} interleaved runs of "
+             f"{tracing['seconds_per_run']:g} s each; on: every request sampled and exported over OTLP/HTTP to a "
+             "receiver on the same machine ([Traces](operations.md#traces)).", "",
+             "| tracing | answers/s | p50 | p99 |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {row['row']} | {row['ok_per_s']} | {row['p50_ms']} ms | {row['p99_ms']} ms |" for row in tracing["rows"]]
+    lines += ["", "| | target | measured |", "| --- | --- | --- |"]
+    return lines + [target_row(target) for target in tracing["targets"]] + [""]
+
+
 def slim_section(rows: dict[str, dict], targets: list[dict]) -> list[str]:
     """The slim replica beside torch and the onnxruntime backend, as this run measured them (bench/slim.py)."""
     lines = ["## The slim replica (`MODEL_ONNX`)", "",
@@ -293,7 +308,8 @@ def target_row(target: dict) -> str:
     return f"| {VERDICTS.get(target['verdict'], target['verdict'])} | {target['target']} | {target['value']} |"
 
 
-def performance_page(results: dict, source: str, image: dict | None, candidates: dict | None = None) -> str:
+def performance_page(results: dict, source: str, image: dict | None, candidates: dict | None = None,
+                     tracing: dict | None = None) -> str:
     machine = results["machine"]
     lines = [
         "# Performance",
@@ -350,6 +366,7 @@ def performance_page(results: dict, source: str, image: dict | None, candidates:
     rows = {row["row"]: row for row in results["rows"]}
     lines += latency_section(rows)
     lines += slim_section(rows, results["targets"])
+    lines += tracing_section(tracing)
     lines += candidates_section(candidates)
     lines += image_section(image)
     return "\n".join(lines)
@@ -390,7 +407,8 @@ def readme(text: str, results: dict, source: str) -> str:
 
 
 def optional_results(name: str) -> dict | None:
-    """A results file of another run beside make bench's (image.json, int8-candidates.json), if written."""
+    """A results file of another run beside make bench's (image.json, int8-candidates.json, tracing.json), if
+    written."""
     path = RESULTS / name
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -399,7 +417,8 @@ def performance_from_files() -> tuple[Path, dict, str]:
     """The newest run's file, its results, and the performance page every results file renders into."""
     source = newest_results()
     results = json.loads(source.read_text())
-    page = performance_page(results, source.name, optional_results("image.json"), optional_results("int8-candidates.json"))
+    page = performance_page(results, source.name, optional_results("image.json"), optional_results("int8-candidates.json"),
+                            optional_results("tracing.json"))
     return source, results, page
 
 

@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from classifier import rules
+from classifier import rules, tracing
 from classifier.errors import BadRequest, NotFound, Unavailable, Unprocessable
 from classifier.http.base import Served
 from classifier.inference.images import ImageTooLarge
@@ -147,7 +147,8 @@ async def submit(
     del files
     try:
         row, created = await asyncio.to_thread(jobs.create, k, images, webhook_url=webhook, idempotency_key=idempotency_key,
-                                               max_pending_bytes=settings.jobs_max_pending_bytes)
+                                               max_pending_bytes=settings.jobs_max_pending_bytes,
+                                               traceparent=tracing.traceparent())
     except PendingFull as full:
         raise jobs_full(full.args[0], settings) from None
     if not created:

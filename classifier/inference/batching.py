@@ -31,7 +31,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanContext, Tracer
 
+from classifier import tracing
 from classifier.errors import DeadlineExceeded, Unavailable
 from classifier.inference.cache import ResultCache
 
@@ -50,6 +53,8 @@ class _Job:
     result: asyncio.Future[np.ndarray]
     queued_at: float
     deadline: float | None = None  # monotonic: when its caller stops waiting
+    trace: SpanContext = trace.INVALID_SPAN_CONTEXT  # the span that submitted it (a request's, a job image's)
+    queued_ns: int = 0  # time.time_ns() when queued, for its queue span
 
 
 @dataclass
@@ -89,6 +94,8 @@ class Batcher:
         init_decode_thread: Callable[[], None] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_deadline: Callable[[str, int], None] | None = None,
+        tracer: Tracer = tracing.NO_TRACER,
+        span_attributes: dict[str, str] | None = None,
     ) -> None:
         self.prepare = prepare
         self.predict = predict
@@ -97,6 +104,8 @@ class Batcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.on_deadline = on_deadline or (lambda stage, images: None)  # images dropped late, by stage
+        self.tracer = tracer  # spans: decode, queue (per image), forward (per batch, linked to its images)
+        self.span_attributes = span_attributes or {}  # on every forward span: the runtime, its precision
         self.idle_s = idle_s
         self.job_batch_max_s = job_batch_max_s  # None: background batches of up to max_batch_size
         self.job_full_batch_after_s = job_full_batch_after_s
@@ -245,18 +254,20 @@ class Batcher:
         if isinstance(data, np.ndarray):
             image = data
         elif background:
-            image = await loop.run_in_executor(self._background_decoders, self.prepare, data)
+            with self.tracer.start_as_current_span("decode", attributes={"image.bytes": len(data)}):
+                image = await loop.run_in_executor(self._background_decoders, self.prepare, data)
         else:
             self._decoding += 1
             try:
-                image = await loop.run_in_executor(self._decoders, self.prepare, data)
+                with self.tracer.start_as_current_span("decode", attributes={"image.bytes": len(data)}):
+                    image = await loop.run_in_executor(self._decoders, self.prepare, data)
             except asyncio.CancelledError:
                 if deadline is not None and time.monotonic() >= deadline:  # its caller's deadline withdrew it
                     self.on_deadline("decode", 1)
                 raise
             finally:
                 self._decoding -= 1
-        job = _Job(image, loop.create_future(), time.monotonic(), deadline)
+        job = _Job(image, loop.create_future(), time.monotonic(), deadline, tracing.current(), time.time_ns())
         (self._background if background else self._queue).put_nowait(job)
         self._arrived.set()
         return await job.result
@@ -330,8 +341,17 @@ class Batcher:
             batch, background = await self._next_batch()
             if not batch:
                 continue
-            started = time.monotonic()
+            started, started_ns = time.monotonic(), time.time_ns()
+            # One span per batch, linked to the span of every image it serves (fan-in); in the trace of the first
+            # of them that is sampled, so a sampled request's trace holds its forward pass whenever it can.
+            traces = [job.trace for job in batch]
+            first = next((span for span in traces if span.trace_flags.sampled), traces[0])
+            forward = self.tracer.start_span("forward", tracing.under(first),
+                                             start_time=started_ns, links=tracing.links(traces),
+                                             attributes={"batch.size": len(batch), "batch.background": background,
+                                                         **self.span_attributes})
             rows = await loop.run_in_executor(self._inference, self._forward, batch)
+            forward.end()
             finished = time.monotonic()
             for job, row in zip(batch, rows):
                 if job.result.done():
@@ -347,9 +367,10 @@ class Batcher:
                 self.on_deadline("forward", late)
             batch = [job for job, row in zip(batch, rows) if not isinstance(row, DeadlineExceeded)]
             if batch:
-                self._observe(batch, background, started, finished)
+                self._observe(batch, background, started, finished, (forward, started_ns))
 
-    def _observe(self, batch: list[_Job], background: bool, started: float, finished: float) -> None:
+    def _observe(self, batch: list[_Job], background: bool, started: float, finished: float,
+                 forward: tuple[Span, int]) -> None:
         """What a forward pass measured: the time per image (job batches are sized by it), and BatchStats."""
         per_image = (finished - started) / len(batch)
         self._image_s = per_image if self._image_s is None else 0.8 * self._image_s + 0.2 * per_image
@@ -361,6 +382,7 @@ class Batcher:
             # The part of each image's wait spent behind the last background forward pass: what jobs cost it.
             job_started, job_finished = self._last_background
             behind_job = [max(0.0, min(job_finished, started) - max(job.queued_at, job_started)) for job in batch]
+        self._trace_queue(batch, *forward, behind_job)
         if self.on_batch:
             stats = BatchStats(len(batch), [started - job.queued_at for job in batch], finished - started,
                                background, behind_job)
@@ -368,6 +390,14 @@ class Batcher:
                 self.on_batch(stats)
             except Exception:  # an observer's bug must not stop the worker
                 log.exception("on_batch failed")
+
+    def _trace_queue(self, batch: list[_Job], forward: Span, started_ns: int, behind_job: list[float]) -> None:
+        """Each traced image's wait in the queue, in its own trace, linked to the forward pass that ended it."""
+        for job, behind in zip(batch, behind_job or [0.0] * len(batch)):
+            if job.trace.is_valid:
+                self.tracer.start_span("queue", tracing.under(job.trace), start_time=job.queued_ns,
+                                       links=[Link(forward.get_span_context())],
+                                       attributes={"queue.behind_job_s": behind}).end(end_time=started_ns)
 
     def _forward(self, batch: list[_Job]) -> list[np.ndarray | Exception]:
         """On the forward thread, just before the pass: an image whose deadline has passed is dropped here, so

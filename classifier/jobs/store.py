@@ -61,6 +61,7 @@ jobs = Table(
     Column("webhook_attempts", Integer, nullable=False, default=0),
     Column("webhook_last_status", Integer),
     Column("webhook_next_at", Double),  # when to try (again); null: nothing to send
+    Column("traceparent", Text),  # the submission's trace context (W3C), when it was traced
     Index("jobs_newest_first", "created_at", "id"),
     Index("jobs_webhook_due", "webhook_next_at"),
     Index("jobs_expiry", "expires_at"),
@@ -112,6 +113,7 @@ class ClaimedImage:
     data: bytes
     k: int
     attempts: int  # including this claim
+    traceparent: str | None = None  # its job's submission, when traced
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class JobStore:
     # Submitting and reading jobs
 
     def create(self, k: int, images: list[NewImage], *, webhook_url: str | None, idempotency_key: str | None,
-               max_pending_bytes: int) -> tuple[Row, bool]:
+               max_pending_bytes: int, traceparent: str | None = None) -> tuple[Row, bool]:
         """A new job with all its images, in one transaction: (the job, True). With an idempotency key
         already used by a live job: (that job, False). Raises PendingFull past max_pending_bytes."""
         now = time.time()
@@ -208,7 +210,8 @@ class JobStore:
                             self._delete(connection, expired)
                     connection.execute(insert(jobs).values(
                         id=job_id, status="queued", k=k, total=len(images), done=len(answered),
-                        failed=len(answered), created_at=now, idempotency_key=idempotency_key, webhook_url=webhook_url))
+                        failed=len(answered), created_at=now, idempotency_key=idempotency_key, webhook_url=webhook_url,
+                        traceparent=traceparent))
                     stored = [{"job_id": job_id, "index": index, "filename": image.filename, "data": image.data,
                                "size": len(image.data), "queued_at": now}
                               for index, image in enumerate(images) if image.data is not None]
@@ -312,7 +315,7 @@ class JobStore:
                                .values(status="running", started_at=now))
             rows = connection.execute(
                 select(job_images.c.job_id, job_images.c.index, job_images.c.filename, job_images.c.data, jobs.c.k,
-                       job_images.c.attempts)
+                       job_images.c.attempts, jobs.c.traceparent)
                 .join(jobs, jobs.c.id == job_images.c.job_id).where(chosen)
                 .order_by(job_images.c.queued_at, job_images.c.job_id, job_images.c.index)).all()
         return [ClaimedImage(*row) for row in rows]

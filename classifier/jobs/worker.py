@@ -21,6 +21,8 @@ from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 from standardwebhooks.webhooks import Webhook
 
+from classifier import tracing
+from classifier.tracing import Tracing
 from classifier.errors import InsufficientStorage, ServiceError, Unavailable
 from classifier.inference.batching import Batcher
 from classifier.inference.images import ImageError
@@ -46,12 +48,13 @@ class GaveUp(ImageError):
 
 class JobWorker:
     def __init__(self, store: JobStore, batcher: Batcher, labels: Sequence[str], *, webhook_secret: str | None,
-                 webhook_first_retry_s: float) -> None:
+                 webhook_first_retry_s: float, tracing: Tracing | None = None) -> None:
         self.store = store
         self.batcher = batcher
         self.labels = labels
         self.signer = Webhook(webhook_secret) if webhook_secret else None
         self.webhook_first_retry_s = webhook_first_retry_s
+        self.tracing = tracing or Tracing("none")
         self._submitted = asyncio.Event()  # a job was stored: look for work now, not at the next poll
         self._ended = asyncio.Event()  # replaced each time a job ends, so waiters wake
         self._tasks: set[asyncio.Task[None]] = set()  # the loops, the batches out, the webhooks being sent
@@ -71,6 +74,7 @@ class JobWorker:
         else:
             self._opened = True
         self._client = httpx.AsyncClient()
+        self.tracing.instrument_client(self._client)  # a webhook sends traceparent: its job's trace
         self._spawn(self._work())
 
     async def _work(self) -> None:
@@ -179,9 +183,22 @@ class JobWorker:
                 log.warning("renewing job image leases: the database is unavailable (%s)", type(error).__name__)
 
     async def _classify_and_record(self, images: list[ClaimedImage]) -> None:
+        # A span for the images claimed together, in a trace of its own (a job outlives its request, and may be
+        # worked on by another replica, after a restart), linked to the submission of each job among them.
+        submissions = tracing.links(list({image.traceparent: tracing.stored(image.traceparent) for image in images}.values()))
+        with self.tracing.tracer.start_as_current_span("job images", links=submissions,
+                                                        attributes={"images": len(images)}):
+            await self._classify_and_record_traced(images)
+
+    async def _classify_image(self, image: ClaimedImage) -> object:
+        with self.tracing.tracer.start_as_current_span(
+                "job image", links=tracing.links([tracing.stored(image.traceparent)]),
+                attributes={"job.id": image.job_id, "job.image.index": image.index, "job.image.attempt": image.attempts}):
+            return await self.batcher.submit(image.data, background=True)
+
+    async def _classify_and_record_traced(self, images: list[ClaimedImage]) -> None:
         tried = [image for image in images if image.attempts <= MAX_ATTEMPTS]
-        answers = await asyncio.gather(*(self.batcher.submit(image.data, background=True) for image in tried),
-                                       return_exceptions=True)
+        answers = await asyncio.gather(*(self._classify_image(image) for image in tried), return_exceptions=True)
         outcome_of = dict(zip(((image.job_id, image.index) for image in tried), answers))
         outcomes = []
         for image in images:
@@ -191,12 +208,13 @@ class JobWorker:
                 raise answer  # cancellation: leave the images to be claimed again
             failed = isinstance(answer, Exception)
             outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k, self.labels), failed))
-        while True:
-            try:
-                ended = await asyncio.to_thread(self.store.record, outcomes)
-                break
-            except DBAPIError as error:  # the answers are kept and stored when the database is back
-                await self._pause("storing job results", error)
+        with self.tracing.tracer.start_as_current_span("store results", attributes={"images": len(outcomes)}):
+            while True:
+                try:
+                    ended = await asyncio.to_thread(self.store.record, outcomes)
+                    break
+                except DBAPIError as error:  # the answers are kept and stored when the database is back
+                    await self._pause("storing job results", error)
         self.store_written()
         failed = sum(outcome.failed for outcome in outcomes)
         JOB_IMAGES.labels("error").inc(failed)
@@ -229,8 +247,10 @@ class JobWorker:
 
     async def _call_back(self, job: Row) -> None:
         assert self.signer is not None and self._client is not None
-        status = await webhooks.deliver(self._client, self.signer, job.webhook_url, f"msg_{job.id}",
-                                        Job.from_row(job).model_dump_json())
+        with self.tracing.tracer.start_as_current_span("webhook", tracing.under(tracing.stored(job.traceparent)),
+                                                        attributes={"job.id": job.id}):
+            status = await webhooks.deliver(self._client, self.signer, job.webhook_url, f"msg_{job.id}",
+                                            Job.from_row(job).model_dump_json())
         delivered = status is not None and 200 <= status < 300
         attempts = job.webhook_attempts + 1
         retry_at = None if delivered else webhooks.retry_at(attempts, self.webhook_first_retry_s, time.time())

@@ -192,7 +192,8 @@ async def serve(service: Service) -> grpc.aio.Server:
     host, port = settings.host, settings.grpc_port
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_upload_bytes),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                                      ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
+                                      ("grpc.so_reuseport", 0)],  # a port in use is an error, not shared
+                             interceptors=service.tracing.grpc_interceptors())
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(service), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
