@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ import pytest
 import tritonclient.grpc as tritonclient
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from support import (Handler, free_port, http_server, metric, photo_bytes, start_server, submit, upload, variants,
+from support import (REPO, Handler, free_port, http_server, metric, photo_bytes, start_server, submit, upload, variants,
                      wait_for, wait_until)
 
 pytestmark = pytest.mark.server
@@ -261,6 +264,22 @@ def test_a_collector_that_is_down_costs_no_request(weights_file, tmp_path):
             assert response.status_code == 200 and len(response.headers["X-Trace-Id"]) == 32
     finally:
         assert server.stop() in (0, -signal.SIGTERM)
+
+
+def test_classify_traces_its_batches_with_the_same_variables(weights_file, collector, tmp_path):
+    for name in ("coffee.png", "astronaut.png", "chelsea.png"):
+        (tmp_path / name).write_bytes(photo_bytes(name))
+    run_id = secrets.token_hex(4)
+    env = {**os.environ, **traced(collector, OTEL_SERVICE_NAME=f"classify-{run_id}")}
+    result = subprocess.run([sys.executable, "-m", "classify", str(tmp_path), "--out", str(tmp_path / "out.jsonl"),
+                             "--batch-size", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    def batches() -> list[Span]:
+        return [s for s in collector.named("classify batch") if s.resource["service.name"] == f"classify-{run_id}"]
+
+    wait_until(lambda: sum(s.attributes["images"] for s in batches()) == 3)  # exported before the process ended
+    assert sorted(s.attributes["images"] for s in batches()) == [1, 2]
 
 
 def test_tracing_is_off_by_default(server):
