@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         allow_methods=["GET", "POST", "DELETE"],
         allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Idempotency-Key", "Prefer",
                        "traceparent", "tracestate", "X-Request-Timeout-Ms"],
-        expose_headers=["X-Request-ID", "X-Trace-Id", "Retry-After", "Location", "Preference-Applied"],
+        expose_headers=["X-Request-ID", "X-Trace-Id", "X-Model-Version", "Retry-After", "Location", "Preference-Applied"],
     )
     app.add_middleware(http_routes.ProtocolErrors)  # /v2 errors as {"error"}, whichever layer above refused
     app.add_middleware(observability.Observe, demo=settings.demo, tracer=tracing.tracer)

@@ -42,6 +42,12 @@ class NotFound(ServiceError):
     status = 404
 
 
+class Conflict(ServiceError):
+    """The resource's state does not allow it (a job whose results already come from another model version)."""
+
+    status = 409
+
+
 class TooLarge(ServiceError):
     """More images, bytes or pixels than a limit allows."""
 

@@ -45,6 +45,9 @@ JOB_IMAGES = Counter("job_images_total", "Job images answered, by outcome", ["ou
 JOB_IMAGES_RETRIED = Counter("job_images_retried_total", "Job images claimed again because an earlier claim ended without "
                              "a result (its worker died, or its lease ran out)")
 JOB_IMAGES_PENDING = Gauge("job_images_pending", "Job images stored and not yet classified (the backlog)")
+JOB_IMAGES_OTHER_VERSION = Gauge("job_images_waiting_for_other_version",
+                                 "Job images stored for another model version than this replica serves: they wait for a "
+                                 "replica serving it (or POST /jobs/{id}/adopt)")
 JOB_PENDING_BYTES = Gauge("job_pending_bytes", "Bytes of stored, unclassified job images (JOBS_MAX_PENDING_BYTES bounds them)")
 JOB_OLDEST_PENDING_AGE = Gauge("job_oldest_pending_image_age_seconds",
                                "Age of the oldest unclassified job image; 0 when there is none (a signal to scale on)")

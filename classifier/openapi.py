@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from classifier import rules
+from classifier.http.base import MODEL_VERSION_HEADER
 from classifier.observability import every_route
 from classifier.schemas import FILE_PART, Error
 from classifier.settings import Settings
@@ -76,6 +77,9 @@ def document_for(app: FastAPI, settings: Settings, keyed: tuple[APIRouter, ...],
                                                      "content": {"application/json": {"schema": error}}}
                 if (path, method) in online_operations:
                     operation.setdefault("parameters", []).append(timeout_header(settings))
+                    operation["responses"]["200"].setdefault("headers", {})[MODEL_VERSION_HEADER] = {
+                        "description": "The version of the model that made the answer (GET /model's version)",
+                        "schema": {"type": "string"}}
                     operation["responses"]["504"] = {"description": "The request's deadline passed before its answer was "
                                                      "ready", "content": {"application/json": {"schema": error}}}
                 if settings.api_key is not None and (path, method) in keyed_operations:

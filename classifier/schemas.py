@@ -67,6 +67,9 @@ class Job(BaseModel):
     finished_at: datetime | None
     results_url: str = Field(examples=["/jobs/3f2a9c0e5b7d41e8a6c4f0b2d9e7a1c3/results"])
     webhook: WebhookState | None
+    model_version: str | None = Field(description="The model version it was submitted to (GET /model's version): only a "
+                                      "replica serving it works on its images, so all its predictions come from it; "
+                                      "null for jobs from before versions were recorded", examples=["3f9a2c7e41b0"])
 
     @classmethod
     def from_row(cls, row: Row) -> Job:
@@ -79,10 +82,13 @@ class Job(BaseModel):
                                    last_status=row.webhook_last_status)
         return cls(id=row.id, status=row.status, k=row.k, total=row.total, done=row.done, failed=row.failed,
                    created_at=utc(row.created_at), started_at=utc(row.started_at), finished_at=utc(row.finished_at),
-                   results_url=f"/jobs/{row.id}/results", webhook=webhook)
+                   results_url=f"/jobs/{row.id}/results", webhook=webhook, model_version=row.model_version)
 
 
-def result_line(index: int, filename: str | None, result: np.ndarray | Exception, k: int, labels: Sequence[str]) -> str:
-    """One image's entry of a job's results: a /predict/batch entry and its index, as one line of JSON."""
+def result_line(index: int, filename: str | None, result: np.ndarray | Exception, k: int, labels: Sequence[str],
+                model_version: str | None = None) -> str:
+    """One image's entry of a job's results: a /predict/batch entry and its index, and on a prediction the model
+    version that made it, as one line of JSON."""
     named = {"filename": filename} if filename is not None else {}
-    return json.dumps({"index": index, **named, **outcome(result, k, labels)})
+    made = {"model_version": model_version} if model_version and not isinstance(result, Exception) else {}
+    return json.dumps({"index": index, **named, **outcome(result, k, labels), **made})

@@ -124,6 +124,8 @@ def test_job_classifies_a_folder_recursively_like_the_reference(runtime, folder,
     assert set(lines) == {str(folder / name) for name in [*SOURCES, "corrupt.jpg"]}
     for name, source in SOURCES.items():
         assert_top_k(lines[str(folder / name)]["predictions"], reference(photo(source)), 5)
+        assert lines[str(folder / name)]["model_version"] == runtime.version  # which model made each line
+    assert "model_version" not in lines[str(folder / "corrupt.jpg")]  # no model made an error
     assert lines[str(folder / "corrupt.jpg")]["error"]["status"] == 400
     assert "truncated" in lines[str(folder / "corrupt.jpg")]["error"]["detail"]
     assert not any("notes.txt" in path for path in lines)
@@ -145,6 +147,19 @@ def test_job_resume_skips_what_is_done_and_repairs_a_torn_line(runtime, folder, 
     assert {json.loads(line)["path"] for line in lines[3:]} == {json.loads(first[3])["path"], str(folder / "new.png")}
     assert run_job(runtime, folder, "--out", out, "--resume") == 0
     assert len(out.read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("format", ["jsonl", "csv"])
+def test_job_refuses_to_continue_a_file_of_another_model_version(runtime, folder, tmp_path, format):
+    out = tmp_path / f"results.{format}"
+    (folder / "corrupt.jpg").unlink()
+    run_job(runtime, folder, "--out", out, "--format", format)
+    written = out.read_text().replace(runtime.version, "0123456789ab")  # as other weights would have written it
+    out.write_text(written)
+    (folder / "new.png").write_bytes(photo_bytes("coffee.png"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(runtime, folder, "--out", out, "--format", format, "--resume")
+    assert exit_info.value.code == 2 and out.read_text() == written
 
 
 def test_job_survives_a_forward_pass_that_fails_for_one_image(runtime, settings, folder, tmp_path, reference):
@@ -193,7 +208,9 @@ def test_job_writes_csv(runtime, folder, tmp_path, reference):
     (folder / "corrupt.jpg").unlink()
     assert run_job(runtime, folder, "--out", out, "--format", "csv", "--k", "2") == 0
     rows = {row["path"]: row for row in csv.DictReader(out.open())}
-    assert list(next(iter(rows.values()))) == ["path", "status", "error", "label_1", "index_1", "score_1", "label_2", "index_2", "score_2"]
+    assert list(next(iter(rows.values()))) == ["path", "status", "error", "model_version", "label_1", "index_1", "score_1",
+                                               "label_2", "index_2", "score_2"]
+    assert {row["model_version"] for row in rows.values()} == {runtime.version}
     expected = reference(photo("coffee.png"))
     row = rows[str(folder / "nested" / "coffee.png")]
     assert float(row["score_1"]) == pytest.approx(expected[int(row["index_1"])].item(), abs=1e-5)

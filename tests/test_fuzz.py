@@ -22,7 +22,7 @@ pytestmark = pytest.mark.system
 OPERATIONS = {("POST", "/predict"), ("POST", "/predict/topk"), ("POST", "/predict/batch"),
               ("GET", "/health"), ("GET", "/ready"), ("GET", "/model"), ("GET", "/metrics"),
               ("POST", "/jobs"), ("GET", "/jobs"), ("GET", "/jobs/{job_id}"), ("GET", "/jobs/{job_id}/results"),
-              ("POST", "/jobs/{job_id}/cancel"), ("DELETE", "/jobs/{job_id}"),
+              ("POST", "/jobs/{job_id}/cancel"), ("POST", "/jobs/{job_id}/adopt"), ("DELETE", "/jobs/{job_id}"),
               ("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2/models/{name}"),
               ("GET", "/v2/models/{name}/ready"), ("POST", "/v2/models/{name}/infer")}
 

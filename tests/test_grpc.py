@@ -50,10 +50,12 @@ def photos_input(datas: list[bytes]) -> tritonclient.InferInput:
 def test_health_metadata_and_readiness_agree_with_http(served):
     server, client = served
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
-    assert client.is_model_ready(MODEL, "1") and not client.is_model_ready("resnet50")
+    version = httpx.get(f"{server.url}/model").json()["version"]
+    assert client.is_model_ready(MODEL, version) and not client.is_model_ready(MODEL, "1")
+    assert not client.is_model_ready("resnet50")
     assert httpx.get(f"{server.url}/ready").status_code == 200
     metadata = client.get_model_metadata(MODEL, as_json=True)
-    assert metadata["name"] == MODEL and metadata["versions"] == ["1"]
+    assert metadata["name"] == MODEL and metadata["versions"] == [version]
     assert {(t["name"], t["datatype"], tuple(map(int, t["shape"]))) for t in metadata["inputs"]} == {
         ("image", "BYTES", (-1,)), ("input", "FP32", (-1, 3, 224, 224))}
     assert {"binary_tensor_data", "classification"} <= set(client.get_server_metadata(as_json=True)["extensions"])

@@ -238,6 +238,7 @@ def test_webhooks_are_signed_retried_and_never_follow_redirects(jobs_server, rec
     for headers, body in deliveries:
         job = Webhook(WEBHOOK_SECRET).verify(body, headers)
         assert job["id"] == flaky["id"] and job["status"] == "succeeded" and job["done"] == 2
+        assert job["model_version"] == httpx.get(f"{jobs_server.url}/model").json()["version"]  # which model answered
     assert deliveries[0][0]["webhook-id"] == deliveries[1][0]["webhook-id"]  # the same message, retried
     with pytest.raises(Exception):
         Webhook("whsec_" + base64.b64encode(b"another secret, 24 bytes").decode()).verify(deliveries[0][1], deliveries[0][0])

@@ -169,6 +169,26 @@ def test_openapi_lists_both_endpoints_with_multipart_upload(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_every_prediction_says_the_model_version_that_made_it(client, service):
+    version = client.get("/model").json()["version"]
+    assert version == service.runtime.version and len(version) == 12 and int(version, 16) >= 0
+    photo = upload(photo_bytes("coffee.png"))
+    for path in ("/predict", "/predict/topk", "/predict/batch"):
+        response = client.post(path, files=photo if path != "/predict/batch" else {"files": photo["file"]})
+        assert response.status_code == 200 and response.headers["X-Model-Version"] == version
+    assert "X-Model-Version" not in client.get("/health").headers  # not an answer of the model
+
+
+def test_the_model_version_is_decided_by_the_weights_and_the_precision_only(runtime):
+    from dataclasses import replace
+
+    assert replace(runtime, backend="onnxruntime", device_name="another CPU").version == runtime.version
+    assert replace(runtime, precision="bf16").version != runtime.version
+    assert replace(runtime, weights_hash="0" * 32).version != runtime.version
+    assert replace(runtime, precision="int8", int8_made={"model_hash": "a"}).version != \
+        replace(runtime, precision="int8", int8_made={"model_hash": "b"}).version
+
+
 def test_health_ready_and_model_info(client, weights_file):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ok"}

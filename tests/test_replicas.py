@@ -158,3 +158,65 @@ def test_a_replica_started_while_the_database_is_down_serves_online_and_takes_jo
             postgres.start()
         if server is not None:
             server.stop()
+
+
+def other_weights(folder: Path) -> Path:
+    """Weights another seed makes: another model, as a fine-tuned one is to the first."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1)
+    path = folder / "resnet18-other.pth"
+    torch.save(resnet18().state_dict(), path)
+    return path
+
+
+def test_replicas_of_two_model_versions_never_mix_a_jobs_results(tmp_path: Path, weights_file, postgres: Postgres):
+    """A rolling update: replicas of the old and the new weights on one job store. Each job is worked on only by
+    replicas of the version it was submitted to. When the old version is gone, a job it never started waits,
+    visibly, until it is moved to the new one; one it had started cannot be moved (its results would mix two
+    models), only canceled."""
+    database = postgres.new_database()
+    # The old replica classifies one image per forward pass (not 8): killed, it leaves most of a long job undone.
+    old = start_server(tmp_path / "old", JOBS_DATABASE_URL=database, MAX_BATCH_SIZE="1")
+    new = start_server(tmp_path / "new", JOBS_DATABASE_URL=database, MODEL_WEIGHTS=str(other_weights(tmp_path)))
+    try:
+        old_version, new_version = (httpx.get(f"{s.url}/model").json()["version"] for s in (old, new))
+        assert old_version != new_version
+        jobs = {old_version: submit(old, variants(40)).json(), new_version: submit(new, variants(40)).json()}
+        for version, job in jobs.items():
+            assert job["model_version"] == version
+            done = job_when(old, job["id"], ended)
+            assert (done["status"], done["done"], done["failed"]) == ("succeeded", 40, 0)
+            response = httpx.get(f"{new.url}/jobs/{job['id']}/results")
+            assert response.headers["X-Model-Version"] == version
+            assert {entry["model_version"] for entry in response.json()["results"]} == {version}  # all 40 from one
+        for server, version in ((old, old_version), (new, new_version)):  # online, each its own version
+            answer = httpx.post(f"{server.url}/predict", files=upload(photo_bytes("coffee.png")), timeout=60)
+            assert answer.headers["X-Model-Version"] == version
+
+        # The old version goes while a long job of it runs; a job submitted after it is queued behind it, untouched.
+        started = submit(old, variants(200)).json()
+        job_when(old, started["id"], lambda j: j["done"] >= 1)
+        untouched = submit(old, variants(8)).json()
+        old.process.send_signal(signal.SIGKILL)
+        old.process.wait(10)
+        deadline = time.monotonic() + 30
+        while not re.search(r"^job_images_waiting_for_other_version [1-9]", httpx.get(f"{new.url}/metrics").text, re.M):
+            assert time.monotonic() < deadline, "the new replica should say that images wait for another version"
+            time.sleep(0.1)
+        assert httpx.get(f"{new.url}/jobs/{untouched['id']}").json()["done"] == 0  # the new weights took none of it
+
+        moved = httpx.post(f"{new.url}/jobs/{untouched['id']}/adopt")
+        assert moved.status_code == 200 and moved.json()["model_version"] == new_version
+        assert job_when(new, untouched["id"], ended)["done"] == 8
+        assert {entry["model_version"] for entry in results(new, untouched["id"])} == {new_version}
+
+        refused = httpx.post(f"{new.url}/jobs/{started['id']}/adopt")
+        assert refused.status_code == 409 and "cancel it and submit it again" in refused.json()["detail"]
+        assert httpx.post(f"{new.url}/jobs/{started['id']}/cancel").json()["status"] == "canceled"
+        assert {entry["model_version"] for entry in results(new, started["id"])} == {old_version}
+    finally:
+        for server in (old, new):
+            if server.process.poll() is None:
+                server.stop()

@@ -84,6 +84,7 @@ def test_it_says_it_is_slim_and_which_weights_it_serves(slim_server, server, mod
     assert (slim["runtime"], slim["backend"], slim["precision"]) == ("slim", "onnxruntime", "fp32")
     assert full["runtime"] == "torch" and full["slim"] is None
     assert slim["weights_hash"] == full["weights_hash"]  # the hash of the weights the file was exported from
+    assert slim["version"] == full["version"]  # same weights, same precision: the same answers, the same version
     assert slim["weights"] == full["weights"] and slim["preprocessing"] == full["preprocessing"]
     assert slim["slim"]["model_file"] == model_file.name and slim["slim"]["format"] == "classifier-onnx/1"
     assert slim["slim"]["exported_with"].startswith(f"torch {torch.__version__}")

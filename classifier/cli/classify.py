@@ -111,9 +111,11 @@ class Results:
 
     def __init__(self, path: Path, format: str, k: int) -> None:
         self.path, self.format, self.k = path, format, k
+        self.versions: set[str] = set()  # the model versions of the predictions already recorded (done() reads them)
 
     def done(self) -> set[str]:
-        """Paths already recorded. A torn last line (a crash mid-write) is cut off first."""
+        """Paths already recorded, and their model versions in self.versions. A torn last line (a crash mid-write)
+        is cut off first."""
         if not self.path.exists():
             return set()
         data = self.path.read_bytes()
@@ -122,8 +124,11 @@ class Results:
             self.path.write_bytes(data)
         text = data.decode()
         if self.format == "jsonl":
-            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
-        return {row["path"] for row in csv.DictReader(io.StringIO(text))}
+            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            lines = list(csv.DictReader(io.StringIO(text)))
+        self.versions = {line["model_version"] for line in lines if line.get("model_version")}
+        return {line["path"] for line in lines}
 
     def append(self, lines: list[dict]) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
@@ -140,11 +145,12 @@ class Results:
 
     def columns(self) -> list[str]:
         ranked = [f"{name}_{rank}" for rank in range(1, self.k + 1) for name in ("label", "index", "score")]
-        return ["path", "status", "error", *ranked]
+        return ["path", "status", "error", "model_version", *ranked]
 
     def flat(self, line: dict) -> dict:
         error = line.get("error", {})
-        row = {"path": line["path"], "status": error.get("status", ""), "error": error.get("detail", "")}
+        row = {"path": line["path"], "status": error.get("status", ""), "error": error.get("detail", ""),
+               "model_version": line.get("model_version", "")}
         for rank, prediction in enumerate(line.get("predictions", []), start=1):
             row.update({f"{name}_{rank}": value for name, value in prediction.items()})
         return row
@@ -242,6 +248,11 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     images = [path for path in images if in_shard(path, args.shard)]
     results = Results(args.out, args.format, args.k)
     already = results.done() if args.resume else set()
+    if results.versions - {runtime.version}:  # one results file, one model: never continued on other weights
+        print(f"python -m classify: error: {args.out} holds predictions of model version "
+              f"{', '.join(sorted(results.versions))}; this run's is {runtime.version}: choose another --out",
+              file=sys.stderr)
+        raise SystemExit(2)
     todo = [path for path in images if str(path) not in already]
 
     failed = 0
@@ -250,7 +261,8 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress:
         for paths, prepared in batches(todo, pool, args.batch_size, cache, prepare):
             with tracing.tracer.start_as_current_span("classify batch", attributes={"images": len(paths)}) as span:
-                lines = [{"path": str(path), **outcome(result, args.k, runtime.labels)}
+                lines = [{"path": str(path), **outcome(result, args.k, runtime.labels),
+                          **({} if isinstance(result, Exception) else {"model_version": runtime.version})}
                          for path, result in zip(paths, answer(prepared, cache, runtime.predict))]
                 failed += sum("error" in line for line in lines)
                 span.set_attribute("images.failed", sum("error" in line for line in lines))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
@@ -27,6 +27,18 @@ def service_of(request: Request) -> Service:
 
 
 Served = Annotated[Service, Depends(service_of)]
+
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+def model_version(service: Served) -> dict[str, str]:
+    """The header every prediction's answer carries: the version of the model that made it (Runtime.version)."""
+    return {MODEL_VERSION_HEADER: service.runtime.version}
+
+
+def say_model_version(response: Response, service: Served) -> None:
+    """A dependency of the routes that answer predictions: their answers carry model_version's header."""
+    response.headers.update(model_version(service))
 
 
 def deadline(request: Request) -> float | None:

@@ -20,8 +20,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from classifier import rules, tracing
-from classifier.errors import BadRequest, NotFound, Unavailable, Unprocessable
-from classifier.http.base import Served
+from classifier.errors import BadRequest, Conflict, NotFound, Unavailable, Unprocessable
+from classifier.http.base import MODEL_VERSION_HEADER, Served
 from classifier.inference.images import ImageTooLarge
 from classifier.jobs import webhooks
 from classifier.jobs.store import TERMINAL, NewImage, PendingFull
@@ -42,6 +42,7 @@ class JobList(BaseModel):
 
 class JobResult(BatchItem):
     index: int = Field(ge=0, description="The image's place in the upload, from 0")
+    model_version: str | None = Field(None, description="On a prediction: the model version that made it (the job's)")
 
 
 class JobResults(BaseModel):
@@ -148,7 +149,8 @@ async def submit(
     try:
         row, created = await asyncio.to_thread(jobs.create, k, images, webhook_url=webhook, idempotency_key=idempotency_key,
                                                max_pending_bytes=settings.jobs_max_pending_bytes,
-                                               traceparent=tracing.traceparent())
+                                               traceparent=tracing.traceparent(),
+                                               model_version=service.runtime.version)
     except PendingFull as full:
         raise jobs_full(full.args[0], settings) from None
     if not created:
@@ -219,10 +221,11 @@ async def get_results(
     if row is None:
         raise not_found(job_id)
     lines = iterate_in_threadpool(jobs.results(row.id))
+    version = {MODEL_VERSION_HEADER: row.model_version} if row.model_version else {}  # all its predictions' version
     if format == "jsonl" or (format is None and "application/x-ndjson" in request.headers.get("accept", "")):
-        return StreamingResponse(jsonl(lines), media_type="application/x-ndjson")
+        return StreamingResponse(jsonl(lines), media_type="application/x-ndjson", headers=version)
     head = json.dumps({"id": row.id, "status": row.status})[:-1] + ', "results": ['
-    return StreamingResponse(json_document(head, lines), media_type="application/json")
+    return StreamingResponse(json_document(head, lines), media_type="application/json", headers=version)
 
 
 async def jsonl(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -249,6 +252,23 @@ async def cancel_job(service: Served, job_id: str) -> Job:
     if canceled:
         JOBS_FINISHED.labels("canceled").inc()
         service.jobs.ended()
+    return Job.from_row(row)
+
+
+@router.post("/{job_id}/adopt", response_model=Job, responses=errors(404, 409),
+             summary="Move a job waiting for another model version to this replica's")
+async def adopt_job(service: Served, job_id: str) -> Job:
+    """A job is worked on only by replicas serving the model version it was submitted to. When no replica serves
+    that version any more (the weights were rolled out), its images wait (job_images_waiting_for_other_version):
+    this moves it to the version of the replica that answers, if none of its images was classified yet (409
+    otherwise: its results would come from two models; cancel it and submit it again). A job already on this
+    version is returned unchanged."""
+    row, refusal = await asyncio.to_thread(service.jobs.store.adopt, job_id, service.runtime.version)
+    if row is None:
+        raise not_found(job_id)
+    if refusal:
+        raise Conflict(refusal)
+    service.jobs.submitted()  # this replica may take its images now
     return Job.from_row(row)
 
 

@@ -42,6 +42,8 @@ class CacheInfo(BaseModel):
 class Int8Info(BaseModel):
     weights: str = Field(description="Hash of the weights it was quantized from (the service checks they are the ones "
                          "loaded)", examples=["9f0c2e5b8a7d41c3b6e2f1a0d4c5b6a7"])
+    model_hash: str = Field(description="A hash of the int8 file's bytes (BLAKE2b): part of the model version",
+                            examples=["5d1c0b6f2e8a4b7c9d0e1f2a3b4c5d6e"])
     calibration_images: int = Field(description="How many photos calibrated its activation ranges", examples=[300])
     calibration_hash: str = Field(description="A hash of those photos' bytes", examples=["947c4f51f56efef57810da63ac20ba95"])
     calibration_method: str = Field(description="How it was quantized (python -m quantize)",
@@ -67,6 +69,10 @@ class SlimInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     architecture: Literal["resnet18"] = "resnet18"
+    version: str = Field(description="The model version: a hash of what decides the answers (the weights' values, the "
+                         "precision, int8's file). Every prediction says it (X-Model-Version), as do /v2, job results "
+                         "and python -m classify; replicas of the same weights and precision share it",
+                         examples=["3f9a2c7e41b0"])
     weights: str = Field(description="Where the weights came from", examples=["torchvision:ResNet18_Weights.IMAGENET1K_V1"])
     weights_hash: str = Field(description="A hash of the weights' values (BLAKE2b): which model answers; an exported "
                               "file records that of the weights it came from", examples=["9f0c2e5b8a7d41c3b6e2f1a0d4c5b6a7"])
@@ -118,6 +124,7 @@ async def metrics() -> Response:
 async def model_info(service: Served) -> ModelInfo:
     served, file, settings = service.runtime, service.runtime.model_file, service.settings
     return ModelInfo(
+        version=served.version,
         weights=served.weights_source,
         weights_hash=served.weights_hash,
         runtime="slim" if file else "torch",

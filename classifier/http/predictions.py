@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Request, UploadFile
 
-from classifier.http.base import Served, deadline, until_disconnected
+from classifier.http.base import Served, deadline, say_model_version, until_disconnected
 from classifier.inference.images import READABLE
 from classifier.inference.outcomes import Prediction, outcome, top_k
 from classifier.schemas import BatchItem, BatchResults, TopK, TopKParameter, errors
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(say_model_version)])
 
 PREDICT_ERRORS = errors(400, 413, 415, 422, 503)
 UploadedImage = Annotated[UploadFile, File(description=f"The photo: {READABLE}",

@@ -14,6 +14,7 @@ Two runtimes give the same answers:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -67,6 +68,14 @@ class Runtime:
     # The thread that loaded the model and runs every forward pass (runtimes.load): predict, called from any
     # thread, runs there. None: predict runs on its caller's thread.
     forward_thread: ThreadPoolExecutor | None = None
+
+    @property
+    def version(self) -> str:
+        """The model version: what decides the answers, as 12 hex digits. The weights' values and the precision (and
+        int8's file); not the backend or the device, whose answers agree within 1e-5: a slim replica and a torch
+        one of the same weights serve the same version."""
+        decides = f"{self.weights_hash} {self.precision} {self.int8_made.get('model_hash', '')}"
+        return hashlib.blake2b(decides.encode(), digest_size=6).hexdigest()
 
     @property
     def default_batch_size(self) -> int:

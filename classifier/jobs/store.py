@@ -32,7 +32,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import (Boolean, Column, Double, ForeignKey, Index, Integer, LargeBinary, MetaData, Row, String, Table,
-                        Text, and_, case, create_engine, delete, event, func, insert, make_url, or_, select, tuple_,
+                        Text, and_, case, create_engine, delete, event, func, insert, make_url, or_, select, true, tuple_,
                         update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -62,6 +62,7 @@ jobs = Table(
     Column("webhook_last_status", Integer),
     Column("webhook_next_at", Double),  # when to try (again); null: nothing to send
     Column("traceparent", Text),  # the submission's trace context (W3C), when it was traced
+    Column("model_version", String(32)),  # the version it was submitted to: only replicas serving it work on it
     Index("jobs_newest_first", "created_at", "id"),
     Index("jobs_webhook_due", "webhook_next_at"),
     Index("jobs_expiry", "expires_at"),
@@ -129,6 +130,7 @@ class Backlog:
     images: int
     bytes: int
     oldest_queued_at: float | None
+    other_versions: int = 0  # images of jobs pinned to another model version than the one asked about
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -189,7 +191,8 @@ class JobStore:
     # Submitting and reading jobs
 
     def create(self, k: int, images: list[NewImage], *, webhook_url: str | None, idempotency_key: str | None,
-               max_pending_bytes: int, traceparent: str | None = None) -> tuple[Row, bool]:
+               max_pending_bytes: int, traceparent: str | None = None, model_version: str | None = None
+               ) -> tuple[Row, bool]:
         """A new job with all its images, in one transaction: (the job, True). With an idempotency key
         already used by a live job: (that job, False). Raises PendingFull past max_pending_bytes."""
         now = time.time()
@@ -211,7 +214,7 @@ class JobStore:
                     connection.execute(insert(jobs).values(
                         id=job_id, status="queued", k=k, total=len(images), done=len(answered),
                         failed=len(answered), created_at=now, idempotency_key=idempotency_key, webhook_url=webhook_url,
-                        traceparent=traceparent))
+                        traceparent=traceparent, model_version=model_version))
                     stored = [{"job_id": job_id, "index": index, "filename": image.filename, "data": image.data,
                                "size": len(image.data), "queued_at": now}
                               for index, image in enumerate(images) if image.data is not None]
@@ -276,6 +279,19 @@ class JobStore:
             self._finish(connection, job_id, "canceled", time.time())
         return self.get(job_id), True
 
+    def adopt(self, job_id: str, model_version: str) -> tuple[Row | None, str | None]:
+        """Move a job waiting for another model version to model_version: (the job, None), or (the job, why not)
+        when some of its images were already answered by its own version (its results would mix two models)."""
+        with self.engine.begin() as connection:
+            job = connection.execute(select(jobs).where(jobs.c.id == job_id, self._alive())).first()
+            if job is None or job.model_version in (None, model_version):
+                return job, None
+            if job.done > job.failed or job.status in TERMINAL:
+                return job, (f"{job.done} of its images were answered by model version {job.model_version}: its results "
+                             f"cannot continue on {model_version}; cancel it and submit it again")
+            connection.execute(update(jobs).where(jobs.c.id == job_id).values(model_version=model_version))
+        return self.get(job_id), None
+
     def delete(self, job_id: str) -> bool:
         """Remove the job, its images and its results. False when there was no such job."""
         with self.engine.begin() as connection:
@@ -288,24 +304,28 @@ class JobStore:
                                          .with_for_update(skip_locked=True)).scalars().all()  # another replica's sweep
             return self._delete(connection, expired) if expired else 0
 
-    def backlog(self) -> Backlog:
+    def backlog(self, model_version: str | None = None) -> Backlog:
         with self.reader.connect() as connection:
             count, size, oldest = connection.execute(
                 select(func.count(), func.coalesce(func.sum(job_images.c.size), 0), func.min(job_images.c.queued_at))).one()
-        return Backlog(count, size, oldest)
+            other = connection.execute(select(func.count()).select_from(job_images.join(jobs, jobs.c.id == job_images.c.job_id))
+                                       .where(~self._for(model_version))).scalar_one() if model_version else 0
+        return Backlog(count, size, oldest, other)
 
     # The worker's side
 
-    def claim(self, limit: int) -> list[ClaimedImage]:
-        """Up to `limit` images no one is working on, oldest job first, in upload order, leased for lease_s.
-        (On PostgreSQL, SKIP LOCKED lets several replicas claim at once; SQLite has one writer at a time.)"""
+    def claim(self, limit: int, model_version: str | None = None) -> list[ClaimedImage]:
+        """Up to `limit` images no one is working on, of jobs submitted to model_version (or to none), oldest job
+        first, in upload order, leased for lease_s. (On PostgreSQL, SKIP LOCKED lets several replicas claim at once;
+        SQLite has one writer at a time.)"""
         now = time.time()
         with self.engine.begin() as connection:
             keys = connection.execute(
                 select(job_images.c.job_id, job_images.c.index)
-                .where(or_(job_images.c.leased_until.is_(None), job_images.c.leased_until < now))
+                .join(jobs, jobs.c.id == job_images.c.job_id)
+                .where(or_(job_images.c.leased_until.is_(None), job_images.c.leased_until < now), self._for(model_version))
                 .order_by(job_images.c.queued_at, job_images.c.job_id, job_images.c.index)
-                .limit(limit).with_for_update(skip_locked=True)).all()
+                .limit(limit).with_for_update(skip_locked=True, of=job_images)).all()
             if not keys:
                 return []
             chosen = tuple_(job_images.c.job_id, job_images.c.index).in_([tuple(key) for key in keys])
@@ -375,6 +395,13 @@ class JobStore:
         """On PostgreSQL, wait until no other process is in `step`, until this transaction ends."""
         if not self.embedded:
             connection.execute(select(func.pg_advisory_xact_lock(zlib.crc32(f"jobstore.{step}".encode()))))
+
+    @staticmethod
+    def _for(model_version: str | None):  # noqa: ANN205 (a SQL expression)
+        """Jobs a replica serving model_version may work on: those submitted to it, or to no version (older jobs)."""
+        if model_version is None:
+            return true()
+        return or_(jobs.c.model_version.is_(None), jobs.c.model_version == model_version)
 
     def _alive(self):  # noqa: ANN202 (a SQL expression)
         return or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > time.time())

@@ -22,15 +22,15 @@ from sqlalchemy.exc import DBAPIError
 from standardwebhooks.webhooks import Webhook
 
 from classifier import tracing
-from classifier.tracing import Tracing
 from classifier.errors import InsufficientStorage, ServiceError, Unavailable
 from classifier.inference.batching import Batcher
 from classifier.inference.images import ImageError
 from classifier.jobs import webhooks
 from classifier.jobs.store import MAX_ATTEMPTS, TERMINAL, ClaimedImage, JobStore, Outcome, disk_full
-from classifier.observability import (JOB_IMAGES, JOB_IMAGES_PENDING, JOB_IMAGES_RETRIED, JOB_OLDEST_PENDING_AGE,
-                                      JOB_PENDING_BYTES, JOB_STORE_DISK_FULL, JOBS_FINISHED)
+from classifier.observability import (JOB_IMAGES, JOB_IMAGES_OTHER_VERSION, JOB_IMAGES_PENDING, JOB_IMAGES_RETRIED,
+                                      JOB_OLDEST_PENDING_AGE, JOB_PENDING_BYTES, JOB_STORE_DISK_FULL, JOBS_FINISHED)
 from classifier.schemas import Job, result_line
+from classifier.tracing import Tracing
 
 log = logging.getLogger(__name__)
 for status in TERMINAL:  # jobs_finished_total exports every end from the start, at 0
@@ -48,8 +48,9 @@ class GaveUp(ImageError):
 
 class JobWorker:
     def __init__(self, store: JobStore, batcher: Batcher, labels: Sequence[str], *, webhook_secret: str | None,
-                 webhook_first_retry_s: float, tracing: Tracing | None = None) -> None:
+                 webhook_first_retry_s: float, model_version: str | None = None, tracing: Tracing | None = None) -> None:
         self.store = store
+        self.model_version = model_version  # of the runtime this replica serves: it works only on jobs submitted to it
         self.batcher = batcher
         self.labels = labels
         self.signer = Webhook(webhook_secret) if webhook_secret else None
@@ -150,7 +151,7 @@ class JobWorker:
             await lanes.acquire()
             await self.batcher.until_idle()
             try:
-                images = await asyncio.to_thread(self.store.claim, self.batcher.max_batch_size)
+                images = await asyncio.to_thread(self.store.claim, self.batcher.max_batch_size, self.model_version)
             except DBAPIError as error:
                 lanes.release()
                 await self._pause("claiming job images", error)
@@ -207,7 +208,8 @@ class JobWorker:
             if isinstance(answer, BaseException) and not isinstance(answer, Exception):
                 raise answer  # cancellation: leave the images to be claimed again
             failed = isinstance(answer, Exception)
-            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k, self.labels), failed))
+            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k, self.labels,
+                                                                          self.model_version), failed))
         with self.tracing.tracer.start_as_current_span("store results", attributes={"images": len(outcomes)}):
             while True:
                 try:
@@ -229,8 +231,9 @@ class JobWorker:
         last_sweep = 0.0
         while True:
             try:
-                backlog = await asyncio.to_thread(self.store.backlog)
+                backlog = await asyncio.to_thread(self.store.backlog, self.model_version)
                 JOB_IMAGES_PENDING.set(backlog.images)
+                JOB_IMAGES_OTHER_VERSION.set(backlog.other_versions)
                 JOB_PENDING_BYTES.set(backlog.bytes)
                 JOB_OLDEST_PENDING_AGE.set(0 if backlog.oldest_queued_at is None else time.time() - backlog.oldest_queued_at)
                 if self.signer:

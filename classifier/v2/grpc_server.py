@@ -138,7 +138,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
     @answered
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         try:
-            protocol.known_model(request.name, request.version or None)
+            protocol.known_model(self.service, request.name, request.version or None)
         except NotFound:  # as Triton answers: not ready, rather than an error
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.service.ready)
@@ -166,7 +166,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         rules.authorize(service.settings.api_key, {key.lower(): value for key, value in context.invocation_metadata() or ()
                                                    if isinstance(value, str)})
         rules.accepting(service.ready)
-        protocol.known_model(request.model_name, request.model_version or None)
+        protocol.known_model(self.service, request.model_name, request.model_version or None)
         size = request.ByteSize()
         service.bodies.take(size)
         try:
@@ -176,7 +176,7 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
                                                                                                       context, arrived))
         finally:
             service.bodies.give_back(size)
-        response = pb.ModelInferResponse(model_name=protocol.MODEL_NAME, model_version=protocol.MODEL_VERSION, id=request.id)
+        response = pb.ModelInferResponse(model_name=protocol.MODEL_NAME, model_version=self.service.runtime.version, id=request.id)
         for output in outputs:
             described, data = protocol.encode(probabilities, output, service.runtime.labels)
             response.outputs.append(pb.ModelInferResponse.InferOutputTensor(

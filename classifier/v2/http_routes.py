@@ -22,10 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from classifier import rules
 from classifier.errors import BadRequest
-from classifier.http.base import Served, arrived, deadline, until_disconnected
+from classifier.http.base import Served, arrived, deadline, model_version, until_disconnected
 from classifier.service import Service
 from classifier.v2 import protocol
-from classifier.v2.protocol import MODEL_NAME, MODEL_VERSION, ModelMetadata, ProtocolError, Requested, ServerMetadata
+from classifier.v2.protocol import MODEL_NAME, ModelMetadata, ProtocolError, Requested, ServerMetadata
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -108,7 +108,7 @@ async def model_metadata(service: Served, name: ModelName, version: str | None =
 @router.get("/models/{name}/ready", response_class=Response, responses=protocol_errors(404, 503), summary="Model readiness")
 @router.get("/models/{name}/versions/{version}/ready", response_class=Response, responses=protocol_errors(404, 503), include_in_schema=False)
 async def model_ready(service: Served, name: ModelName, version: str | None = None) -> Response:
-    protocol.known_model(name, version)
+    protocol.known_model(service, name, version)
     return await ready(service)
 
 
@@ -185,7 +185,7 @@ def requested_outputs(request: InferenceRequest) -> list[Requested]:
 async def infer(service: Served, request: Request, name: ModelName, version: str | None = None) -> Response:
     """The first bad photo of a request fails the request, naming the element; other requests in the same
     dynamic batch are not affected."""
-    protocol.known_model(name, version)
+    protocol.known_model(service, name, version)
     body = await request.body()
     if len(body) < LARGE_BODY_BYTES:
         inference, images = parse(service, body, request.headers)
@@ -205,14 +205,14 @@ async def infer(service: Served, request: Request, name: ModelName, version: str
             output["parameters"] = {"binary_data_size": len(data)}
             binary.append(data)
         outputs.append(output)
-    document = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "outputs": outputs}
+    document = {"model_name": MODEL_NAME, "model_version": service.runtime.version, "outputs": outputs}
     if inference.id is not None:
         document["id"] = inference.id
     header = json.dumps(document).encode()
     if not binary:
-        return Response(header, media_type="application/json")
+        return Response(header, media_type="application/json", headers=model_version(service))
     return Response(header + b"".join(binary), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(header))})
+                    headers={"Inference-Header-Content-Length": str(len(header)), **model_version(service)})
 
 
 # --- Errors in the protocol's shape --------------------------------------------------------------------

@@ -28,7 +28,6 @@ from classifier.inference.runtime import NUM_CLASSES
 from classifier.service import Service
 
 MODEL_NAME = "resnet18"
-MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 
 
@@ -67,19 +66,22 @@ def server_metadata() -> ServerMetadata:
 
 
 def model_metadata(service: Service, name: str, version: str | None = None) -> ModelMetadata:
-    known_model(name, version)
+    known_model(service, name, version)
     # Triton's names for what runs the forward pass: ONNX Runtime for a slim replica, BACKEND=onnxruntime and int8.
     platform = "onnxruntime_onnx" if service.runtime.backend == "onnxruntime" else "pytorch"
     inputs = [TensorMetadata(name="image", datatype="BYTES", shape=[-1]),  # encoded photos, decoded and preprocessed here
               TensorMetadata(name="input", datatype="FP32", shape=[-1, *image_shape(service)])]  # preprocessed by the client
     outputs = [TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(service.runtime.labels)])]
-    return ModelMetadata(name=MODEL_NAME, versions=[MODEL_VERSION], platform=platform, inputs=inputs, outputs=outputs)
+    return ModelMetadata(name=MODEL_NAME, versions=[service.runtime.version], platform=platform, inputs=inputs,
+                         outputs=outputs)
 
 
-def known_model(name: str, version: str | None = None) -> None:
-    if name != MODEL_NAME or version not in (None, MODEL_VERSION):
+def known_model(service: Service, name: str, version: str | None = None) -> None:
+    """The one model served, in the one version it is served in (Runtime.version); anything else is 404."""
+    served = service.runtime.version
+    if name != MODEL_NAME or version not in (None, served):
         raise NotFound(f"unknown model {name!r}" + (f" version {version!r}" if version else "")
-                       + f"; this server serves {MODEL_NAME!r} version {MODEL_VERSION}")
+                       + f"; this server serves {MODEL_NAME!r} version {served}")
 
 
 @dataclass

@@ -218,6 +218,7 @@ def int8_forward(path: Path, threads: int, weights: str) -> tuple[Callable[[torc
         raise ModelLoadError(f"INT8_MODEL={path} was quantized from other weights "
                              f"({made.get('weights', 'unknown')}) than those loaded ({weights}): "
                              "rebuild it with python -m quantize from these weights")
+    made["model_hash"] = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()  # in the model version
     return session_forward(session), made
 
 
