@@ -60,6 +60,15 @@ DEADLINE_EXCEEDED = Counter("deadline_exceeded_images_total", "Images dropped be
                             "pass: none starts one late), answer (during its forward pass)", ["stage"])
 for stage in ("received", "decode", "forward", "answer"):
     DEADLINE_EXCEEDED.labels(stage)
+MODEL_VERSION = Gauge("model_version_info", "The model version this replica serves: 1 for it, labelled by it",
+                      ["version"])
+MODEL_LOADED_AT = Gauge("model_loaded_timestamp_seconds", "When the model served was loaded (Unix time): start-up or "
+                        "the last reload that changed it")
+MODEL_RELOADS = Counter("model_reloads_total", "Reloads asked for (SIGHUP), by outcome: loaded (a new version serves), "
+                        "unchanged (the files hold the version served), refused (the old version keeps serving; the log "
+                        "and GET /model say why)", ["outcome"])
+for outcome in ("loaded", "unchanged", "refused"):
+    MODEL_RELOADS.labels(outcome)
 REJECTED = Counter("rejected_requests_total", "Requests or images refused, by reason", ["reason"])
 for reason in ("overloaded", "memory", "jobs_full", "database_unavailable", "store_full", "timeout", "too_large", "bad_image",
                "unauthorized", "shutting_down", "deadline_exceeded"):

@@ -42,6 +42,11 @@ FILE_PART = {"contentMediaType": "application/octet-stream"}
 TopKParameter = Annotated[int, Query(ge=1, le=NUM_CLASSES, description="How many labels")]
 
 
+def utc(seconds: float | None) -> datetime | None:
+    """Unix time as the API gives it."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+
+
 def errors(*codes: int) -> dict[int | str, dict]:
     """The `responses` of a route that can answer these statuses with an Error."""
     return {code: {"model": Error} for code in codes}
@@ -73,9 +78,6 @@ class Job(BaseModel):
 
     @classmethod
     def from_row(cls, row: Row) -> Job:
-        def utc(seconds: float | None) -> datetime | None:
-            return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
-
         webhook = None
         if row.webhook_url:
             webhook = WebhookState(url=row.webhook_url, delivered=row.webhook_delivered, attempts=row.webhook_attempts,

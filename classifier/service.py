@@ -9,28 +9,45 @@ over HTTP and gRPC) sends its images through. No transport here: they are handed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from starlette.datastructures import UploadFile
 
 from classifier import rules
-from classifier.errors import DeadlineExceeded, Unavailable
-from classifier.inference import metrics
+from classifier.errors import DeadlineExceeded, ModelLoadError, Unavailable
+from classifier.inference import metrics, runtimes
 from classifier.inference.batching import Batcher
 from classifier.inference.cache import ResultCache
 from classifier.inference.runtime import Runtime
 from classifier.jobs.store import JobStore
 from classifier.jobs.worker import JobWorker
 from classifier.memory import BodyBudget
+from classifier.observability import MODEL_LOADED_AT, MODEL_RELOADS, MODEL_VERSION
 from classifier.settings import Settings
 from classifier.tracing import Tracing
 
 log = logging.getLogger("app")
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What the last reload did (GET /model shows it)."""
+
+    at: float  # Unix time
+    outcome: str  # loaded, unchanged, refused
+    detail: str
+
+
+def span_attributes(runtime: Runtime) -> dict[str, str]:
+    return {"model.backend": runtime.backend, "model.precision": runtime.precision, "model.device": runtime.device_name,
+            "model.version": runtime.version}
 
 
 class Service:
@@ -60,8 +77,8 @@ class Service:
             on_batch=metrics.observe_batch,
             on_deadline=metrics.deadline_passed,
             tracer=self.tracing.tracer,
-            span_attributes={"model.backend": runtime.backend, "model.precision": runtime.precision,
-                             "model.device": runtime.device_name},
+            span_attributes=span_attributes(runtime),
+            model_version=runtime.version,
         )
         try:
             store = JobStore(settings.jobs_database_url, settings.job_ttl_s, settings.job_lease_s)
@@ -71,6 +88,9 @@ class Service:
                               webhook_first_retry_s=settings.webhook_first_retry_s, model_version=runtime.version,
                               tracing=self.tracing)
         self.ready = False  # rules.ready and rules.accepting read this
+        self.loaded_at = time.time()
+        self.last_reload: Reload | None = None
+        self._reloading: asyncio.Task[Reload] | None = None
 
     def prepare(self, data: bytes) -> np.ndarray:
         """Uploaded bytes -> the model's input, decoded as the settings say (MAX_IMAGE_PIXELS, JPEG_DRAFT)."""
@@ -81,6 +101,8 @@ class Service:
         await self.batcher.start()
         await self.jobs.start()
         self._drain_on_sigterm()
+        self._reload_on_sighup()
+        self._served(self.runtime, None)
         self.ready = True
 
     async def stop(self) -> None:
@@ -88,6 +110,8 @@ class Service:
         await self.jobs.stop()
         await self.batcher.stop(timeout_s=self.settings.shutdown_timeout_s)
         self._unwatch()
+        with contextlib.suppress(KeyError):  # the process may serve another service after (tests)
+            MODEL_VERSION.remove(self.runtime.version)
 
     def _drain_on_sigterm(self) -> None:
         """On SIGTERM: not ready (new predictions and jobs answer 503), the accepted images finish (for at most
@@ -114,6 +138,61 @@ class Service:
                 loop.call_soon_threadsafe(lambda: loop.create_task(drain(frame)))
 
         signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _reload_on_sighup(self) -> None:
+        """SIGHUP: load the files the settings name again (nginx's and gunicorn's convention; a Kubernetes volume
+        update can send it). A reload already running takes no second one."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (not a test client's)
+        loop = asyncio.get_running_loop()
+
+        def on_sighup() -> None:
+            if self._reloading is None or self._reloading.done():
+                self._reloading = loop.create_task(self.reload())
+            else:
+                log.info("SIGHUP: a reload is already running")
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+
+    async def reload(self) -> Reload:
+        """New weights without a failed request: the model the settings name is loaded beside the one serving,
+        checked and warmed up exactly as at start-up (runtimes.load), then swapped in between two forward passes:
+        the pass running finishes on the old model, every later one runs the new, and each answer says the version
+        that made it (Scores). Meanwhile both models are in memory. One that cannot be loaded leaves the old one
+        serving; why is logged, counted and shown by GET /model."""
+        old = self.runtime
+        log.info("reloading the model (serving version %s)", old.version)
+        try:
+            new = await asyncio.to_thread(runtimes.load, self.settings)
+        except (ModelLoadError, SystemExit, Exception) as error:  # whatever it is, the old model keeps serving
+            detail = str(error) if isinstance(error, (ModelLoadError, SystemExit)) else f"{type(error).__name__}: {error}"
+            log.warning("reload refused, still serving version %s: %s", old.version, detail)
+            return self._reloaded("refused", detail)
+        if new.version == old.version:
+            new.forward_thread.shutdown(wait=False)
+            return self._reloaded("unchanged", f"the files hold version {old.version}, which serves")
+        self.runtime = new
+        self.batcher.use(new.predict, new.forward_thread, new.version, span_attributes(new))
+        if self.cache is not None:
+            self.cache.reset(new.answer_context(self.settings))
+        self.jobs.model_version = new.version  # it works on jobs submitted to the new version from now on
+        if old.forward_thread is not None:
+            old.forward_thread.shutdown(wait=False)  # once the pass running on it ends; the old model goes with it
+        self._served(new, old)
+        log.info("model version %s serves (was %s)", new.version, old.version)
+        return self._reloaded("loaded", f"version {new.version} replaced {old.version}")
+
+    def _served(self, runtime: Runtime, before: Runtime | None) -> None:
+        if before is not None:
+            MODEL_VERSION.remove(before.version)
+        MODEL_VERSION.labels(runtime.version).set(1)
+        self.loaded_at = time.time()
+        MODEL_LOADED_AT.set(self.loaded_at)
+
+    def _reloaded(self, outcome: str, detail: str) -> Reload:
+        MODEL_RELOADS.labels(outcome).inc()
+        self.last_reload = Reload(time.time(), outcome, detail)
+        return self.last_reload
 
     async def in_time(self, deadline: float | None, images: int) -> None:
         """Raises DeadlineExceeded, at the deadline, for images whose deadline has passed or that the images in

@@ -152,6 +152,16 @@ def start_server(tmp: Path, log: Path | None = None, **env: str) -> Server:
 # --- The slim replica: the seeded weights exported by python -m export, served where torch cannot be imported ---
 
 
+def other_weights(folder: Path) -> Path:
+    """Weights another seed makes: another model, as a fine-tuned one is to the first."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1)
+    path = folder / "resnet18-other.pth"
+    torch.save(resnet18().state_dict(), path)
+    return path
+
+
 def torch_is_mapped(pid: int) -> bool:
     """Whether a running process has any of torch's libraries loaded."""
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()

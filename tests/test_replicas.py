@@ -13,8 +13,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from support import (Postgres, Server, assert_online_answers, photo_bytes, results, start_server, submit, upload,
-                     variants)
+from support import (Postgres, Server, assert_online_answers, other_weights, photo_bytes, results, start_server, submit,
+                     upload, variants)
 
 pytestmark = pytest.mark.system
 
@@ -158,17 +158,6 @@ def test_a_replica_started_while_the_database_is_down_serves_online_and_takes_jo
             postgres.start()
         if server is not None:
             server.stop()
-
-
-def other_weights(folder: Path) -> Path:
-    """Weights another seed makes: another model, as a fine-tuned one is to the first."""
-    import torch
-    from torchvision.models import resnet18
-
-    torch.manual_seed(1)
-    path = folder / "resnet18-other.pth"
-    torch.save(resnet18().state_dict(), path)
-    return path
 
 
 def test_replicas_of_two_model_versions_never_mix_a_jobs_results(tmp_path: Path, weights_file, postgres: Postgres):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request, Response
+from collections.abc import Sequence
+
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
@@ -15,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from classifier.errors import ServiceError
+from classifier.inference.runtime import versions_of
 from classifier.observability import every_route, refused
 from classifier.service import Service
 
@@ -31,14 +34,10 @@ Served = Annotated[Service, Depends(service_of)]
 MODEL_VERSION_HEADER = "X-Model-Version"
 
 
-def model_version(service: Served) -> dict[str, str]:
-    """The header every prediction's answer carries: the version of the model that made it (Runtime.version)."""
-    return {MODEL_VERSION_HEADER: service.runtime.version}
-
-
-def say_model_version(response: Response, service: Served) -> None:
-    """A dependency of the routes that answer predictions: their answers carry model_version's header."""
-    response.headers.update(model_version(service))
+def answered_by(answers: Sequence[object]) -> dict[str, str]:
+    """The header every prediction's answer carries: the version of the model that made its scores (Scores)."""
+    versions = versions_of(answers)
+    return {MODEL_VERSION_HEADER: versions} if versions else {}
 
 
 def deadline(request: Request) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +15,7 @@ from classifier import rules
 from classifier.http.base import Served
 from classifier.inference.cache import ENTRY_BYTES
 from classifier.inference.runtimes import onnx_runtime
-from classifier.schemas import errors
+from classifier.schemas import errors, utc
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
@@ -67,12 +68,23 @@ class SlimInfo(BaseModel):
     exported_with: str = Field(description="What python -m export made it with", examples=["torch 2.14.1, torchvision 0.29.1"])
 
 
+class ReloadInfo(BaseModel):
+    at: datetime
+    outcome: Literal["loaded", "unchanged", "refused"] = Field(
+        description="loaded: a new version serves; unchanged: the files hold the version served; refused: the old "
+                    "version keeps serving")
+    detail: str = Field(description="What happened, or why the files were refused",
+                        examples=["version 3f9a2c7e41b0 replaced 8d1e0b6a5c24"])
+
+
 class ModelInfo(BaseModel):
     architecture: Literal["resnet18"] = "resnet18"
     version: str = Field(description="The model version: a hash of what decides the answers (the weights' values, the "
                          "precision, int8's file). Every prediction says it (X-Model-Version), as do /v2, job results "
                          "and python -m classify; replicas of the same weights and precision share it",
                          examples=["3f9a2c7e41b0"])
+    loaded_at: datetime = Field(description="When the version served was loaded: start-up, or the reload that brought it")
+    last_reload: ReloadInfo | None = Field(None, description="The last reload (SIGHUP) and what came of it; null: none yet")
     weights: str = Field(description="Where the weights came from", examples=["torchvision:ResNet18_Weights.IMAGENET1K_V1"])
     weights_hash: str = Field(description="A hash of the weights' values (BLAKE2b): which model answers; an exported "
                               "file records that of the weights it came from", examples=["9f0c2e5b8a7d41c3b6e2f1a0d4c5b6a7"])
@@ -125,6 +137,9 @@ async def model_info(service: Served) -> ModelInfo:
     served, file, settings = service.runtime, service.runtime.model_file, service.settings
     return ModelInfo(
         version=served.version,
+        loaded_at=utc(service.loaded_at),
+        last_reload=ReloadInfo(at=utc(service.last_reload.at), outcome=service.last_reload.outcome,
+                               detail=service.last_reload.detail) if service.last_reload else None,
         weights=served.weights_source,
         weights_hash=served.weights_hash,
         runtime="slim" if file else "torch",

@@ -37,6 +37,7 @@ from opentelemetry.trace import Link, Span, SpanContext, Tracer
 from classifier import tracing
 from classifier.errors import DeadlineExceeded, Unavailable
 from classifier.inference.cache import ResultCache
+from classifier.inference.runtime import scored
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,11 @@ class Batcher:
         on_deadline: Callable[[str, int], None] | None = None,
         tracer: Tracer = tracing.NO_TRACER,
         span_attributes: dict[str, str] | None = None,
+        model_version: str | None = None,
     ) -> None:
         self.prepare = prepare
         self.predict = predict
+        self.model_version = model_version  # each row answered says it (Scores), when given
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
@@ -135,6 +138,14 @@ class Batcher:
         self._background_decoders = ThreadPoolExecutor(self._decode_workers, "decode-background",
                                                        initializer=self._init_decode_thread)
         self._worker = asyncio.create_task(self._run(), name="inference worker")
+
+    def use(self, predict: Callable[[np.ndarray], np.ndarray], forward_thread: Executor, model_version: str,
+            span_attributes: dict[str, str]) -> None:
+        """Another model from the next forward pass on; the pass running finishes on the one it started with."""
+        if self._inference is not None and self._inference is not self._forward_thread:
+            self._inference.shutdown(wait=False)  # our own thread, not the old model's: not needed any more
+        self.predict, self.model_version, self.span_attributes = predict, model_version, span_attributes
+        self._forward_thread = self._inference = forward_thread
 
     async def drain(self, timeout_s: float) -> None:
         """Wait until no image is in flight, for at most timeout_s."""
@@ -341,6 +352,8 @@ class Batcher:
             batch, background = await self._next_batch()
             if not batch:
                 continue
+            # The model of this pass: a new one (use) may be swapped in while it runs.
+            predict, inference, version = self.predict, self._inference, self.model_version
             started, started_ns = time.monotonic(), time.time_ns()
             # One span per batch, linked to the span of every image it serves (fan-in); in the trace of the first
             # of them that is sampled, so a sampled request's trace holds its forward pass whenever it can.
@@ -350,7 +363,7 @@ class Batcher:
                                              start_time=started_ns, links=tracing.links(traces),
                                              attributes={"batch.size": len(batch), "batch.background": background,
                                                          **self.span_attributes})
-            rows = await loop.run_in_executor(self._inference, self._forward, batch)
+            rows = await loop.run_in_executor(inference, self._forward, batch, predict)
             forward.end()
             finished = time.monotonic()
             for job, row in zip(batch, rows):
@@ -361,7 +374,7 @@ class Batcher:
                 if isinstance(row, BaseException):
                     job.result.set_exception(row)
                 else:
-                    job.result.set_result(row)
+                    job.result.set_result(scored(row, version) if version else row)
             late = sum(isinstance(row, DeadlineExceeded) for row in rows)
             if late:
                 self.on_deadline("forward", late)
@@ -399,12 +412,12 @@ class Batcher:
                                        links=[Link(forward.get_span_context())],
                                        attributes={"queue.behind_job_s": behind}).end(end_time=started_ns)
 
-    def _forward(self, batch: list[_Job]) -> list[np.ndarray | Exception]:
+    def _forward(self, batch: list[_Job], predict: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray | Exception]:
         """On the forward thread, just before the pass: an image whose deadline has passed is dropped here, so
         none starts a forward pass late; one pass for the others."""
         now = time.monotonic()
         late = [job.deadline is not None and job.deadline <= now for job in batch]
-        rows = iter(predict_each(self.predict, [job.image for job, dropped in zip(batch, late) if not dropped])
+        rows = iter(predict_each(predict, [job.image for job, dropped in zip(batch, late) if not dropped])
                     if not all(late) else [])
         return [DeadlineExceeded() if dropped else next(rows) for dropped in late]
 

@@ -30,6 +30,12 @@ class ResultCache:
         self._answers: OrderedDict[bytes, np.ndarray | ImageError] = OrderedDict()
         self._lock = threading.Lock()  # python -m classify's decode threads look up while its main thread stores
 
+    def reset(self, context: str) -> None:
+        """Forget every answer: from now on they are computed under `context` (a new model was loaded)."""
+        with self._lock:
+            self.context = context.encode()
+            self._answers.clear()
+
     def __len__(self) -> int:
         return len(self._answers)
 

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,6 +37,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 1000  # ImageNet's classes, the model's outputs
+
+
+class Scores(np.ndarray):
+    """One image's probabilities [1000], and the version of the model that computed them (Runtime.version): a
+    replica that loads new weights while serving answers each request with the version that really made it."""
+
+    model_version: str | None = None
+
+    def __array_finalize__(self, obj: object) -> None:  # copies and views keep it
+        self.model_version = getattr(obj, "model_version", None)
+
+
+def scored(row: np.ndarray, model_version: str) -> Scores:
+    scores = row.view(Scores)
+    scores.model_version = model_version
+    return scores
+
+
+def versions_of(answers: Sequence[object]) -> str:
+    """The model version that made these answers' scores; two, comma-separated, for a request whose images were
+    split by a reload (rare: only one that spans the swap)."""
+    return ", ".join(sorted({answer.model_version for answer in answers if isinstance(answer, Scores) and answer.model_version}))
 
 
 def default_batch_size(device_type: str) -> int:

@@ -115,6 +115,7 @@ class ClaimedImage:
     k: int
     attempts: int  # including this claim
     traceparent: str | None = None  # its job's submission, when traced
+    model_version: str | None = None  # its job's: only an answer of this version may be its result
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ class JobStore:
                                .values(status="running", started_at=now))
             rows = connection.execute(
                 select(job_images.c.job_id, job_images.c.index, job_images.c.filename, job_images.c.data, jobs.c.k,
-                       job_images.c.attempts, jobs.c.traceparent)
+                       job_images.c.attempts, jobs.c.traceparent, jobs.c.model_version)
                 .join(jobs, jobs.c.id == job_images.c.job_id).where(chosen)
                 .order_by(job_images.c.queued_at, job_images.c.job_id, job_images.c.index)).all()
         return [ClaimedImage(*row) for row in rows]

@@ -207,9 +207,16 @@ class JobWorker:
                                     GaveUp(f"this image stopped the service {MAX_ATTEMPTS} times; it was not classified"))
             if isinstance(answer, BaseException) and not isinstance(answer, Exception):
                 raise answer  # cancellation: leave the images to be claimed again
+            made_by = getattr(answer, "model_version", None)
+            if image.model_version and made_by and made_by != image.model_version:
+                # New weights were loaded while it was in flight: not its job's version. Not recorded; once its lease
+                # runs out a replica serving its job's version classifies it.
+                log.info("job %s image %d: answered by model version %s, its job's is %s; left for that version",
+                         image.job_id, image.index, made_by, image.model_version)
+                continue
             failed = isinstance(answer, Exception)
-            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k, self.labels,
-                                                                          self.model_version), failed))
+            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k,
+                                                                          self.labels, made_by), failed))
         with self.tracing.tracer.start_as_current_span("store results", attributes={"images": len(outcomes)}):
             while True:
                 try:

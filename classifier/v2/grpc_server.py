@@ -172,11 +172,11 @@ class Inference(pb_grpc.GRPCInferenceServiceServicer):
         try:
             input_name, images = parse(service, request)
             outputs = wanted_outputs(request)
-            probabilities = await protocol.classified(service, images, input_name, deadline=deadline(service, request,
-                                                                                                      context, arrived))
+            probabilities, version = await protocol.classified(service, images, input_name,
+                                                               deadline=deadline(service, request, context, arrived))
         finally:
             service.bodies.give_back(size)
-        response = pb.ModelInferResponse(model_name=protocol.MODEL_NAME, model_version=self.service.runtime.version, id=request.id)
+        response = pb.ModelInferResponse(model_name=protocol.MODEL_NAME, model_version=version, id=request.id)
         for output in outputs:
             described, data = protocol.encode(probabilities, output, service.runtime.labels)
             response.outputs.append(pb.ModelInferResponse.InferOutputTensor(

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from classifier import rules
 from classifier.errors import BadRequest
-from classifier.http.base import Served, arrived, deadline, model_version, until_disconnected
+from classifier.http.base import MODEL_VERSION_HEADER, Served, arrived, deadline, until_disconnected
 from classifier.service import Service
 from classifier.v2 import protocol
 from classifier.v2.protocol import MODEL_NAME, ModelMetadata, ProtocolError, Requested, ServerMetadata
@@ -195,7 +195,7 @@ async def infer(service: Served, request: Request, name: ModelName, version: str
     requested = requested_outputs(inference)
     timeout = rules.deadline(arrived(request), protocol.timeout_s(inference.parameters.get("timeout")),
                              service.settings.request_timeout_s, "parameter 'timeout'")
-    probabilities = await protocol.classified(service, images, inference.inputs[0].name,
+    probabilities, version = await protocol.classified(service, images, inference.inputs[0].name,
                                              lambda: until_disconnected(request), rules.earliest(deadline(request), timeout))
 
     outputs, binary = [], []
@@ -205,14 +205,14 @@ async def infer(service: Served, request: Request, name: ModelName, version: str
             output["parameters"] = {"binary_data_size": len(data)}
             binary.append(data)
         outputs.append(output)
-    document = {"model_name": MODEL_NAME, "model_version": service.runtime.version, "outputs": outputs}
+    document = {"model_name": MODEL_NAME, "model_version": version, "outputs": outputs}
     if inference.id is not None:
         document["id"] = inference.id
     header = json.dumps(document).encode()
     if not binary:
-        return Response(header, media_type="application/json", headers=model_version(service))
+        return Response(header, media_type="application/json", headers={MODEL_VERSION_HEADER: version})
     return Response(header + b"".join(binary), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(header)), **model_version(service)})
+                    headers={"Inference-Header-Content-Length": str(len(header)), MODEL_VERSION_HEADER: version})
 
 
 # --- Errors in the protocol's shape --------------------------------------------------------------------

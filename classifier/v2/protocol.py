@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from classifier import rules
 from classifier.errors import BadRequest, NotFound, ServiceError
 from classifier.inference.outcomes import failure, top_k
-from classifier.inference.runtime import NUM_CLASSES
+from classifier.inference.runtime import NUM_CLASSES, versions_of
 from classifier.service import Service
 
 MODEL_NAME = "resnet18"
@@ -181,8 +181,10 @@ def timeout_s(value: object) -> float | None:
 
 
 async def classified(service: Service, images: list[bytes] | np.ndarray, input_name: str,
-                     until_gone: Callable[[], Awaitable[None]] | None = None, deadline: float | None = None) -> np.ndarray:
-    """An input's images -> their probabilities [N, 1000], through the service's one pipeline (both bindings).
+                     until_gone: Callable[[], Awaitable[None]] | None = None, deadline: float | None = None
+                     ) -> tuple[np.ndarray, str]:
+    """An input's images -> their probabilities [N, 1000] and the model version that made them (an answer's
+    model_version), through the service's one pipeline (both bindings).
     The first bad image fails the request, naming the element, counted as on /predict; other requests in the
     same dynamic batch are not affected."""
     answers = await service.classify(list(images), until_gone, deadline)
@@ -192,4 +194,4 @@ async def classified(service: Service, images: list[bytes] | np.ndarray, input_n
             error = ServiceError(f"element {index} of input {input_name!r}: {refused.detail}")  # counted by failure
             error.status = refused.status
             raise error
-    return np.stack(answers)
+    return np.stack(answers), versions_of(answers)
