@@ -70,6 +70,7 @@ bench: $(DEV)
 	command -v hey >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q hey; }
 	$(BIN)/python -m bench.benchmark
 	$(BIN)/python -m bench.tracing
+	$(BIN)/python -m bench.reload
 
 clean:
 	rm -rf $(VENV)

@@ -247,6 +247,17 @@ def served_model():  # noqa: ANN201 (model.Runtime, and bytes -> input)
     return runtime, prepare
 
 
+def other_weights(folder: Path) -> Path:
+    """Weights another seed makes: another model, as a fine-tuned one is to the first (service_env's are seed 0)."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1)
+    path = folder / "resnet18-other.pth"
+    torch.save(resnet18().state_dict(), path)
+    return path
+
+
 def service_env(work: Path) -> dict[str, str]:
     """The environment for the service: MODEL_WEIGHTS as given, or seeded random weights saved in work; the
     response cache off (hey sends one photo again and again: every request would be a hit)."""

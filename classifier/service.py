@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ from classifier.inference.cache import ResultCache
 from classifier.inference.runtime import Runtime
 from classifier.jobs.store import JobStore
 from classifier.jobs.worker import JobWorker
-from classifier.memory import BodyBudget
+from classifier.memory import BodyBudget, release_freed_memory
 from classifier.observability import MODEL_LOADED_AT, MODEL_RELOADS, MODEL_VERSION
 from classifier.settings import Settings
 from classifier.tracing import Tracing
@@ -176,11 +177,13 @@ class Service:
         if self.cache is not None:
             self.cache.reset(new.answer_context(self.settings))
         self.jobs.model_version = new.version  # it works on jobs submitted to the new version from now on
-        if old.forward_thread is not None:
-            old.forward_thread.shutdown(wait=False)  # once the pass running on it ends; the old model goes with it
         self._served(new, old)
         log.info("model version %s serves (was %s)", new.version, old.version)
-        return self._reloaded("loaded", f"version {new.version} replaced {old.version}")
+        reloaded = self._reloaded("loaded", f"version {new.version} replaced {old.version}")
+        retired, old = old.forward_thread, None  # the last reference to the old model, but its thread's
+        if retired is not None:  # once the pass running on it ends, the old model's memory goes back to the system
+            await asyncio.to_thread(_retire, retired)
+        return reloaded
 
     def _served(self, runtime: Runtime, before: Runtime | None) -> None:
         if before is not None:
@@ -254,6 +257,11 @@ class Service:
         if any(isinstance(answer, DeadlineExceeded) for answer in answers):
             raise DeadlineExceeded()  # the whole request: its caller is no longer waiting for the rest
         return answers
+
+
+def _retire(thread: ThreadPoolExecutor) -> None:
+    thread.shutdown(wait=True)
+    release_freed_memory()
 
 
 async def _read(upload: UploadFile) -> bytes:

@@ -32,7 +32,7 @@ from PIL import Image
 from torchvision.models import ResNet18_Weights
 
 from bench import harness
-from bench.harness import free_port, without_torch  # noqa: F401 (for the tests)
+from bench.harness import free_port, other_weights, without_torch  # noqa: F401 (for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
@@ -150,16 +150,6 @@ def start_server(tmp: Path, log: Path | None = None, **env: str) -> Server:
 
 
 # --- The slim replica: the seeded weights exported by python -m export, served where torch cannot be imported ---
-
-
-def other_weights(folder: Path) -> Path:
-    """Weights another seed makes: another model, as a fine-tuned one is to the first."""
-    from torchvision.models import resnet18
-
-    torch.manual_seed(1)
-    path = folder / "resnet18-other.pth"
-    torch.save(resnet18().state_dict(), path)
-    return path
 
 
 def torch_is_mapped(pid: int) -> bool:

@@ -6,8 +6,8 @@ settings.md is made from settings.Settings (one field per variable), so a settin
 line. performance.md and its plots are made from the newest benchmark results file in docs/results/ (make
 bench writes one per run, every section it measures in it), and three files of their own runs, each named with its
 machine and date on the page: docs/results/image.json (tools/image_build.py),
-docs/results/int8-candidates.json (bench/int8_candidates.py) and docs/results/tracing.json (bench/tracing.py,
-in make bench); no figure on it is typed by hand. tests/test_docs.py checks that the committed
+docs/results/int8-candidates.json (bench/int8_candidates.py), docs/results/tracing.json and
+docs/results/reload.json (bench/tracing.py and bench/reload.py, in make bench); no figure on it is typed by hand. tests/test_docs.py checks that the committed
 pages are what this writes.
 """
 
@@ -245,18 +245,33 @@ def candidates_section(candidates: dict | None) -> list[str]:
     return lines
 
 
-def tracing_section(tracing: dict | None) -> list[str]:
-    """What tracing costs: another run (bench/tracing.py, after bench/benchmark.py in make bench)."""
-    if not tracing:
-        return ["## Tracing", "", "Not measured yet: run `python -m bench.tracing`.", ""]
-    lines = [f"## Tracing: `bench/tracing.py`, {tracing['date']}, on {tracing['cpu']} {{#tracing}}", "",
-             f"The default replica at c=8, ImageNet-size JPEGs, cache off, {tracing['rounds']} interleaved runs of "
-             f"{tracing['seconds_per_run']:g} s each; on: every request sampled and exported over OTLP/HTTP to a "
-             "receiver on the same machine ([Traces](operations.md#traces)).", "",
-             "| tracing | answers/s | p50 | p99 |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {row['row']} | {row['ok_per_s']} | {row['p50_ms']} ms | {row['p99_ms']} ms |" for row in tracing["rows"]]
+def run_section(results: dict | None, title: str, anchor: str, script: str, intro: str) -> list[str]:
+    """A run of its own in make bench (bench/tracing.py, bench/reload.py): its load rows and its targets."""
+    if not results:
+        return [f"## {title}", "", f"Not measured yet: run `python -m bench.{script}`.", ""]
+    lines = [f"## {title}: `bench/{script}.py`, {results['date']}, on {results['cpu']} {{#{anchor}}}", "", intro, "",
+             "| run | answers/s | p50 | p99 |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {row['row']} | {row['ok_per_s']} | {row['p50_ms']} ms | {row['p99_ms']} ms |" for row in results["rows"]
+              if "p99_ms" in row]
     lines += ["", "| | target | measured |", "| --- | --- | --- |"]
-    return lines + [target_row(target) for target in tracing["targets"]] + [""]
+    return lines + [target_row(target) for target in results["targets"]] + [""]
+
+
+def tracing_section(tracing: dict | None) -> list[str]:
+    """What tracing costs (bench/tracing.py)."""
+    return run_section(tracing, "Tracing", "tracing", "tracing", (
+        f"The default replica at c=8, ImageNet-size JPEGs, cache off, {tracing['rounds']} interleaved runs of "
+        f"{tracing['seconds_per_run']:g} s each; on: every request sampled and exported over OTLP/HTTP to a "
+        "receiver on the same machine ([Traces](operations.md#traces)).") if tracing else "")
+
+
+def reload_section(reload: dict | None) -> list[str]:
+    """New weights under load (bench/reload.py)."""
+    return run_section(reload, "New weights under load", "new-weights-under-load", "reload", (
+        f"The default replica at c=8 (ImageNet-size JPEGs, cache off), first without reloads, then with a SIGHUP every "
+        f"{reload['seconds_per_run']:g} s alternating two sets of weights ({reload['reloads']} reloads), every answer "
+        "checked against the scores of the version its `X-Model-Version` names "
+        "([Reloading new weights](model.md#reloading-new-weights)).") if reload else "")
 
 
 def slim_section(rows: dict[str, dict], targets: list[dict]) -> list[str]:
@@ -309,7 +324,7 @@ def target_row(target: dict) -> str:
 
 
 def performance_page(results: dict, source: str, image: dict | None, candidates: dict | None = None,
-                     tracing: dict | None = None) -> str:
+                     tracing: dict | None = None, reload: dict | None = None) -> str:
     machine = results["machine"]
     lines = [
         "# Performance",
@@ -367,6 +382,7 @@ def performance_page(results: dict, source: str, image: dict | None, candidates:
     lines += latency_section(rows)
     lines += slim_section(rows, results["targets"])
     lines += tracing_section(tracing)
+    lines += reload_section(reload)
     lines += candidates_section(candidates)
     lines += image_section(image)
     return "\n".join(lines)
@@ -407,8 +423,8 @@ def readme(text: str, results: dict, source: str) -> str:
 
 
 def optional_results(name: str) -> dict | None:
-    """A results file of another run beside make bench's (image.json, int8-candidates.json, tracing.json), if
-    written."""
+    """A results file of another run beside make bench's (image.json, int8-candidates.json, tracing.json,
+    reload.json), if written."""
     path = RESULTS / name
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -418,7 +434,7 @@ def performance_from_files() -> tuple[Path, dict, str]:
     source = newest_results()
     results = json.loads(source.read_text())
     page = performance_page(results, source.name, optional_results("image.json"), optional_results("int8-candidates.json"),
-                            optional_results("tracing.json"))
+                            optional_results("tracing.json"), optional_results("reload.json"))
     return source, results, page
 
 

@@ -77,9 +77,10 @@ def _load_file(path: Path) -> torch.nn.Module:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ModelLoadError(f"MODEL_WEIGHTS={path} is not a PyTorch state_dict file ({error})") from None
-    model = resnet18(num_classes=NUM_CLASSES)
+    with torch.device("meta"):  # no random initial values: the file's replace them all (a reload's CPU spared)
+        model = resnet18(num_classes=NUM_CLASSES)
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0]
         raise ModelLoadError(f"MODEL_WEIGHTS={path} does not hold ResNet18 weights: {reason}") from None
