@@ -1,6 +1,6 @@
-"""New weights under load: the default replica at c=8, first without reloads, then with a SIGHUP every
-`--seconds` alternating two sets of weights (six reloads), every answer checked against the scores of the version
-its X-Model-Version names.
+"""New weights under load: the default replica at c=8, in windows of `--seconds` taken in turn, one without a
+reload and one that starts with a SIGHUP (six reloads, alternating two sets of weights), every answer checked
+against the scores of the version its X-Model-Version names.
 
     python -m bench.reload [--seconds 10] [--out docs/results/reload.json]
 
@@ -48,33 +48,33 @@ class Reloader:
         return httpx.get(f"{self.server.url}/model", timeout=30).json()
 
 
-Answers = list[tuple[int, str, dict, float]]  # status, version, scores, latency (s)
+Answer = tuple[float, int, str, dict, float]  # sent at (monotonic), status, version, scores, latency (s)
 
 
-def load(url: str, photo: bytes, seconds: float, during: threading.Thread | None = None) -> tuple[Answers, float]:
-    """CONCURRENCY clients posting the photo for `seconds` (or while `during` runs): the answers, and the time."""
-    answers: Answers = []
-    started = time.monotonic()
-    deadline = started + seconds
+def load(url: str, photo: bytes, during: threading.Thread) -> list[Answer]:
+    """CONCURRENCY clients posting the photo while `during` runs."""
+    answers: list[Answer] = []
 
     def client() -> None:
         with httpx.Client(timeout=60) as http:
-            while (during.is_alive() if during else time.monotonic() < deadline):
-                started = time.perf_counter()
+            while during.is_alive():
+                sent = time.monotonic()
                 response = http.post(url, files={"file": ("photo.jpg", photo, "image/jpeg")})
-                took = time.perf_counter() - started
+                took = time.monotonic() - sent
                 scores = {p["index"]: p["score"] for p in response.json().get("predictions", [])}
-                answers.append((response.status_code, response.headers.get("X-Model-Version", ""), scores, took))
+                answers.append((sent, response.status_code, response.headers.get("X-Model-Version", ""), scores, took))
 
     clients = [threading.Thread(target=client) for _ in range(CONCURRENCY)]
     for thread in clients:
         thread.start()
     for thread in clients:
         thread.join()
-    return answers, time.monotonic() - started
+    return answers
 
 
 def measure(seconds: float) -> tuple[list[dict], list[Verdict]]:
+    """Windows of `seconds` in turn under one steady load: one without a reload, then one that starts with a reload,
+    RELOADS times, so drift on the machine falls on both alike."""
     work = Path(tempfile.mkdtemp(prefix="bench-reload-"))
     env = service_env(work)
     first, second = Path(env["MODEL_WEIGHTS"]), other_weights(work)
@@ -84,56 +84,68 @@ def measure(seconds: float) -> tuple[list[dict], list[Verdict]]:
     server = start_server({**env, "MODEL_WEIGHTS": str(served)})
     url = f"{server.url}/predict/topk?k=5"
     reloader = Reloader(server, served)
+    windows: dict[str, list[tuple[float, float]]] = {"quiet": [], "reload": []}
+    outcomes: list[str] = []
+    rss: dict[str, float] = {}
     try:
         expected = {}
         for weights in (second, first):  # each loaded once (its export and timings kept), and its answer known
             reloader.to(weights)
             answer = httpx.post(url, files={"file": ("photo.jpg", photo, "image/jpeg")}, timeout=60)
             expected[answer.headers["X-Model-Version"]] = {p["index"]: p["score"] for p in answer.json()["predictions"]}
-        load(url, photo, 3)  # warm-up
-        steady, steady_s = load(url, photo, seconds * 3)
-        rss_before = server.rss_mib()
-        outcomes: list[str] = []
 
-        def reloads() -> None:
+        def windows_in_turn() -> None:
+            time.sleep(3)  # warm-up
+            rss["before"] = server.rss_mib()
+            Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # VmHWM from now on: the peak while reloading
             for turn in range(RELOADS):
+                opened = time.monotonic()
                 time.sleep(seconds)
+                windows["quiet"].append((opened, time.monotonic()))
+                opened = time.monotonic()
                 outcomes.append(reloader.to(second if turn % 2 == 0 else first)["outcome"])
-            time.sleep(seconds)
+                time.sleep(max(0.0, seconds - (time.monotonic() - opened)))
+                windows["reload"].append((opened, time.monotonic()))
+            rss["after"], rss["peak"] = server.rss_mib(), server.rss_mib("VmHWM")
 
-        reloading = threading.Thread(target=reloads)
-        reloading.start()
-        during, during_s = load(url, photo, 0, during=reloading)
-        rss_after = server.rss_mib()
+        turns = threading.Thread(target=windows_in_turn)
+        turns.start()
+        answers = load(url, photo, turns)
     finally:
         server.stop()
 
-    def row(name: str, answers: Answers, elapsed: float) -> dict:
-        ok = [took for status, _, _, took in answers if status == 200]
-        return {"row": name, "requests": len(answers), "non_200": len(answers) - len(ok), "ok_per_s": round(len(ok) / elapsed, 1),
+    def row(name: str, phase: str) -> dict:
+        inside = [a for a in answers if any(opened <= a[0] < closed for opened, closed in windows[phase])]
+        ok = [took for _, status, _, _, took in inside if status == 200]
+        elapsed = sum(closed - opened for opened, closed in windows[phase])
+        return {"row": name, "requests": len(inside), "non_200": len(inside) - len(ok), "ok_per_s": round(len(ok) / elapsed, 1),
                 "p50_ms": round(percentile(ok, 50) * 1000, 1), "p99_ms": round(percentile(ok, 99) * 1000, 1)}
 
-    rows = [row(f"c={CONCURRENCY}, no reload", steady, steady_s),
-            row(f"c={CONCURRENCY}, a reload every {seconds:g} s", during, during_s)]
-    mismatched = sum(1 for status, version, scores, _ in during if status == 200 and (
+    measured = [a for a in answers if a[0] >= windows["quiet"][0][0]]
+    mismatched = sum(1 for _, status, version, scores, _ in measured if status == 200 and (
         version not in expected or any(abs(scores.get(i, -1) - s) > 1e-5 for i, s in expected[version].items())))
-    versions = {version for _, version, _, _ in during}
-    rows.append({"row": "reloads: outcomes, memory", "outcomes": outcomes, "versions_answered": len(versions),
-                 "answers_not_matching_their_version": mismatched, "rss_before_mib": round(rss_before),
-                 "rss_after_mib": round(rss_after)})
+    versions = {version for _, _, version, _, _ in measured}
+    non_200 = sum(1 for _, status, _, _, _ in measured if status != 200)
+    rows = [row(f"c={CONCURRENCY}, {seconds:g} s windows without a reload", "quiet"),
+            row(f"c={CONCURRENCY}, {seconds:g} s windows that start with a reload", "reload"),
+            {"row": "reloads: outcomes, memory", "outcomes": outcomes, "versions_answered": len(versions),
+             "answers_not_matching_their_version": mismatched, "rss_before_mib": round(rss["before"]),
+             "rss_after_mib": round(rss["after"]), "peak_rss_while_reloading_mib": round(rss["peak"])}]
     print_rows(rows)
-    steady_row, during_row = rows[0], rows[1]
-    p99_ratio = during_row["p99_ms"] / steady_row["p99_ms"]
-    rss_growth = rss_after / rss_before - 1
+    quiet, reloading = rows[0], rows[1]
+    p99_ratio = reloading["p99_ms"] / quiet["p99_ms"]
+    rss_growth = rss["after"] / rss["before"] - 1
     targets: list[Verdict] = [
-        (f"{RELOADS} reloads under load: 0 non-200 answers", "met" if during_row["non_200"] == 0 else "MISS",
-         f"{during_row['non_200']} of {during_row['requests']} ({outcomes.count('loaded')} reloads loaded)"),
+        (f"{RELOADS} reloads under load: 0 non-200 answers", "met" if non_200 == 0 else "MISS",
+         f"{non_200} of {len(measured)} ({outcomes.count('loaded')} reloads loaded)"),
         ("every answer's X-Model-Version matches its scores", "met" if mismatched == 0 and len(versions) == 2 else "MISS",
-         f"{mismatched} of {during_row['requests']} did not; {len(versions)} versions answered"),
+         f"{mismatched} of {len(measured)} did not; {len(versions)} versions answered"),
         ("p99 during reloads <= 1.5x without", "met" if p99_ratio <= 1.5 else "MISS",
-         f"{p99_ratio:.2f}x ({during_row['p99_ms']} vs {steady_row['p99_ms']} ms)"),
+         f"{p99_ratio:.2f}x ({reloading['p99_ms']} vs {quiet['p99_ms']} ms)"),
         ("RSS after the reloads within 5 % of before the first", "met" if abs(rss_growth) <= 0.05 else "MISS",
-         f"{rss_growth:+.1%} ({round(rss_before)} -> {round(rss_after)} MiB)"),
+         f"{rss_growth:+.1%} ({round(rss['before'])} -> {round(rss['after'])} MiB)"),
+        ("memory during a reload: two models at once (no target)", "measured",
+         f"peak RSS while reloading {round(rss['peak'])} MiB, {round(rss['peak'] - rss['before']):+} MiB over serving alone"),
     ]
     return rows, targets
 

@@ -268,9 +268,10 @@ def tracing_section(tracing: dict | None) -> list[str]:
 def reload_section(reload: dict | None) -> list[str]:
     """New weights under load (bench/reload.py)."""
     return run_section(reload, "New weights under load", "new-weights-under-load", "reload", (
-        f"The default replica at c=8 (ImageNet-size JPEGs, cache off), first without reloads, then with a SIGHUP every "
-        f"{reload['seconds_per_run']:g} s alternating two sets of weights ({reload['reloads']} reloads), every answer "
-        "checked against the scores of the version its `X-Model-Version` names "
+        f"The default replica under one steady load at c=8 (ImageNet-size JPEGs, cache off), in windows of "
+        f"{reload['seconds_per_run']:g} s taken in turn: one without a reload, one that starts with a SIGHUP "
+        f"({reload['reloads']} reloads, alternating two sets of weights); every answer checked against the scores of the "
+        "version its `X-Model-Version` names "
         "([Reloading new weights](model.md#reloading-new-weights)).") if reload else "")
 
 
