@@ -87,10 +87,7 @@ class Job(BaseModel):
                    results_url=f"/jobs/{row.id}/results", webhook=webhook, model_version=row.model_version)
 
 
-def result_line(index: int, filename: str | None, result: np.ndarray | Exception, k: int, labels: Sequence[str],
-                model_version: str | None = None) -> str:
-    """One image's entry of a job's results: a /predict/batch entry and its index, and on a prediction the model
-    version that made it, as one line of JSON."""
+def result_line(index: int, filename: str | None, result: np.ndarray | Exception, k: int, labels: Sequence[str]) -> str:
+    """One image's entry of a job's results: a /predict/batch entry and its index, as one line of JSON."""
     named = {"filename": filename} if filename is not None else {}
-    made = {"model_version": model_version} if model_version and not isinstance(result, Exception) else {}
-    return json.dumps({"index": index, **named, **outcome(result, k, labels), **made})
+    return json.dumps({"index": index, **named, **outcome(result, k, labels)})

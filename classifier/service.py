@@ -86,8 +86,7 @@ class Service:
         except Exception as error:  # an unknown driver, a malformed URL
             raise SystemExit(f"Cannot open the job store JOBS_DATABASE_URL: {error}") from None
         self.jobs = JobWorker(store, self.batcher, runtime.labels, webhook_secret=settings.webhook_secret,
-                              webhook_first_retry_s=settings.webhook_first_retry_s, model_version=runtime.version,
-                              tracing=self.tracing)
+                              webhook_first_retry_s=settings.webhook_first_retry_s, tracing=self.tracing)
         self.ready = False  # rules.ready and rules.accepting read this
         self.loaded_at = time.time()
         self.last_reload: Reload | None = None
@@ -165,7 +164,7 @@ class Service:
         log.info("reloading the model (serving version %s)", old.version)
         try:
             new = await asyncio.to_thread(runtimes.load, self.settings)
-        except (ModelLoadError, SystemExit, Exception) as error:  # whatever it is, the old model keeps serving
+        except (Exception, SystemExit) as error:  # whatever it is, the old model keeps serving
             detail = str(error) if isinstance(error, (ModelLoadError, SystemExit)) else f"{type(error).__name__}: {error}"
             log.warning("reload refused, still serving version %s: %s", old.version, detail)
             return self._reloaded("refused", detail)
@@ -176,7 +175,6 @@ class Service:
         self.batcher.use(new.predict, new.forward_thread, new.version, span_attributes(new))
         if self.cache is not None:
             self.cache.reset(new.answer_context(self.settings))
-        self.jobs.model_version = new.version  # it works on jobs submitted to the new version from now on
         self._served(new, old)
         log.info("model version %s serves (was %s)", new.version, old.version)
         reloaded = self._reloaded("loaded", f"version {new.version} replaced {old.version}")

@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     from classifier.inference import runtimes
     from classifier.inference.cache import ResultCache
     from classifier.inference.outcomes import outcome
+    from classifier.inference.runtime import scored
     from classifier.settings import get_settings
     from classifier.tracing import Tracing
 
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
 
     def prepare(data: bytes) -> Any:
         return runtime.prepare(data, settings.max_image_pixels, settings.jpeg_draft)
+
+    def predict(batch: Any) -> list[Any]:  # each row says the version that computed it, as the service's do
+        return [scored(row, runtime.version) for row in runtime.predict(batch)]
 
     images, others = find_images(inputs)
     images = [path for path in images if in_shard(path, args.shard)]
@@ -261,12 +265,12 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress:
         for paths, prepared in batches(todo, pool, args.batch_size, cache, prepare):
             with tracing.tracer.start_as_current_span("classify batch", attributes={"images": len(paths)}) as span:
-                lines = [{"path": str(path), **outcome(result, args.k, runtime.labels),
-                          **({} if isinstance(result, Exception) else {"model_version": runtime.version})}
-                         for path, result in zip(paths, answer(prepared, cache, runtime.predict))]
-                failed += sum("error" in line for line in lines)
-                span.set_attribute("images.failed", sum("error" in line for line in lines))
+                lines = [{"path": str(path), **outcome(result, args.k, runtime.labels)}
+                         for path, result in zip(paths, answer(prepared, cache, predict))]
+                failed_here = sum("error" in line for line in lines)
+                span.set_attribute("images.failed", failed_here)
                 results.append(lines)
+            failed += failed_here
             progress.update(len(paths))
     elapsed = time.perf_counter() - started
     tracing.shutdown()

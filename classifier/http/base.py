@@ -5,9 +5,8 @@ reshaped to {"error": "..."} (v2/http_routes.ProtocolErrors)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from collections.abc import Sequence
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -51,8 +51,10 @@ def failure(error: Exception) -> ItemError:
 
 
 def outcome(result: np.ndarray | Exception, k: int, labels: Sequence[str]) -> dict[str, Any]:
-    """{"predictions": [...]} or {"error": {"status", "detail"}}: an entry of /predict/batch, of a job's results
-    and of python -m classify's output."""
+    """{"predictions": [...], "model_version"} or {"error": {"status", "detail"}}: an entry of /predict/batch, of a
+    job's results and of python -m classify's output. The model version is that of the scores (Scores), when they
+    say it; an error has none: no model made it."""
     if isinstance(result, Exception):
         return {"error": failure(result).model_dump()}
-    return {"predictions": [prediction.model_dump() for prediction in top_k(result, k, labels)]}
+    made_by = {"model_version": result.model_version} if getattr(result, "model_version", None) else {}
+    return {"predictions": [prediction.model_dump() for prediction in top_k(result, k, labels)], **made_by}

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -91,7 +92,7 @@ class Runtime:
     # thread, runs there. None: predict runs on its caller's thread.
     forward_thread: ThreadPoolExecutor | None = None
 
-    @property
+    @cached_property  # read for every answer of python -m classify, every job, every /v2 call
     def version(self) -> str:
         """The model version: what decides the answers, as 12 hex digits. The weights' values and the precision (and
         int8's file); not the backend or the device, whose answers agree within 1e-5: a slim replica and a torch

@@ -306,12 +306,13 @@ class JobStore:
             return self._delete(connection, expired) if expired else 0
 
     def backlog(self, model_version: str | None = None) -> Backlog:
+        """The stored, unclassified images; other_versions: those of jobs a replica serving model_version leaves."""
+        other = func.coalesce(func.sum(case((self._for(model_version), 0), else_=1)), 0)
         with self.reader.connect() as connection:
-            count, size, oldest = connection.execute(
-                select(func.count(), func.coalesce(func.sum(job_images.c.size), 0), func.min(job_images.c.queued_at))).one()
-            other = connection.execute(select(func.count()).select_from(job_images.join(jobs, jobs.c.id == job_images.c.job_id))
-                                       .where(~self._for(model_version))).scalar_one() if model_version else 0
-        return Backlog(count, size, oldest, other)
+            count, size, oldest, others = connection.execute(
+                select(func.count(), func.coalesce(func.sum(job_images.c.size), 0), func.min(job_images.c.queued_at), other)
+                .select_from(job_images.join(jobs, jobs.c.id == job_images.c.job_id))).one()
+        return Backlog(count, size, oldest, others)
 
     # The worker's side
 

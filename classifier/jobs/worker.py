@@ -48,9 +48,8 @@ class GaveUp(ImageError):
 
 class JobWorker:
     def __init__(self, store: JobStore, batcher: Batcher, labels: Sequence[str], *, webhook_secret: str | None,
-                 webhook_first_retry_s: float, model_version: str | None = None, tracing: Tracing | None = None) -> None:
+                 webhook_first_retry_s: float, tracing: Tracing | None = None) -> None:
         self.store = store
-        self.model_version = model_version  # of the runtime this replica serves: it works only on jobs submitted to it
         self.batcher = batcher
         self.labels = labels
         self.signer = Webhook(webhook_secret) if webhook_secret else None
@@ -151,7 +150,8 @@ class JobWorker:
             await lanes.acquire()
             await self.batcher.until_idle()
             try:
-                images = await asyncio.to_thread(self.store.claim, self.batcher.max_batch_size, self.model_version)
+                # Only jobs submitted to the version this replica serves (the batcher's: a reload changes it).
+                images = await asyncio.to_thread(self.store.claim, self.batcher.max_batch_size, self.batcher.model_version)
             except DBAPIError as error:
                 lanes.release()
                 await self._pause("claiming job images", error)
@@ -215,8 +215,8 @@ class JobWorker:
                          image.job_id, image.index, made_by, image.model_version)
                 continue
             failed = isinstance(answer, Exception)
-            outcomes.append(Outcome(image.job_id, image.index, result_line(image.index, image.filename, answer, image.k,
-                                                                          self.labels, made_by), failed))
+            outcomes.append(Outcome(image.job_id, image.index,
+                                    result_line(image.index, image.filename, answer, image.k, self.labels), failed))
         with self.tracing.tracer.start_as_current_span("store results", attributes={"images": len(outcomes)}):
             while True:
                 try:
@@ -238,7 +238,7 @@ class JobWorker:
         last_sweep = 0.0
         while True:
             try:
-                backlog = await asyncio.to_thread(self.store.backlog, self.model_version)
+                backlog = await asyncio.to_thread(self.store.backlog, self.batcher.model_version)
                 JOB_IMAGES_PENDING.set(backlog.images)
                 JOB_IMAGES_OTHER_VERSION.set(backlog.other_versions)
                 JOB_PENDING_BYTES.set(backlog.bytes)
