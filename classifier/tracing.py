@@ -44,10 +44,6 @@ class Tracing:
         self.provider = _provider(exporter) if exporter != "none" else None
         self.tracer: Tracer = self.provider.get_tracer("classifier") if self.provider else NO_TRACER
 
-    @property
-    def on(self) -> bool:
-        return self.provider is not None
-
     def instrument(self, app: Any) -> None:
         """The FastAPI app: a server span per request, continuing the caller's trace (traceparent)."""
         if self.provider is None:
