@@ -247,6 +247,55 @@ def served_model():  # noqa: ANN201 (model.Runtime, and bytes -> input)
     return runtime, prepare
 
 
+@dataclass
+class ObjectStore:
+    """An S3-compatible server speaking HTTP on 127.0.0.1 (moto's standalone server, a process of its own), and
+    the AWS variables that point boto3 at it."""
+
+    process: subprocess.Popen
+    env: dict[str, str]
+
+    @classmethod
+    def start(cls, timeout: float = 60) -> ObjectStore:
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.perf_counter() + timeout
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.perf_counter() > deadline:
+                    process.kill()
+                    raise RuntimeError(f"moto's server did not answer on {url}") from None
+                time.sleep(0.1)
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        return cls(process, env)
+
+    def client(self):  # noqa: ANN201 (a boto3 S3 client)
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test")
+
+    def fill(self, bucket: str, objects: dict[str, bytes], threads: int = 16) -> None:
+        """The bucket (created if new) with these objects."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        client = self.client()
+        if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=bucket)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda item: client.put_object(Bucket=bucket, Key=item[0], Body=item[1]), objects.items()))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
 def other_weights(folder: Path) -> Path:
     """Weights another seed makes: another model, as a fine-tuned one is to the first (service_env's are seed 0)."""
     import torch

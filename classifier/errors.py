@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # How long a client should wait before trying again, by the reason it was refused.
 RETRY_AFTER_S = {"overloaded": 1, "memory": 1, "timeout": 1, "shutting_down": 1, "not_ready": 1, "disconnected": 1,
-                 "database_unavailable": 5, "jobs_full": 30, "store_full": 60}
+                 "database_unavailable": 5, "storage_unavailable": 5, "jobs_full": 30, "store_full": 60}
 
 
 class ServiceError(Exception):
@@ -36,6 +36,12 @@ class BadRequest(ServiceError):
 
 class Unauthorized(ServiceError):
     status, reason = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """Not allowed whoever asks: an object outside the buckets an operator allows, or one its store refuses."""
+
+    status, reason = 403, "forbidden"
 
 
 class NotFound(ServiceError):

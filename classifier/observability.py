@@ -71,7 +71,7 @@ for outcome in ("loaded", "unchanged", "refused"):
     MODEL_RELOADS.labels(outcome)
 REJECTED = Counter("rejected_requests_total", "Requests or images refused, by reason", ["reason"])
 for reason in ("overloaded", "memory", "jobs_full", "database_unavailable", "store_full", "timeout", "too_large", "bad_image",
-               "unauthorized", "shutting_down", "deadline_exceeded"):
+               "unauthorized", "shutting_down", "deadline_exceeded", "forbidden", "storage_unavailable"):
     REJECTED.labels(reason)  # export every reason from the start, at 0
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torchvision.models import ResNet18_Weights, resnet18
 
-from support import (ALLOWED_ORIGIN, API_KEY, Postgres, Server, SmallDisk, export, free_port, in_process, postgres_bin,
+from support import (ALLOWED_ORIGIN, API_KEY, ObjectStore, Postgres, Server, SmallDisk, export, free_port, in_process, postgres_bin,
                      start_server, without_torch)
 
 
@@ -214,3 +214,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if tier(item) in wanted]
+
+
+@pytest.fixture(scope="session")
+def object_store_server() -> Iterator[ObjectStore]:
+    server = ObjectStore.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def object_store(object_store_server: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    """The S3-compatible server, with this process's AWS variables pointing at it (as a user's would)."""
+    from classifier import storage
+
+    for name, value in object_store_server.env.items():
+        monkeypatch.setenv(name, value)
+    storage.client.cache_clear()  # the next client reads these
+    return object_store_server

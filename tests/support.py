@@ -32,7 +32,7 @@ from PIL import Image
 from torchvision.models import ResNet18_Weights
 
 from bench import harness
-from bench.harness import free_port, other_weights, without_torch  # noqa: F401 (for the tests)
+from bench.harness import ObjectStore, free_port, other_weights, without_torch  # noqa: F401 (for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")

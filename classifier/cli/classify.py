@@ -1,23 +1,24 @@
-"""The offline batch job: classify a folder (recursively) or a list of files, no HTTP.
+"""The offline batch job: classify folders (recursively), files or objects in S3, no HTTP.
 
-    python -m classify PHOTOS_DIR --out results.jsonl [--k 5] [--batch-size 16] [--workers N]
-                      [--format jsonl|csv] [--resume] [--shard i/n]
+    python -m classify PHOTOS_DIR|s3://bucket/prefix ... --out results.jsonl|DIR/|s3://bucket/prefix
+                      [--format jsonl|csv|parquet] [--k 5] [--batch-size 16] [--workers N] [--downloads 16]
+                      [--part-size 1000] [--resume] [--shard i/n]
 
-One line per image, appended and flushed as each batch finishes, so a crash loses at most one batch and
-`--resume` carries on where the file ends. Each line is an image's outcome as the API gives it:
-{"path", "predictions": [{label, index, score}, ...]} or {"path", "error": {"status", "detail"}} (CSV: the
-columns path, status, error, then label/index/score by rank). Decoding and the forward pass are the service's
-(model.Runtime.prepare, batching.predict_each: a batch that fails is retried image by image), with the
-service's settings (MODEL_WEIGHTS, BACKEND, PRECISION, MAX_IMAGE_PIXELS, JPEG_DRAFT, ...). Exit status: 0
-when every image was classified, 1 when any failed, 2 for a usage error.
+One outcome per image (results.py says where and how it is written, so that a crash loses at most a batch, or a
+part, and `--resume` carries on exactly once). Each is an image's outcome as the API gives it: {"path",
+"predictions": [{label, index, score}, ...], "model_version"} or {"path", "error": {"status", "detail"}}. The
+images flow in three overlapping stages: reads (downloads, --downloads in flight), decoding (--workers threads,
+one batch ahead), the forward pass. Listing an S3 prefix is streamed a page at a time. Decoding and the forward
+pass are the service's (Runtime.prepare, batching.predict_each: a batch that fails is retried image by image),
+with the service's settings (MODEL_WEIGHTS, BACKEND, PRECISION, MAX_IMAGE_PIXELS, JPEG_DRAFT, ...); S3 is
+configured by the standard AWS variables (storage.py). Exit status: 0 when every image was classified, 1 when
+any failed, 2 for a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
+import itertools
 import logging
 import os
 import sys
@@ -30,13 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from classifier.inference.images import SUFFIXES
+from classifier import storage
+from classifier.cli.results import FORMATS, ResultsDataset, ResultsFile, open_results
+from classifier.errors import ServiceError
+from classifier.inference.images import SUFFIXES, NotAnImage
 from classifier.inference.runtime import NUM_CLASSES
+from classifier.storage import ObjectURL
 
 if TYPE_CHECKING:
     from classifier.inference.cache import ResultCache
     from classifier.inference.runtime import Runtime
-
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -49,17 +53,27 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def existing(inputs: list[str]) -> list[Path]:
-    """The inputs as paths, or exit 2 naming the first that is not a local file or folder (checked when the job
-    runs, not when its arguments are parsed: a manifest's are checked on machines without its files)."""
+def usage_error(message: str) -> SystemExit:
+    print(f"python -m classify: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def check_inputs(inputs: list[str]) -> None:
+    """Exit 2 naming the first input that is not a local file or folder, or an S3 prefix with objects below it
+    (checked when the job runs, not when its arguments are parsed: a manifest's are checked on machines
+    without its files)."""
     for text in inputs:
-        # Path() would fold "s3://bucket/key" into "s3:/bucket/key", a file that is simply not there.
-        problem = ("only local files and folders are read, not URLs" if "://" in text
-                   else None if Path(text).exists() else "no such file or folder")
-        if problem:
-            print(f"python -m classify: error: {text}: {problem}", file=sys.stderr)
-            raise SystemExit(2)
-    return [Path(text) for text in inputs]
+        if storage.is_url(text):
+            try:
+                next(names_below(ObjectURL.parse(text)))
+            except StopIteration:
+                raise usage_error(f"{text}: no objects there") from None
+            except (ValueError, ServiceError) as error:
+                raise usage_error(f"{text}: {error}") from None
+        elif "://" in text:  # Path() would fold "http://host/x" into "http:/host/x", a file that is simply not there
+            raise usage_error(f"{text}: only local files and folders and s3:// are read")
+        elif not Path(text).exists():
+            raise usage_error(f"{text}: no such file or folder")
 
 
 def positive(text: str) -> int:
@@ -72,88 +86,64 @@ def positive(text: str) -> int:
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m classify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="folders (searched recursively) and image files")
-    parser.add_argument("--out", type=Path, required=True, help="the results file")
-    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    parser.add_argument("inputs", nargs="+", help="folders (searched recursively), image files, s3://bucket/prefix")
+    parser.add_argument("--out", required=True,
+                        help="a results file; a folder or s3://bucket/prefix for a dataset of parts (results.py)")
+    parser.add_argument("--format", choices=FORMATS, default="jsonl", help="parquet: always a dataset of parts")
     parser.add_argument("--k", type=positive, default=5, help="labels per image (default 5)")
     parser.add_argument("--batch-size", type=positive, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--workers", type=positive, default=len(os.sched_getaffinity(0)),
                         help="decoding threads (default: the CPUs)")
-    parser.add_argument("--resume", action="store_true", help="skip images already in --out and append to it")
+    parser.add_argument("--downloads", type=positive, default=16, help="reads in flight (default 16)")
+    parser.add_argument("--part-size", type=positive, default=1000,
+                        help="images per part of a dataset (default 1000): a crash loses at most one part's work")
+    parser.add_argument("--resume", action="store_true", help="skip images already in --out and add the rest")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="i/n",
                         help="classify only shard i of n (0-based); run n copies anywhere to split the work")
     args = parser.parse_args(argv)
     if args.k > NUM_CLASSES:
         parser.error(f"--k must be at most {NUM_CLASSES}")
-    if args.out.exists() and not args.resume:
-        parser.error(f"{args.out} exists: pass --resume to continue it, or choose another --out")
     return args
 
 
-def find_images(inputs: Iterable[Path]) -> tuple[list[Path], list[Path]]:
-    """(images, other files) below the inputs, in a stable order."""
-    images, others = [], []
-    for path in inputs:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            (images if file.suffix.lower() in SUFFIXES else others).append(file)
-    return images, others
+def names_below(prefix: ObjectURL) -> Iterator[str]:
+    """s3://... of each object below prefix taken as a folder (s3://b/in holds in/x.jpg, not inbox/x.jpg), or
+    the object itself."""
+    folder = prefix.key if not prefix.key or prefix.key.endswith("/") else prefix.key + "/"
+    for key in storage.keys(ObjectURL(prefix.bucket, prefix.key)):
+        if key == prefix.key or key.startswith(folder):
+            yield f"{storage.SCHEME}{prefix.bucket}/{key}"
 
 
-def in_shard(path: Path, shard: tuple[int, int]) -> bool:
-    # A hash of the path, not its position, so a shard keeps its files when others are added.
-    index, count = shard
-    return zlib.crc32(str(path).encode()) % count == index
-
-
-class Results:
-    """The output file: what it already holds, and appending a line per image."""
-
-    def __init__(self, path: Path, format: str, k: int) -> None:
-        self.path, self.format, self.k = path, format, k
-        self.versions: set[str] = set()  # the model versions of the predictions already recorded (done() reads them)
-
-    def done(self) -> set[str]:
-        """Paths already recorded, and their model versions in self.versions. A torn last line (a crash mid-write)
-        is cut off first."""
-        if not self.path.exists():
-            return set()
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            data = data[: data.rfind(b"\n") + 1]
-            self.path.write_bytes(data)
-        text = data.decode()
-        if self.format == "jsonl":
-            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+def listing(inputs: Iterable[str]) -> Iterator[str]:
+    """Every file and object the inputs name, in a stable order, streamed."""
+    for text in inputs:
+        if storage.is_url(text):
+            yield from names_below(ObjectURL.parse(text))
+        elif Path(text).is_dir():
+            yield from sorted(str(path) for path in Path(text).rglob("*") if path.is_file())
         else:
-            lines = list(csv.DictReader(io.StringIO(text)))
-        self.versions = {line["model_version"] for line in lines if line.get("model_version")}
-        return {line["path"] for line in lines}
+            yield text
 
-    def append(self, lines: list[dict]) -> None:
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as file:
-            if self.format == "jsonl":
-                file.writelines(json.dumps(line) + "\n" for line in lines)
-            else:
-                writer = csv.DictWriter(file, self.columns())
-                if new:
-                    writer.writeheader()
-                writer.writerows(self.flat(line) for line in lines)
-            file.flush()
-            os.fsync(file.fileno())
 
-    def columns(self) -> list[str]:
-        ranked = [f"{name}_{rank}" for rank in range(1, self.k + 1) for name in ("label", "index", "score")]
-        return ["path", "status", "error", "model_version", *ranked]
+def is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in SUFFIXES
 
-    def flat(self, line: dict) -> dict:
-        error = line.get("error", {})
-        row = {"path": line["path"], "status": error.get("status", ""), "error": error.get("detail", ""),
-               "model_version": line.get("model_version", "")}
-        for rank, prediction in enumerate(line.get("predictions", []), start=1):
-            row.update({f"{name}_{rank}": value for name, value in prediction.items()})
-        return row
+
+def in_shard(name: str, shard: tuple[int, int]) -> bool:
+    # A hash of the name, not its position, so a shard keeps its files when others are added.
+    index, count = shard
+    return zlib.crc32(name.encode()) % count == index
+
+
+def read(name: str) -> bytes:
+    """A file's or an object's bytes (in a read thread), or an error naming it."""
+    if storage.is_url(name):
+        return storage.read(ObjectURL.parse(name))
+    try:
+        return Path(name).read_bytes()
+    except OSError as error:
+        raise NotAnImage(f"the file could not be read ({error.strerror or type(error).__name__})") from None
 
 
 @dataclass
@@ -163,14 +153,14 @@ class Prepared:
     image: Any = None  # the model's input [3, 224, 224], when the answer is not known yet
 
 
-def read_and_prepare(path: Path, cache: ResultCache | None, prepare: Callable[[bytes], Any]) -> Prepared:
-    """A file -> its answer from the cache, or its model input, or why it has none (in a decode thread)."""
+def prepare_read(reading: Future[bytes], cache: ResultCache | None, prepare: Callable[[bytes], Any]) -> Prepared:
+    """Read bytes -> their answer from the cache, or their model input, or why they have none (a decode thread)."""
     from classifier.inference import images
 
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        return Prepared(None, images.NotAnImage(f"the file could not be read ({error.strerror or type(error).__name__})"))
+        data = reading.result()
+    except ServiceError as error:
+        return Prepared(None, error)
     key = cache.key(data) if cache is not None else None
     if key is not None and (kept := cache.get(key)) is not None:
         return Prepared(key, kept)
@@ -202,26 +192,72 @@ def answer(batch: list[Prepared], cache: ResultCache | None, predict: Callable[[
             for position, item in enumerate(batch)]
 
 
-def batches(paths: list[Path], pool: ThreadPoolExecutor, size: int, cache: ResultCache | None,
-            prepare: Callable[[bytes], Any]) -> Iterator[tuple[list[Path], list[Prepared]]]:
-    """(paths, what each became) a batch at a time; the next batch decodes while this one is predicted."""
-    pending: deque[tuple[list[Path], list[Future]]] = deque()
-    for start in range(0, len(paths), size):
-        chunk = paths[start : start + size]
-        pending.append((chunk, [pool.submit(read_and_prepare, path, cache, prepare) for path in chunk]))
-        if len(pending) > 1:
-            done, futures = pending.popleft()
-            yield done, [future.result() for future in futures]
-    while pending:
-        done, futures = pending.popleft()
-        yield done, [future.result() for future in futures]
+def batches(names: Iterator[str], readers: ThreadPoolExecutor, decoders: ThreadPoolExecutor, size: int, ahead: int,
+            cache: ResultCache | None, prepare: Callable[[bytes], Any]) -> Iterator[tuple[list[str], list[Prepared]]]:
+    """(names, what each became) a batch at a time. While one batch is predicted, the next decodes and the `ahead`
+    after it are read: at most (ahead + 2) batches of bytes in memory, however long the listing."""
+    reading: deque[tuple[list[str], list[Future[bytes]]]] = deque()
+    decoding: deque[tuple[list[str], list[Future[Prepared]]]] = deque()
+
+    def decode_next() -> None:
+        chunk, reads = reading.popleft()
+        decoding.append((chunk, [decoders.submit(prepare_read, done, cache, prepare) for done in reads]))
+
+    def predict_next() -> tuple[list[str], list[Prepared]]:
+        chunk, decodes = decoding.popleft()
+        return chunk, [future.result() for future in decodes]
+
+    while chunk := list(itertools.islice(names, size)):
+        reading.append((chunk, [readers.submit(read, name) for name in chunk]))
+        if len(reading) > ahead:
+            decode_next()
+        if len(decoding) > 1:
+            yield predict_next()
+    while reading or decoding:
+        if reading:
+            decode_next()
+        if len(decoding) > 1 or not reading:
+            yield predict_next()
+
+
+@dataclass
+class Tally:
+    """What the listing held, counted as it streams past."""
+
+    images: int = 0
+    already_done: int = 0
+    others: int = 0
+    some_others: list[str] | None = None
+
+    def todo(self, names: Iterable[str], shard: tuple[int, int], done: dict[str, str | None]) -> Iterator[str]:
+        self.some_others = []
+        for name in names:
+            if not is_image(name):
+                self.others += 1
+                if len(self.some_others) < 10:
+                    self.some_others.append(name)
+            elif in_shard(name, shard):
+                self.images += 1
+                if name in done:
+                    self.already_done += 1
+                else:
+                    yield name
 
 
 def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     """runtime: a model already loaded (tests share one); by default the one the settings choose."""
     args = arguments(argv)
-    inputs = existing(args.inputs)
+    check_inputs(args.inputs)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.format == "parquet":
+            import pyarrow  # noqa: F401 (the default image has it; a slim one does not)
+        results = open_results(args.out, args.format, args.k, args.shard, args.part_size)
+        if not args.resume and results.exists():
+            raise usage_error(f"{args.out} exists: pass --resume to continue it, or choose another --out")
+        done = results.done() if args.resume else {}
+    except (ServiceError, ImportError) as error:
+        raise usage_error(f"{args.out}: {error}") from None
     from tqdm import tqdm
 
     from classifier.errors import ModelLoadError
@@ -239,6 +275,9 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
             runtime = runtimes.load(settings)
         except ModelLoadError as error:
             raise SystemExit(f"Cannot load the model: {error}") from None
+    if other := set(done.values()) - {None, runtime.version}:  # one output, one model: never continued on other weights
+        raise usage_error(f"{args.out} holds predictions of model version {', '.join(sorted(other))}; this run's is "
+                          f"{runtime.version}: choose another --out")
     # Identical files are classified once per run (the same bytes: a copy, a re-export of the same file).
     cache = ResultCache(settings.cache_entries, runtime.answer_context(settings)) if settings.cache_entries else None
 
@@ -248,42 +287,42 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     def predict(batch: Any) -> list[Any]:  # each row says the version that computed it, as the service's do
         return [scored(row, runtime.version) for row in runtime.predict(batch)]
 
-    images, others = find_images(inputs)
-    images = [path for path in images if in_shard(path, args.shard)]
-    results = Results(args.out, args.format, args.k)
-    already = results.done() if args.resume else set()
-    if results.versions - {runtime.version}:  # one results file, one model: never continued on other weights
-        print(f"python -m classify: error: {args.out} holds predictions of model version "
-              f"{', '.join(sorted(results.versions))}; this run's is {runtime.version}: choose another --out",
-              file=sys.stderr)
-        raise SystemExit(2)
-    todo = [path for path in images if str(path) not in already]
-
-    failed = 0
+    tally = Tally()
+    failed = classified = 0
     started = time.perf_counter()
-    with ThreadPoolExecutor(args.workers, "decode", initializer=runtime.init_decode_thread) as pool, \
-            tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as progress:
-        for paths, prepared in batches(todo, pool, args.batch_size, cache, prepare):
-            with tracing.tracer.start_as_current_span("classify batch", attributes={"images": len(paths)}) as span:
-                lines = [{"path": str(path), **outcome(result, args.k, runtime.labels)}
-                         for path, result in zip(paths, answer(prepared, cache, predict))]
-                failed_here = sum("error" in line for line in lines)
-                span.set_attribute("images.failed", failed_here)
-                results.append(lines)
-            failed += failed_here
-            progress.update(len(paths))
+    ahead = -(-args.downloads // args.batch_size)  # batches read ahead: the downloads in flight
+    with ThreadPoolExecutor(args.downloads, "read") as readers, \
+            ThreadPoolExecutor(args.workers, "decode", initializer=runtime.init_decode_thread) as decoders, \
+            tqdm(unit="img", file=sys.stderr, disable=None) as progress:
+        todo = tally.todo(listing(args.inputs), args.shard, done)
+        try:
+            for names, prepared in batches(todo, readers, decoders, args.batch_size, ahead, cache, prepare):
+                with tracing.tracer.start_as_current_span("classify batch", attributes={"images": len(names)}) as span:
+                    lines = [{"path": name, **outcome(result, args.k, runtime.labels)}
+                             for name, result in zip(names, answer(prepared, cache, predict))]
+                    failed_here = sum("error" in line for line in lines)
+                    span.set_attribute("images.failed", failed_here)
+                    results.append(lines)
+                failed += failed_here
+                classified += len(lines) - failed_here
+                progress.update(len(names))
+            results.finish()
+        except ServiceError as error:  # the listing, or writing a part, failed: what is written stays, for --resume
+            tracing.shutdown()
+            print(f"python -m classify: stopped: {error}; what was written stays: run again with --resume",
+                  file=sys.stderr)
+            return 1
     elapsed = time.perf_counter() - started
     tracing.shutdown()
-    classified = len(todo) - failed
     print(
-        f"classified {classified}, failed {failed}, skipped {len(images) - len(todo)} already done"
-        f" and {len(others)} non-image files, in {elapsed:.1f} s: {len(todo) / max(elapsed, 1e-9):.1f} images/s",
+        f"classified {classified}, failed {failed}, skipped {tally.already_done} already done"
+        f" and {tally.others} non-image files, in {elapsed:.1f} s: {(classified + failed) / max(elapsed, 1e-9):.1f} images/s",
         file=sys.stderr,
     )
-    for path in others[:10]:
-        print(f"  not an image by its extension: {path}", file=sys.stderr)
-    if len(others) > 10:
-        print(f"  ... and {len(others) - 10} more", file=sys.stderr)
+    for name in tally.some_others or []:
+        print(f"  not an image by its extension: {name}", file=sys.stderr)
+    if tally.others > 10:
+        print(f"  ... and {tally.others - 10} more", file=sys.stderr)
     return 1 if failed else 0
 
 
