@@ -44,6 +44,8 @@ JOBS_FINISHED = Counter("jobs_finished_total", "Asynchronous jobs that ended, by
 JOB_IMAGES = Counter("job_images_total", "Job images answered, by outcome", ["outcome"])
 JOB_IMAGES_RETRIED = Counter("job_images_retried_total", "Job images claimed again because an earlier claim ended without "
                              "a result (its worker died, or its lease ran out)")
+JOB_RESULTS_WRITTEN = Counter("job_results_written_total", "Finished jobs' results written to their results_to object, "
+                              "by outcome (failed: retried as a webhook is)", ["outcome"])
 JOB_IMAGES_PENDING = Gauge("job_images_pending", "Job images stored and not yet classified (the backlog)")
 JOB_IMAGES_OTHER_VERSION = Gauge("job_images_waiting_for_other_version",
                                  "Job images stored for another model version than this replica serves: they wait for a "
@@ -55,6 +57,8 @@ JOB_STORE_DISK_FULL = Gauge("job_store_disk_full",
                             "1 while the job store's disk is full (its last write failed for lack of space), else 0")
 for outcome in ("classified", "error"):
     JOB_IMAGES.labels(outcome)
+for outcome in ("written", "failed"):
+    JOB_RESULTS_WRITTEN.labels(outcome)
 DEADLINE_EXCEEDED = Counter("deadline_exceeded_images_total", "Images dropped because their caller's deadline passed, "
                             "by where: received (already past, or the images ahead would outlast it), decode (before decoding), forward (before the forward "
                             "pass: none starts one late), answer (during its forward pass)", ["stage"])

@@ -29,8 +29,9 @@ SECURITY_SCHEMES = {
 
 
 def job_submission(settings: Settings) -> dict[str, Any]:
-    """The multipart body of POST /jobs, as this service takes it: files, and a webhook only where one may be
-    given (WEBHOOK_ALLOWED_HOSTS), to one of those hosts."""
+    """The multipart body of POST /jobs, as this service takes it: files, objects and results_to only where buckets
+    are allowed (JOBS_ALLOWED_BUCKETS), and a webhook only where one may be given (WEBHOOK_ALLOWED_HOSTS), to one
+    of those hosts."""
     fields: dict[str, Any] = {"files": {"type": "array", "items": FILE_PART,
                                         "minItems": 1, "maxItems": settings.max_job_files,
                                         "description": f"1 to {settings.max_job_files} photos (MAX_JOB_FILES), "
@@ -40,8 +41,21 @@ def job_submission(settings: Settings) -> dict[str, Any]:
         fields["webhook"] = {"type": "string", "format": "uri", "pattern": f"^https?://({hosts})([:/?#]|$)",
                              "description": "Called with the job when it ends, signed (Standard Webhooks); "
                                             "its host must be one of WEBHOOK_ALLOWED_HOSTS"}
+    required = ["files"]
+    if settings.jobs_allowed_buckets:
+        buckets = "|".join(re.escape(bucket) for bucket in settings.jobs_allowed_buckets)
+        fields["files"]["minItems"] = 0
+        fields["objects"] = {"type": "array", "maxItems": settings.max_job_files, "items": {
+            "type": "string", "pattern": f"^s3://({buckets})/"},
+            "description": "Photos in object storage instead of (or beside) files, field repeated: s3://bucket/key, or "
+                           "s3://bucket/prefix/ for every image below it; each read when its image is classified. "
+                           "Buckets: JOBS_ALLOWED_BUCKETS; any other is 403"}
+        fields["results_to"] = {"type": "string", "pattern": f"^s3://({buckets})/.",
+                                "description": "s3://bucket/key: the results, as JSON lines, written there when the job "
+                                               "finishes (before its webhook)"}
+        required = []
     return {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["files"], "properties": fields, "additionalProperties": False}}}}
+        "type": "object", "required": required, "properties": fields, "additionalProperties": False}}}}
 
 
 def timeout_header(settings: Settings) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import hmac
 import math
 from collections.abc import Mapping
 
-from classifier.errors import BadRequest, DeadlineExceeded, TooLarge, Unauthorized, Unavailable
+from classifier import storage
+from classifier.errors import BadRequest, DeadlineExceeded, Forbidden, TooLarge, Unauthorized, Unavailable, Unprocessable
 from classifier.inference.batching import Batcher
 
 UNAUTHORIZED = "a valid API key is required: Authorization: Bearer <key> or X-API-Key: <key>"
@@ -63,6 +64,18 @@ def body_within(size: int, limit: int, setting: str) -> None:
 
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # HTTP: how long the caller waits for its answer, in milliseconds
+
+
+def allowed_object(text: str, allowed_buckets: list[str]) -> storage.ObjectURL:
+    """An object (or prefix) a job names: s3://bucket/key in a bucket of JOBS_ALLOWED_BUCKETS, decided from the name
+    alone, before anything is fetched (the service never reads, lists or writes where its operator did not say)."""
+    try:
+        url = storage.ObjectURL.parse(text.strip())
+    except ValueError:
+        raise Unprocessable(f"{text[:200]!r} is not s3://bucket/key") from None
+    if url.bucket not in allowed_buckets:
+        raise Forbidden(f"bucket {url.bucket[:64]!r} is not one jobs may use (JOBS_ALLOWED_BUCKETS)")
+    return url
 
 
 def deadline(arrived: float, requested_s: float | None, request_timeout_s: float, given_as: str) -> float | None:

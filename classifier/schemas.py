@@ -72,6 +72,8 @@ class Job(BaseModel):
     finished_at: datetime | None
     results_url: str = Field(examples=["/jobs/3f2a9c0e5b7d41e8a6c4f0b2d9e7a1c3/results"])
     webhook: WebhookState | None
+    results_to: str | None = Field(None, description="The object its results are written to (JSON lines) when it "
+                                   "finishes, before its webhook is sent", examples=["s3://photos/results/run1.jsonl"])
     model_version: str | None = Field(description="The model version it was submitted to (GET /model's version): only a "
                                       "replica serving it works on its images, so all its predictions come from it; "
                                       "null for jobs from before versions were recorded", examples=["3f9a2c7e41b0"])
@@ -84,7 +86,8 @@ class Job(BaseModel):
                                    last_status=row.webhook_last_status)
         return cls(id=row.id, status=row.status, k=row.k, total=row.total, done=row.done, failed=row.failed,
                    created_at=utc(row.created_at), started_at=utc(row.started_at), finished_at=utc(row.finished_at),
-                   results_url=f"/jobs/{row.id}/results", webhook=webhook, model_version=row.model_version)
+                   results_url=f"/jobs/{row.id}/results", webhook=webhook, model_version=row.model_version,
+                   results_to=row.results_to)
 
 
 def result_line(index: int, filename: str | None, result: np.ndarray | Exception, k: int, labels: Sequence[str]) -> str:

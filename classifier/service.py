@@ -86,7 +86,8 @@ class Service:
         except Exception as error:  # an unknown driver, a malformed URL
             raise SystemExit(f"Cannot open the job store JOBS_DATABASE_URL: {error}") from None
         self.jobs = JobWorker(store, self.batcher, runtime.labels, webhook_secret=settings.webhook_secret,
-                              webhook_first_retry_s=settings.webhook_first_retry_s, tracing=self.tracing)
+                              webhook_first_retry_s=settings.webhook_first_retry_s,
+                              max_object_bytes=settings.max_upload_bytes, tracing=self.tracing)
         self.ready = False  # rules.ready and rules.accepting read this
         self.loaded_at = time.time()
         self.last_reload: Reload | None = None

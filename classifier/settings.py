@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(None, repr=False,
                                        description="Signs webhooks (Standard Webhooks): whsec_ followed by base64 of at least 16 random bytes")
     webhook_allowed_hosts: Names = Field([], description="Hosts (or host:port) a job's webhook may call, comma-separated; empty: none")
+    jobs_allowed_buckets: Names = Field([], description="S3 buckets a job may name objects in, and write its results to, "
+                                        "comma-separated; empty: none (any object named: 403, never fetched)")
     webhook_first_retry_s: float = Field(7.5, ge=0.01, description="Wait before a failed webhook's first retry; each later wait is 4x")
 
     @field_validator("backend", "device", "precision", "log_level", "log_format", "otel_traces_exporter",
@@ -143,7 +145,7 @@ class Settings(BaseSettings):
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value else None
 
-    @field_validator("cors_origins", "webhook_allowed_hosts", mode="before")
+    @field_validator("cors_origins", "webhook_allowed_hosts", "jobs_allowed_buckets", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value

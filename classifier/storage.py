@@ -66,6 +66,14 @@ def keys(prefix: ObjectURL, start_after: str = "") -> Iterator[str]:
         raise failure(error, prefix) from None
 
 
+def objects_below(prefix: ObjectURL) -> Iterator[ObjectURL]:
+    """Each object below prefix taken as a folder (s3://b/in holds in/x.jpg, not inbox/x.jpg), or the object itself."""
+    folder = prefix.key if not prefix.key or prefix.key.endswith("/") else prefix.key + "/"
+    for key in keys(prefix):
+        if key == prefix.key or key.startswith(folder):
+            yield ObjectURL(prefix.bucket, key)
+
+
 def read(url: ObjectURL, max_bytes: int | None = None) -> bytes:
     """An object's bytes; an object larger than max_bytes is refused before its body is read."""
     try:

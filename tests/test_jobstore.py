@@ -65,7 +65,7 @@ def schema(store) -> dict:
 
 def test_the_schema_is_created_and_versioned(store):
     with store.engine.connect() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).all() == [("0004",)]
+        assert connection.execute(text("select version_num from alembic_version")).all() == [("0005",)]
         if store.embedded:
             assert connection.execute(text("pragma journal_mode")).one() == ("wal",)
     job = create(store, 2)

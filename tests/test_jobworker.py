@@ -30,7 +30,7 @@ async def started(store, predict):
 
     batcher = Batcher(numbers, predict, max_batch_size=4, max_delay_s=0, max_queue=8, decode_workers=1)
     await batcher.start()
-    worker = JobWorker(store, batcher, LABELS, webhook_secret=None, webhook_first_retry_s=1)
+    worker = JobWorker(store, batcher, LABELS, webhook_secret=None, webhook_first_retry_s=1, max_object_bytes=1 << 20)
     await worker.start()
     return batcher, worker
 

@@ -65,7 +65,7 @@ def check_inputs(inputs: list[str]) -> None:
     for text in inputs:
         if storage.is_url(text):
             try:
-                next(names_below(ObjectURL.parse(text)))
+                next(storage.objects_below(ObjectURL.parse(text)))
             except StopIteration:
                 raise usage_error(f"{text}: no objects there") from None
             except (ValueError, ServiceError) as error:
@@ -106,20 +106,11 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def names_below(prefix: ObjectURL) -> Iterator[str]:
-    """s3://... of each object below prefix taken as a folder (s3://b/in holds in/x.jpg, not inbox/x.jpg), or
-    the object itself."""
-    folder = prefix.key if not prefix.key or prefix.key.endswith("/") else prefix.key + "/"
-    for key in storage.keys(ObjectURL(prefix.bucket, prefix.key)):
-        if key == prefix.key or key.startswith(folder):
-            yield f"{storage.SCHEME}{prefix.bucket}/{key}"
-
-
 def listing(inputs: Iterable[str]) -> Iterator[str]:
     """Every file and object the inputs name, in a stable order, streamed."""
     for text in inputs:
         if storage.is_url(text):
-            yield from names_below(ObjectURL.parse(text))
+            yield from map(str, storage.objects_below(ObjectURL.parse(text)))
         elif Path(text).is_dir():
             yield from sorted(str(path) for path in Path(text).rglob("*") if path.is_file())
         else:

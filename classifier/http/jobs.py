@@ -7,8 +7,11 @@ The app includes this router behind the API key.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -19,10 +22,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from classifier import rules, tracing
+from classifier import rules, storage, tracing
 from classifier.errors import BadRequest, Conflict, NotFound, Unavailable, Unprocessable
 from classifier.http.base import MODEL_VERSION_HEADER, Served
-from classifier.inference.images import ImageTooLarge
+from classifier.inference.images import SUFFIXES, ImageTooLarge
 from classifier.jobs import webhooks
 from classifier.jobs.store import TERMINAL, NewImage, PendingFull
 from classifier.observability import JOBS_FINISHED, JOBS_SUBMITTED
@@ -82,11 +85,20 @@ def multipart_only(request: Request) -> None:
         raise Unprocessable("send the images as multipart/form-data, field 'files' repeated")
 
 
-async def read_submission(request: Request, settings: Settings) -> tuple[list[UploadFile], str | None]:
-    """The multipart body: its files (field `files`) and webhook. Parsed here, not by FastAPI, so that the
-    files are counted against MAX_JOB_FILES and their bytes never spill to a temporary file on disk."""
+@dataclass
+class Submission:
+    files: list[UploadFile]
+    webhook: str | None
+    objects: list[str]  # field `objects`, repeated: s3://bucket/key, or s3://bucket/prefix/ for every image below
+    results_to: str | None  # s3://bucket/key the results are written to when the job finishes
+
+
+async def read_submission(request: Request, settings: Settings) -> Submission:
+    """The multipart body: its files (field `files`), objects, results_to and webhook. Parsed here, not by FastAPI,
+    so that the files are counted against MAX_JOB_FILES and their bytes never spill to a temporary file on disk."""
     multipart_only(request)
-    parser = MultiPartParser(request.headers, request.stream(), max_files=settings.max_job_files, max_fields=8)
+    parser = MultiPartParser(request.headers, request.stream(), max_files=settings.max_job_files,
+                             max_fields=settings.max_job_files + 8)
     parser.spool_max_size = settings.max_job_bytes  # the body limit: every part stays in memory
     try:
         form = await parser.parse()
@@ -96,11 +108,34 @@ async def read_submission(request: Request, settings: Settings) -> tuple[list[Up
         raise BadRequest(f"the multipart body could not be read: {error.message}") from None
     except ClientDisconnect:
         raise BadRequest("the upload was cut off") from None
-    if unknown := sorted(set(form.keys()) - {"files", "webhook"}):
-        raise Unprocessable(f"unknown field {unknown[0][:64]!r}: send the images as field 'files', and a 'webhook'")
-    files = [value for value in form.getlist("files") if isinstance(value, UploadFile)]
-    webhook = form.get("webhook")
-    return files, webhook.strip() if isinstance(webhook, str) and webhook.strip() else None
+    if unknown := sorted(set(form.keys()) - {"files", "webhook", "objects", "results_to"}):
+        raise Unprocessable(f"unknown field {unknown[0][:64]!r}: send the images as field 'files' (or 'objects'), "
+                            "and a 'webhook' or 'results_to'")
+
+    def text(name: str) -> str | None:
+        value = form.get(name)
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+    return Submission([value for value in form.getlist("files") if isinstance(value, UploadFile)], text("webhook"),
+                      [value for value in form.getlist("objects") if isinstance(value, str) and value.strip()],
+                      text("results_to"))
+
+
+def named_objects(names: list[str], limit: int) -> list[storage.ObjectURL]:
+    """The objects a submission names (rules.allowed_object has checked their buckets): a key as it is (read when
+    claimed: a missing one is that image's 404), a prefix ending in / as the images below it, listed now, up to
+    limit + 1 (one more than MAX_JOB_FILES allows is enough to refuse the job)."""
+    found: list[storage.ObjectURL] = []
+    for name in names:
+        url = storage.ObjectURL.parse(name)
+        if url.key and not url.key.endswith("/"):
+            found.append(url)
+            continue
+        below = (item for item in storage.objects_below(url) if os.path.splitext(item.key)[1].lower() in SUFFIXES)
+        found += itertools.islice(below, limit + 1 - len(found))
+        if len(found) > limit:
+            break
+    return found
 
 
 # openapi.py writes this route's request body (job_submission): what it is depends on the settings.
@@ -128,13 +163,19 @@ async def submit(
         if backlog.bytes + int(declared) > settings.jobs_max_pending_bytes:
             raise jobs_full(backlog.bytes, settings)
     # A repeated key's body is read and checked too: a request that is no valid submission gets no job.
-    files, webhook = await read_submission(request, settings)
-    if not files:
-        raise Unprocessable("no images: send them as multipart/form-data field 'files', repeated")
+    submission = await read_submission(request, settings)
+    files, webhook = submission.files, submission.webhook
+    # Every bucket is checked before anything is listed, read or written: 403 for one no operator allowed.
+    for name in [*submission.objects, *filter(None, [submission.results_to])]:
+        rules.allowed_object(name, settings.jobs_allowed_buckets)
+    if not files and not submission.objects:
+        raise Unprocessable("no images: send them as multipart/form-data field 'files' (or 'objects'), repeated")
     if webhook and (reason := webhooks.refusal(webhook, settings.webhook_allowed_hosts)):
         raise Unprocessable(reason)
     if existing is not None:
         return job_response(existing, 200)
+    objects = await asyncio.to_thread(named_objects, submission.objects, settings.max_job_files - len(files))
+    rules.within(len(files) + len(objects), settings.max_job_files, "MAX_JOB_FILES")
     images = []
     for index, upload in enumerate(files):
         data = await upload.read()
@@ -145,12 +186,16 @@ async def submit(
                                    result_line(index, upload.filename, too_large, k, service.runtime.labels)))
         else:
             images.append(NewImage(upload.filename, data))
+    images += [NewImage(str(url), b"", source=str(url)) for url in objects]
+    if not images:
+        raise Unprocessable(f"no images below {', '.join(submission.objects)[:200]}")
     del files
     try:
         row, created = await asyncio.to_thread(jobs.create, k, images, webhook_url=webhook, idempotency_key=idempotency_key,
                                                max_pending_bytes=settings.jobs_max_pending_bytes,
                                                traceparent=tracing.traceparent(),
-                                               model_version=service.runtime.version)
+                                               model_version=service.runtime.version,
+                                               results_to=submission.results_to)
     except PendingFull as full:
         raise jobs_full(full.args[0], settings) from None
     if not created:

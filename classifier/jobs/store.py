@@ -63,6 +63,7 @@ jobs = Table(
     Column("webhook_next_at", Double),  # when to try (again); null: nothing to send
     Column("traceparent", Text),  # the submission's trace context (W3C), when it was traced
     Column("model_version", String(32)),  # the version it was submitted to: only replicas serving it work on it
+    Column("results_to", Text),  # s3://bucket/key its results are written to when it finishes (with its webhook)
     Index("jobs_newest_first", "created_at", "id"),
     Index("jobs_webhook_due", "webhook_next_at"),
     Index("jobs_expiry", "expires_at"),
@@ -72,11 +73,12 @@ job_images = Table(
     Column("job_id", String(32), ForeignKey("jobs.id"), primary_key=True),
     Column("index", Integer, primary_key=True),
     Column("filename", Text),
-    Column("data", LargeBinary, nullable=False),
+    Column("data", LargeBinary, nullable=False),  # empty for an object named by source
     Column("size", Integer, nullable=False),
     Column("queued_at", Double, nullable=False),
     Column("leased_until", Double),  # claimed by a worker until then
     Column("attempts", Integer, nullable=False, default=0),
+    Column("source", Text),  # s3://bucket/key: read by the worker that claims it
     Index("job_images_queue", "queued_at", "job_id", "index"),
 )
 job_results = Table(
@@ -104,6 +106,7 @@ class NewImage:
     filename: str | None
     data: bytes | None  # None: answered at submission (result_entry), never stored
     result_entry: str | None = None
+    source: str | None = None  # an object's URL, read when the image is claimed (data is then b"")
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class ClaimedImage:
     attempts: int  # including this claim
     traceparent: str | None = None  # its job's submission, when traced
     model_version: str | None = None  # its job's: only an answer of this version may be its result
+    source: str | None = None  # s3://bucket/key, when the image is an object to read (data is then empty)
 
 
 @dataclass(frozen=True)
@@ -192,8 +196,8 @@ class JobStore:
     # Submitting and reading jobs
 
     def create(self, k: int, images: list[NewImage], *, webhook_url: str | None, idempotency_key: str | None,
-               max_pending_bytes: int, traceparent: str | None = None, model_version: str | None = None
-               ) -> tuple[Row, bool]:
+               max_pending_bytes: int, traceparent: str | None = None, model_version: str | None = None,
+               results_to: str | None = None) -> tuple[Row, bool]:
         """A new job with all its images, in one transaction: (the job, True). With an idempotency key
         already used by a live job: (that job, False). Raises PendingFull past max_pending_bytes."""
         now = time.time()
@@ -215,9 +219,9 @@ class JobStore:
                     connection.execute(insert(jobs).values(
                         id=job_id, status="queued", k=k, total=len(images), done=len(answered),
                         failed=len(answered), created_at=now, idempotency_key=idempotency_key, webhook_url=webhook_url,
-                        traceparent=traceparent, model_version=model_version))
+                        traceparent=traceparent, model_version=model_version, results_to=results_to))
                     stored = [{"job_id": job_id, "index": index, "filename": image.filename, "data": image.data,
-                               "size": len(image.data), "queued_at": now}
+                               "size": len(image.data), "queued_at": now, "source": image.source}
                               for index, image in enumerate(images) if image.data is not None]
                     if stored:
                         connection.execute(insert(job_images), stored)
@@ -337,7 +341,7 @@ class JobStore:
                                .values(status="running", started_at=now))
             rows = connection.execute(
                 select(job_images.c.job_id, job_images.c.index, job_images.c.filename, job_images.c.data, jobs.c.k,
-                       job_images.c.attempts, jobs.c.traceparent, jobs.c.model_version)
+                       job_images.c.attempts, jobs.c.traceparent, jobs.c.model_version, job_images.c.source)
                 .join(jobs, jobs.c.id == job_images.c.job_id).where(chosen)
                 .order_by(job_images.c.queued_at, job_images.c.job_id, job_images.c.index)).all()
         return [ClaimedImage(*row) for row in rows]
@@ -409,11 +413,13 @@ class JobStore:
         return or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > time.time())
 
     def _finish(self, connection: Connection, job_id: str, status: str, now: float) -> bool:
-        """End a job that has not ended yet; a webhook, if it has one, becomes due now."""
+        """End a job that has not ended yet; its delivery (its results written to results_to, then its webhook), if
+        it has one, becomes due now."""
         return connection.execute(
             update(jobs).where(jobs.c.id == job_id, jobs.c.status.not_in(TERMINAL)).values(
                 status=status, finished_at=now, expires_at=now + self.ttl_s,
-                webhook_next_at=case((jobs.c.webhook_url.is_not(None), now), else_=None))).rowcount == 1
+                webhook_next_at=case((or_(jobs.c.webhook_url.is_not(None), jobs.c.results_to.is_not(None)), now),
+                                     else_=None))).rowcount == 1
 
     @staticmethod
     def _delete(connection: Connection, job_ids: list[str]) -> int:

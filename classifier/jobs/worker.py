@@ -1,12 +1,14 @@
 """The job worker: stored job images through the batcher, in the background, and their results back.
 
-    store.claim --> batcher.submit(background=True) --> store.record --> webhook
+    store.claim --(an object: read from S3)--> batcher.submit(background=True) --> store.record
+                --> delivery: the results written to the job's results_to object, then its webhook
 
 Two batches of job images are out at a time: one in (or waiting for) the forward pass, the next being
 decoded, so the model never waits for a job's decoding. Images are claimed only when the batcher is idle
 (no online image for a moment), and their lease is renewed until their results are stored, so with several
 replicas on one database the backlog goes to the idle ones. Beside that, once a second: backlog metrics,
-webhooks that are due, and (less often) expired jobs swept.
+deliveries that are due, and (less often) expired jobs swept. An object the store cannot serve for now (503) is
+left unrecorded: once its lease runs out it is read again, and after MAX_ATTEMPTS it gets an error.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 from standardwebhooks.webhooks import Webhook
 
-from classifier import tracing
+from classifier import storage, tracing
 from classifier.errors import InsufficientStorage, ServiceError, Unavailable
 from classifier.inference.batching import Batcher
 from classifier.inference.images import ImageError
 from classifier.jobs import webhooks
 from classifier.jobs.store import MAX_ATTEMPTS, TERMINAL, ClaimedImage, JobStore, Outcome, disk_full
 from classifier.observability import (JOB_IMAGES, JOB_IMAGES_OTHER_VERSION, JOB_IMAGES_PENDING, JOB_IMAGES_RETRIED,
-                                      JOB_OLDEST_PENDING_AGE, JOB_PENDING_BYTES, JOB_STORE_DISK_FULL, JOBS_FINISHED)
+                                      JOB_OLDEST_PENDING_AGE, JOB_PENDING_BYTES, JOB_RESULTS_WRITTEN, JOB_STORE_DISK_FULL,
+                                      JOBS_FINISHED)
 from classifier.schemas import Job, result_line
 from classifier.tracing import Tracing
 
@@ -48,8 +51,9 @@ class GaveUp(ImageError):
 
 class JobWorker:
     def __init__(self, store: JobStore, batcher: Batcher, labels: Sequence[str], *, webhook_secret: str | None,
-                 webhook_first_retry_s: float, tracing: Tracing | None = None) -> None:
+                 webhook_first_retry_s: float, max_object_bytes: int, tracing: Tracing | None = None) -> None:
         self.store = store
+        self.max_object_bytes = max_object_bytes  # MAX_UPLOAD_BYTES: an object is read no larger than an upload
         self.batcher = batcher
         self.labels = labels
         self.signer = Webhook(webhook_secret) if webhook_secret else None
@@ -195,7 +199,10 @@ class JobWorker:
         with self.tracing.tracer.start_as_current_span(
                 "job image", links=tracing.links([tracing.stored(image.traceparent)]),
                 attributes={"job.id": image.job_id, "job.image.index": image.index, "job.image.attempt": image.attempts}):
-            return await self.batcher.submit(image.data, background=True)
+            data = image.data
+            if image.source is not None:
+                data = await asyncio.to_thread(storage.read, storage.ObjectURL.parse(image.source), self.max_object_bytes)
+            return await self.batcher.submit(data, background=True)
 
     async def _classify_and_record_traced(self, images: list[ClaimedImage]) -> None:
         tried = [image for image in images if image.attempts <= MAX_ATTEMPTS]
@@ -207,6 +214,9 @@ class JobWorker:
                                     GaveUp(f"this image stopped the service {MAX_ATTEMPTS} times; it was not classified"))
             if isinstance(answer, BaseException) and not isinstance(answer, Exception):
                 raise answer  # cancellation: leave the images to be claimed again
+            if isinstance(answer, Unavailable) and answer.reason == "storage_unavailable":
+                log.warning("job %s image %d: %s; read again when its lease runs out", image.job_id, image.index, answer)
+                continue
             made_by = getattr(answer, "model_version", None)
             if image.model_version and made_by and made_by != image.model_version:
                 # New weights were loaded while it was in flight: not its job's version. Not recorded; once its lease
@@ -243,9 +253,8 @@ class JobWorker:
                 JOB_IMAGES_OTHER_VERSION.set(backlog.other_versions)
                 JOB_PENDING_BYTES.set(backlog.bytes)
                 JOB_OLDEST_PENDING_AGE.set(0 if backlog.oldest_queued_at is None else time.time() - backlog.oldest_queued_at)
-                if self.signer:
-                    for job in await asyncio.to_thread(self.store.webhooks_due):
-                        self._spawn(self._call_back(job))
+                for job in await asyncio.to_thread(self.store.webhooks_due):
+                    self._spawn(self._deliver(job))
                 if time.monotonic() - last_sweep > min(SWEEP_EVERY_S, self.store.ttl_s):
                     last_sweep = time.monotonic()
                     swept = await asyncio.to_thread(self.store.sweep)
@@ -255,12 +264,18 @@ class JobWorker:
                 self.store_failed(error, "job housekeeping")
             await asyncio.sleep(1.0)
 
-    async def _call_back(self, job: Row) -> None:
-        assert self.signer is not None and self._client is not None
-        with self.tracing.tracer.start_as_current_span("webhook", tracing.under(tracing.stored(job.traceparent)),
-                                                        attributes={"job.id": job.id}):
-            status = await webhooks.deliver(self._client, self.signer, job.webhook_url, f"msg_{job.id}",
-                                            Job.from_row(job).model_dump_json())
+    async def _deliver(self, job: Row) -> None:
+        """A finished job's delivery: its results written to results_to (one PUT, again on a retry), then its
+        webhook, so a webhook received means the results object is there. Retried as a webhook is."""
+        status: int | None = 200
+        if job.results_to:
+            status = await self._write_results(job)
+        if status == 200 and job.webhook_url and self.signer is not None:
+            assert self._client is not None
+            with self.tracing.tracer.start_as_current_span("webhook", tracing.under(tracing.stored(job.traceparent)),
+                                                            attributes={"job.id": job.id}):
+                status = await webhooks.deliver(self._client, self.signer, job.webhook_url, f"msg_{job.id}",
+                                                Job.from_row(job).model_dump_json())
         delivered = status is not None and 200 <= status < 300
         attempts = job.webhook_attempts + 1
         retry_at = None if delivered else webhooks.retry_at(attempts, self.webhook_first_retry_s, time.time())
@@ -271,6 +286,23 @@ class JobWorker:
             await asyncio.to_thread(self.store.webhook_attempted, job.id, status, delivered, retry_at)
         except DBAPIError as error:  # the lease runs out and the delivery is tried again
             log.warning("webhook of job %s: could not record the attempt (%s)", job.id, type(error).__name__)
+
+    async def _write_results(self, job: Row) -> int:
+        """The job's results as JSON lines, to its results_to object: 200, or the store's error's status."""
+        def write() -> None:
+            lines = "".join(line + "\n" for line in self.store.results(job.id)).encode()
+            storage.write(storage.ObjectURL.parse(job.results_to), lines, "application/x-ndjson")
+
+        with self.tracing.tracer.start_as_current_span("write results", tracing.under(tracing.stored(job.traceparent)),
+                                                        attributes={"job.id": job.id}):
+            try:
+                await asyncio.to_thread(write)
+            except ServiceError as error:
+                JOB_RESULTS_WRITTEN.labels("failed").inc()
+                log.warning("results of job %s: %s", job.id, error)
+                return error.status
+        JOB_RESULTS_WRITTEN.labels("written").inc()
+        return 200
 
     async def _pause(self, doing: str, error: DBAPIError) -> None:
         self.store_failed(error, f"{doing} (retrying in 1 s)")
