@@ -224,11 +224,12 @@ def object_store_server() -> Iterator[ObjectStore]:
 
 
 @pytest.fixture
-def object_store(object_store_server: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+def object_store(object_store_server: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
     """The S3-compatible server, with this process's AWS variables pointing at it (as a user's would)."""
     from classifier import storage
 
     for name, value in object_store_server.env.items():
         monkeypatch.setenv(name, value)
     storage.client.cache_clear()  # the next client reads these
-    return object_store_server
+    yield object_store_server
+    storage.client.cache_clear()  # and no later test's client does

@@ -31,6 +31,9 @@ NOT_SETTINGS = {
     "INVALID_ARGUMENT": "a gRPC status code", "NOT_FOUND": "a gRPC status code",
     "RESOURCE_EXHAUSTED": "a gRPC status code", "UNAVAILABLE": "a gRPC status code",
     "UNAUTHENTICATED": "a gRPC status code", "DEADLINE_EXCEEDED": "a gRPC status code",
+    **dict.fromkeys(["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_REGION"],
+                    "read by boto3 itself (the standard AWS variables)"),
+    "RAY_ADDRESS": "read by Ray itself",
     **dict.fromkeys(["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG",
                      "OTEL_RESOURCE_ATTRIBUTES", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_SCHEDULE_DELAY",
                      "OTEL_PYTHON_FASTAPI_EXCLUDED_URLS"],
@@ -109,3 +112,10 @@ def test_every_route_in_the_api_table_exists(client):
     for path in re.findall(r"`(/v2[^`\s.]*)`", table):  # the listed /v2 paths, not "/v2/..."
         assert any(re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path.replace("/resnet18", "/resnet18"))
                    for _, template in routes), path
+
+
+def test_the_offline_page_figures_and_cost_table_are_rendered_from_its_results_file():
+    text = (DOCS / "offline.md").read_text()
+    offline = generate.optional_results("offline.json")
+    assert generate.offline_page(text, offline) == text, "run: .venv/bin/python -m tools.generate_docs"
+    assert offline is None or offline["cpu"] in text  # the figures name their machine

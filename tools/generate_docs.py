@@ -7,7 +7,8 @@ line. performance.md and its plots are made from the newest benchmark results fi
 bench writes one per run, every section it measures in it), and three files of their own runs, each named with its
 machine and date on the page: docs/results/image.json (tools/image_build.py),
 docs/results/int8-candidates.json (bench/int8_candidates.py), docs/results/tracing.json and
-docs/results/reload.json (bench/tracing.py and bench/reload.py, in make bench); no figure on it is typed by hand. tests/test_docs.py checks that the committed
+docs/results/reload.json and docs/results/offline.json (bench/tracing.py, bench/reload.py and bench/offline.py, in
+make bench; offline.json also fills docs/offline.md's figures and cost table); no figure on it is typed by hand. tests/test_docs.py checks that the committed
 pages are what this writes.
 """
 
@@ -275,6 +276,58 @@ def reload_section(reload: dict | None) -> list[str]:
         "([Reloading new weights](model.md#reloading-new-weights)).") if reload else "")
 
 
+def offline_section(offline: dict | None) -> list[str]:
+    """Offline at scale (bench/offline.py): classify from disk and S3, the Ray Data run, 100,000 objects, a crash."""
+    if not offline:
+        return ["## Offline at scale", "", "Not measured yet: run `python -m bench.offline`.", ""]
+    rows = {row["row"]: row for row in offline["rows"]}
+    lines = [f"## Offline at scale: `bench/offline.py`, {offline['date']}, on {offline['cpu']} {{#offline-at-scale}}", "",
+             f"{offline['photos']} JPEGs of {', '.join(offline['sizes'])} (a quarter each), each run a process from its "
+             "start to its exit; S3 is moto's server on the same machine, sharing its cores "
+             "([The offline job](offline.md)).", "",
+             "| run | images | wall time | images/s end to end | images/s once loaded | peak RSS |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in rows.items():
+        if "images" in row:
+            lines.append(f"| {name} | {row['images']} | {row['wall_s']} s | {row['end_to_end_images_per_s']} | "
+                         f"{number(row.get('images_per_s'))} | {number(row['runs'][0].get('peak_rss_mib'), ' MiB')} |")
+    lines += ["", "| | target | measured |", "| --- | --- | --- |"]
+    return lines + [target_row(target) for target in offline["targets"]] + [""]
+
+
+def cost_table(offline: dict) -> list[str]:
+    """100 million photos on paper: this run's per-core rate (classify from S3) and the prices it records."""
+    prices, photos = offline["prices"], 100_000_000
+    s3 = next(row for row in offline["rows"] if row["row"].startswith("classify from S3"))
+    per_core = s3["images_per_s"] / offline["cores"]
+    core_hours = photos / per_core / 3600
+    items = [("compute: classify from S3 at this run's rate", f"{per_core:.1f} images/s per core: {core_hours:,.0f} vCPU-hours",
+              core_hours * prices["vcpu_hour_usd"]),
+             ("S3 GET, one per photo", f"{photos:,} requests", photos / 1000 * prices["get_per_1000_usd"]),
+             ("S3 LIST, 1,000 keys a page", f"{photos // 1000:,} requests", photos / 1000 / 1000 * prices["list_per_1000_usd"]),
+             ("S3 PUT of the parts, 1,000 lines each", f"{photos // 1000:,} requests", photos / 1000 / 1000 * prices["list_per_1000_usd"])]
+    lines = [f"From `docs/results/offline.json` ({offline['date']}, {offline['cpu']}): the rate is measured, the prices "
+             f"are assumptions written in `bench/offline.py` (an on-demand vCPU-hour at ${prices['vcpu_hour_usd']}, S3 "
+             f"Standard's ${prices['get_per_1000_usd']} per 1,000 GETs and ${prices['list_per_1000_usd']} per 1,000 "
+             "LIST or PUT requests): change them to yours. The rate depends on the photos' sizes (decoding a 12 MP "
+             "JPEG costs as much as the forward pass); storage and transfer are not counted.", "",
+             "| 100 million photos | quantity | cost |", "| --- | --- | ---: |"]
+    lines += [f"| {name} | {quantity} | ${cost:,.0f} |" if cost >= 10 else f"| {name} | {quantity} | ${cost:.2f} |"
+              for name, quantity, cost in items]
+    total = sum(cost for _, _, cost in items)
+    hours_on_100 = core_hours / 100
+    return lines + [f"| **total** | {hours_on_100:,.0f} hours on 100 vCPUs | **${total:,.0f}** |", ""]
+
+
+OFFLINE_BLOCK = re.compile(r"(<!-- offline: [^\n]*-->\n).*?(<!-- /offline -->)", re.S)
+
+
+def offline_page(text: str, offline: dict | None) -> str:
+    """docs/offline.md with its measured figures and cost table from bench/offline.py's results file."""
+    lines = (offline_section(offline)[2:] + cost_table(offline)) if offline else ["Not measured yet: run `python -m bench.offline`.", ""]
+    return OFFLINE_BLOCK.sub(lambda found: found.group(1) + "\n".join(lines) + "\n" + found.group(2), text)
+
+
 def slim_section(rows: dict[str, dict], targets: list[dict]) -> list[str]:
     """The slim replica beside torch and the onnxruntime backend, as this run measured them (bench/slim.py)."""
     lines = ["## The slim replica (`MODEL_ONNX`)", "",
@@ -325,7 +378,7 @@ def target_row(target: dict) -> str:
 
 
 def performance_page(results: dict, source: str, image: dict | None, candidates: dict | None = None,
-                     tracing: dict | None = None, reload: dict | None = None) -> str:
+                     tracing: dict | None = None, reload: dict | None = None, offline: dict | None = None) -> str:
     machine = results["machine"]
     lines = [
         "# Performance",
@@ -384,6 +437,7 @@ def performance_page(results: dict, source: str, image: dict | None, candidates:
     lines += slim_section(rows, results["targets"])
     lines += tracing_section(tracing)
     lines += reload_section(reload)
+    lines += offline_section(offline)
     lines += candidates_section(candidates)
     lines += image_section(image)
     return "\n".join(lines)
@@ -435,7 +489,8 @@ def performance_from_files() -> tuple[Path, dict, str]:
     source = newest_results()
     results = json.loads(source.read_text())
     page = performance_page(results, source.name, optional_results("image.json"), optional_results("int8-candidates.json"),
-                            optional_results("tracing.json"), optional_results("reload.json"))
+                            optional_results("tracing.json"), optional_results("reload.json"),
+                            optional_results("offline.json"))
     return source, results, page
 
 
@@ -444,6 +499,7 @@ def main() -> None:
     source, results, page = performance_from_files()
     (DOCS / "performance.md").write_text(page)
     (REPO / "README.md").write_text(readme((REPO / "README.md").read_text(), results, source.name))
+    (DOCS / "offline.md").write_text(offline_page((DOCS / "offline.md").read_text(), optional_results("offline.json")))
     IMAGES.mkdir(exist_ok=True)
     for name, data in plots(results).items():
         (IMAGES / name).write_bytes(data)

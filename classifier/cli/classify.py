@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from classifier import storage
-from classifier.cli.results import FORMATS, ResultsDataset, ResultsFile, open_results
+from classifier.cli.results import FORMATS, open_results
 from classifier.errors import ServiceError
 from classifier.inference.images import SUFFIXES, NotAnImage
 from classifier.inference.runtime import NUM_CLASSES

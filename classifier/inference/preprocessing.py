@@ -33,7 +33,16 @@ class Preprocessing:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """An RGB picture -> the model's input, float32 [3, crop, crop]."""
-        pixels = np.asarray(self.centre_crop(self.resized(image)), dtype=np.uint8).transpose(2, 0, 1)
+        return self.normalized(self.cropped(image))
+
+    def cropped(self, image: Image.Image) -> np.ndarray:
+        """An RGB picture -> its resized centre crop, uint8 [crop, crop, 3] (a quarter of the input's bytes: what
+        the Ray run's decode tasks hand its model actors)."""
+        return np.asarray(self.centre_crop(self.resized(image)), dtype=np.uint8)
+
+    def normalized(self, cropped: np.ndarray) -> np.ndarray:
+        """A centre crop, uint8 [crop, crop, 3] -> the model's input, float32 [3, crop, crop]."""
+        pixels = cropped.transpose(2, 0, 1)
         scaled = pixels.astype(np.float32) / np.float32(255)
         return (scaled - np.asarray(self.mean, np.float32)[:, None, None]) / np.asarray(self.std, np.float32)[:, None, None]
 
