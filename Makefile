@@ -71,6 +71,7 @@ bench: $(DEV)
 	$(BIN)/python -m bench.benchmark
 	$(BIN)/python -m bench.tracing
 	$(BIN)/python -m bench.reload
+	$(BIN)/python -m bench.offline
 
 clean:
 	rm -rf $(VENV)
