@@ -81,11 +81,11 @@ def columns(k: int) -> list[str]:
 
 def flat(line: Line) -> dict[str, Any]:
     error = line.get("error", {})
-    row = {"path": line["path"], "status": error.get("status", ""), "error": error.get("detail", ""),
-           "model_version": line.get("model_version", "")}
+    flattened = {"path": line["path"], "status": error.get("status", ""), "error": error.get("detail", ""),
+                 "model_version": line.get("model_version", "")}
     for rank, prediction in enumerate(line.get("predictions", []), start=1):
-        row.update({f"{name}_{rank}": value for name, value in prediction.items()})
-    return row
+        flattened.update({f"{name}_{rank}": value for name, value in prediction.items()})
+    return flattened
 
 
 class ResultsFile:
