@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from classifier.cli.classify import find_images
+    from classifier.cli.classify import is_image, listing
     from classifier.errors import ModelLoadError
     from classifier.inference import images
     from classifier.inference.runtimes import onnx_runtime, torch_runtime
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     def prepare(data: bytes) -> np.ndarray:  # the service's decoding and preprocessing
         return torch_runtime.preprocess(images.decode(data, torch_runtime.preprocessing.resize, settings.max_image_pixels))
 
-    photos, _ = find_images([args.calibration])
+    photos = [Path(name) for name in listing([str(args.calibration)]) if is_image(name)]  # classify's choice of files
     inputs, photos_hash = calibration_inputs(photos[: args.max_images], prepare)
     if len(inputs) < MIN_PHOTOS:
         print(f"{len(inputs)} usable photos in {args.calibration}: at least {MIN_PHOTOS} are needed to calibrate",
