@@ -39,8 +39,12 @@ CROP_SIZE = preprocessing.crop
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
-    """An RGB picture -> the model's input [3, 224, 224], by torchvision's own transforms."""
-    return transforms(image).numpy()
+    """An RGB picture -> the model's input [3, 224, 224], by torchvision's own transforms.
+
+    Their forward, not the module's call: exporting a model (BACKEND=auto, while SIGHUP reloads) traces it with
+    torch.fx, which replaces nn.Module.__call__ for the whole process meanwhile, and a decode thread calling the
+    transforms then failed ("module is not installed as a submodule": a 500 for a job image)."""
+    return transforms.forward(image).numpy()
 
 
 DEMO_WEIGHTS = "demo: seeded stand-in weights, not trained (DEMO=true): the answers mean nothing"
